@@ -1,0 +1,90 @@
+"""Predictions: the scoring engine's output and every later stage's input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import LlmcalError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's distribution over one question's options.
+
+    ``logits`` are the K letter-token logits at the answer position (float32 or
+    better); ``probs`` is their softmax; ``pred`` = argmax, ``conf`` = max prob.
+    """
+
+    id: str
+    subject: str | None
+    answer: int
+    logits: tuple[float, ...]
+    probs: tuple[float, ...]
+    pred: int
+    conf: float
+
+    @classmethod
+    def from_logits(cls, id: str, subject: str | None, answer: int, logits: Sequence[float]) -> "Prediction":
+        z = np.asarray(logits, dtype=np.float64)
+        p = softmax(z)
+        pred = int(np.argmax(p))
+        return cls(id=id, subject=subject, answer=int(answer), logits=tuple(float(v) for v in z),
+                   probs=tuple(float(v) for v in p), pred=pred, conf=float(p[pred]))
+
+    @property
+    def correct(self) -> bool:
+        return self.pred == self.answer
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "subject": self.subject, "answer": self.answer, "probs": list(self.probs),
+                "pred": self.pred, "conf": self.conf, "logits": list(self.logits)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prediction":
+        return cls.from_logits(d["id"], d.get("subject"), d["answer"], d["logits"])
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def stack_probs(preds: Sequence[Prediction]) -> tuple[np.ndarray, np.ndarray]:
+    """(N x Kmax) probabilities (zero-padded for questions with fewer options) and answers."""
+    if not preds:
+        raise LlmcalError("no predictions to compute metrics on")
+    kmax = max(len(p.probs) for p in preds)
+    probs = np.zeros((len(preds), kmax), dtype=np.float64)
+    for i, p in enumerate(preds):
+        probs[i, : len(p.probs)] = p.probs
+    answers = np.array([p.answer for p in preds], dtype=np.int64)
+    return probs, answers
+
+
+def load_predictions(path: str | Path) -> list[Prediction]:
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise LlmcalError(f"{path}: no predictions file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Prediction.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise LlmcalError(f"{path}:{lineno}: bad prediction record ({e})") from e
+    return out
+
+
+def write_predictions(path: str | Path, preds: Iterable[Prediction]) -> None:
+    from .io import atomic_write_jsonl
+
+    atomic_write_jsonl(path, (p.to_dict() for p in preds))
