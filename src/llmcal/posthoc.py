@@ -1,0 +1,199 @@
+"""Post-hoc calibration: temperature scaling (scikit-learn style estimator).
+
+One temperature T > 0 is fitted by minimising the NLL of softmax(z / T) on a
+calibration split and then applied to logits. Dividing by a positive number
+does not change the argmax, so accuracy is unchanged by construction.
+
+Logits are either an (N, K) array or a ragged sequence of 1-D arrays (questions
+with different numbers of options); ragged input is padded with -inf and masked.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .errors import LlmcalError
+from .predictions import Prediction
+
+__all__ = ["TemperatureScaler", "temperature_scale_predictions"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_padded(logits) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(N, Kmax) float64 logits (pads -inf), mask of real options, and whether the input was ragged."""
+    if isinstance(logits, np.ndarray) and logits.dtype != object:
+        z = np.asarray(logits, dtype=np.float64)
+        if z.ndim != 2:
+            raise LlmcalError(f"logits must be an (N, K) array or a list of 1-D arrays, got shape {z.shape}")
+        rows, ragged = None, False
+    else:
+        try:
+            rows = [np.asarray(r, dtype=np.float64) for r in logits]
+        except (TypeError, ValueError) as e:
+            raise LlmcalError(f"logits must be numeric: {e}") from e
+        for i, r in enumerate(rows):
+            if r.ndim != 1 or r.size == 0:
+                raise LlmcalError(f"logits row {i} must be a non-empty 1-D array, got shape {r.shape}")
+        ragged = True
+    if rows is None:
+        n, k = z.shape
+        if n == 0 or k == 0:
+            raise LlmcalError(f"logits are empty (shape {z.shape})")
+        mask = np.ones((n, k), dtype=bool)
+    else:
+        if not rows:
+            raise LlmcalError("logits are empty")
+        kmax = max(r.size for r in rows)
+        z = np.full((len(rows), kmax), -np.inf)
+        mask = np.zeros((len(rows), kmax), dtype=bool)
+        for i, r in enumerate(rows):
+            z[i, : r.size] = r
+            mask[i, : r.size] = True
+    finite = np.isfinite(z) | ~mask
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise LlmcalError(f"logits row {bad} has a non-finite value")
+    return z, mask, ragged
+
+
+def _masked_softmax(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    s = np.where(mask, z, -np.inf)
+    s = s - s.max(axis=1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _check_temperature(t) -> float:
+    try:
+        t = float(t)
+    except (TypeError, ValueError) as e:
+        raise LlmcalError(f"temperature must be a number, got {t!r}") from e
+    if not (math.isfinite(t) and t > 0):
+        raise LlmcalError(f"temperature must be a finite number > 0, got {t!r}")
+    return t
+
+
+class TemperatureScaler:
+    """Temperature scaling: probs = softmax(logits / T) with T fitted by minimum NLL.
+
+    ``fit(logits, answers)`` minimises NLL(T) = (1/N) sum_i [logsumexp_k(z_ik/T) - z_iy/T]
+    over T in ``bounds``. NLL is convex in beta = 1/T, with derivative
+    g(beta) = (1/N) sum_i (E_{softmax(beta z_i)}[z_i] - z_iy), non-decreasing in
+    beta, so the optimum is the root of g (found with ``scipy.optimize.brentq``),
+    or a bound when g does not change sign there. ``init_temperature`` is kept
+    when the NLL does not depend on T at all (every question's logits are tied).
+
+    Fitted attributes: ``temperature_``, ``nll_before_`` (T = 1), ``nll_after_``.
+    """
+
+    def __init__(self, init_temperature: float = 1.0, bounds: tuple[float, float] = (0.05, 20.0)):
+        self.init_temperature = init_temperature
+        self.bounds = bounds
+
+    # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> tuple[float, float, float]:
+        try:
+            lo, hi = (float(b) for b in self.bounds)
+        except (TypeError, ValueError) as e:
+            raise LlmcalError(f"bounds must be a pair (low, high), got {self.bounds!r}") from e
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+            raise LlmcalError(f"bounds must satisfy 0 < low < high, got {self.bounds!r}")
+        t0 = _check_temperature(self.init_temperature)
+        if not lo <= t0 <= hi:
+            raise LlmcalError(f"init_temperature {t0} is outside bounds {self.bounds!r}")
+        return lo, hi, t0
+
+    @staticmethod
+    def _nll(z: np.ndarray, mask: np.ndarray, rows: np.ndarray, answers: np.ndarray, t: float) -> float:
+        s = np.where(mask, z / t, -np.inf)
+        mx = s.max(axis=1)
+        lse = mx + np.log(np.exp(s - mx[:, None]).sum(axis=1))
+        return float(np.mean(lse - s[rows, answers]))
+
+    def fit(self, logits, answers) -> "TemperatureScaler":
+        """Fit T on calibration ``logits`` ((N, K) or ragged) and ``answers`` (N option indices)."""
+        from scipy.optimize import brentq
+
+        lo, hi, t0 = self._check_params()
+        z, mask, _ = _as_padded(logits)
+        a = np.asarray(answers)
+        if a.ndim != 1 or a.shape[0] != z.shape[0]:
+            raise LlmcalError(f"answers must be a 1-D array with one entry per question "
+                              f"({z.shape[0]}), got shape {a.shape}")
+        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+            raise LlmcalError(f"answers must be integer option indices, got dtype {a.dtype}")
+        a = a.astype(np.int64)
+        n_opts = mask.sum(axis=1)
+        bad = (a < 0) | (a >= n_opts)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise LlmcalError(f"answer {a[i]} at row {i} is out of range for {n_opts[i]} options")
+        rows = np.arange(len(a))
+
+        # Shift each row so its max is 0: NLL and its derivative are unchanged, numbers stay small.
+        zs = z - np.where(mask, z, -np.inf).max(axis=1, keepdims=True)
+        z0 = np.where(mask, zs, 0.0)  # pads as 0 so that p * z is 0 there, not nan
+        zy = z0[rows, a]
+
+        def grad(beta: float) -> float:
+            p = _masked_softmax(beta * z0, mask)
+            return float(np.mean((p * z0).sum(axis=1) - zy))
+
+        b_lo, b_hi = 1.0 / hi, 1.0 / lo
+        g_lo, g_hi = grad(b_lo), grad(b_hi)
+        if np.all(np.where(mask, zs, 0.0) == 0.0):
+            t = t0  # every row's logits are tied: the NLL does not depend on T
+        elif g_lo >= 0.0:
+            t = hi
+        elif g_hi <= 0.0:
+            t = lo
+        else:
+            beta = brentq(grad, b_lo, b_hi, xtol=1e-14, rtol=1e-13, maxiter=500)
+            t = 1.0 / beta
+        if t in (lo, hi) and t != t0:
+            log.warning("temperature scaling hit the bound T=%g (bounds %s); consider wider bounds", t, self.bounds)
+
+        self.temperature_ = float(t)
+        self.nll_before_ = self._nll(zs, mask, rows, a, 1.0)
+        self.nll_after_ = self._nll(zs, mask, rows, a, self.temperature_)
+        self.n_samples_ = int(len(a))
+        return self
+
+    # ------------------------------------------------------------------ applying
+    def _fitted_temperature(self) -> float:
+        t = getattr(self, "temperature_", None)
+        if t is None:
+            raise LlmcalError("TemperatureScaler is not fitted: call fit(logits, answers) first")
+        return t
+
+    def transform(self, logits):
+        """Scaled logits ``logits / T``: an array for array input, a list of 1-D arrays for ragged input."""
+        t = self._fitted_temperature()
+        z, mask, ragged = _as_padded(logits)
+        if ragged:
+            return [z[i, mask[i]] / t for i in range(z.shape[0])]
+        return z / t
+
+    def predict_proba(self, logits) -> np.ndarray:
+        """softmax(logits / T) as an (N, Kmax) array, zero-padded for ragged input."""
+        t = self._fitted_temperature()
+        z, mask, _ = _as_padded(logits)
+        return _masked_softmax(z / t, mask)
+
+    def fit_transform(self, logits, answers):
+        return self.fit(logits, answers).transform(logits)
+
+    def __repr__(self) -> str:
+        fitted = f", temperature_={self.temperature_:.4g}" if hasattr(self, "temperature_") else ""
+        return f"TemperatureScaler(init_temperature={self.init_temperature!r}, bounds={self.bounds!r}{fitted})"
+
+
+def temperature_scale_predictions(preds: Sequence[Prediction], temperature: float) -> list[Prediction]:
+    """New predictions with logits divided by ``temperature`` (same ids, subjects, answers, argmax)."""
+    t = _check_temperature(temperature)
+    return [Prediction.from_logits(p.id, p.subject, p.answer, np.asarray(p.logits, dtype=np.float64) / t)
+            for p in preds]
