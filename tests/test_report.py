@@ -1,0 +1,267 @@
+"""Reports: reliability diagrams, tables, the per-run report and the comparison (md + self-contained html)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmcal.errors import LlmcalError
+from llmcal.io import atomic_write_jsonl
+from llmcal.report import (accuracy_ece_plane, html_table, markdown_table, reliability_figure, reliability_grid,
+                           results_rows, save_reliability, write_comparison, write_run_report)
+from llmcal.runs import RunDir, RunResult, load_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is suspiciously small ({len(data)} bytes)"
+
+
+def reliability(count, accuracy, confidence) -> dict:
+    m = len(count)
+    return {"n_bins": m, "edges": [i / m for i in range(m + 1)], "count": list(count),
+            "accuracy": list(accuracy), "confidence": list(confidence)}
+
+
+# An overconfident model: accuracy below confidence in the upper bins; bins 0-2 empty.
+REL = reliability(
+    [0, 0, 0, 12, 30, 41, 55, 60, 80, 222],
+    [None, None, None, 0.25, 0.3, 0.4, 0.45, 0.55, 0.6, 0.7],
+    [None, None, None, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.97],
+)
+
+
+def fake_metrics(accuracy: float, conf_ece: float, *, acc_ci=(0.5912, 0.6531), ece_ci=(0.1801, 0.2133),
+                 n_subjects: int = 3, rel: dict = REL) -> dict:
+    subjects = {f"subject_{i:02d}": {"n": 10 + i, "accuracy": round(0.2 + 0.6 * i / max(1, n_subjects - 1), 4),
+                                     "conf_ece": 0.1} for i in range(n_subjects)}
+    return {"n": 500, "accuracy": accuracy, "conf_ece": conf_ece, "cw_ece": 0.0876, "em_ece": 0.19, "mce": 0.3,
+            "brier": 0.5432, "nll": 1.2345, "auroc": 0.66, "mean_conf": 0.8181,
+            "ci": {"accuracy": list(acc_ci), "conf_ece": list(ece_ci)}, "reliability": rel,
+            "per_subject": subjects, "n_bins": rel["n_bins"]}
+
+
+def make_run(root: Path, name: str, results: list[RunResult], *, finish: bool = True, pngs: bool = True) -> Path:
+    rd = RunDir(root / name)
+    rd.start({"model": "tiny-model", "kind": "eval", "data": "synthetic", "template": "plain", "split": "test"})
+    atomic_write_jsonl(rd.file("predictions.jsonl"),
+                       [{"id": "q1", "subject": None, "answer": 0, "probs": [0.7, 0.3], "pred": 0, "conf": 0.7,
+                         "logits": [0.85, 0.0]}])
+    if pngs:
+        for r in results:
+            if r.reliability:
+                save_reliability(r.metrics["reliability"], rd.file(r.reliability), r.label, r.metrics)
+    if finish:
+        rd.finish(kind="eval", model="tiny-model", results=results, meta={"device": "cpu"})
+    return rd.path
+
+
+def result(label: str, metrics: dict, *, png: str | None = "reliability.png", extra: dict | None = None) -> RunResult:
+    return RunResult(label=label, method=label, dataset="synthetic", split="test", predictions="predictions.jsonl",
+                     metrics=metrics, reliability=png, extra=extra or {})
+
+
+# ---- plots --------------------------------------------------------------------------
+def test_save_reliability_writes_a_png(tmp_path):
+    p = save_reliability(REL, tmp_path / "sub" / "rel.png", "overconfident", fake_metrics(0.6228, 0.1953))
+    assert p == tmp_path / "sub" / "rel.png"
+    assert_png(p)
+    # without metrics the summary comes from the bins themselves
+    assert_png(save_reliability(REL, tmp_path / "bare.png", "bins only"))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_reliability_figure_layout():
+    fig = reliability_figure(REL, "t", fake_metrics(0.6228, 0.1953))
+    assert len(fig.axes) == 2
+    w, h = fig.get_size_inches()
+    assert (w, h) == (5, 6)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("0.1953 [0.18, 0.21]" in t and "0.6228 [0.59, 0.65]" in t for t in texts)
+
+
+def test_reliability_handles_empty_bins(tmp_path):
+    only_one = reliability([0, 0, 7, 0], [None, None, 0.5, None], [None, None, 0.6, None])
+    assert_png(save_reliability(only_one, tmp_path / "one.png", "one bin"), min_bytes=2_000)
+    nothing = reliability([0, 0, 0], [None, None, None], [None, None, None])
+    assert_png(save_reliability(nothing, tmp_path / "none.png", "no data"), min_bytes=2_000)
+
+
+def test_reliability_from_compute_metrics(tmp_path):
+    metrics = pytest.importorskip("llmcal.metrics")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 4)) * 3
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 200)
+    m = metrics.compute_metrics(p, y, n_bootstrap=20, seed=0)
+    assert_png(save_reliability(m["reliability"], tmp_path / "r.png", "random", m))
+
+
+def test_reliability_rejects_malformed_data(tmp_path):
+    bad = dict(REL, count=[1, 2])
+    with pytest.raises(LlmcalError, match="count"):
+        save_reliability(bad, tmp_path / "x.png", "bad")
+    with pytest.raises(LlmcalError, match="confidence"):
+        reliability_figure({k: v for k, v in REL.items() if k != "confidence"}, "bad")
+
+
+def test_reliability_grid_with_none_cells(tmp_path):
+    m = fake_metrics(0.62, 0.19)
+    grid = [[("tulu / none", m), None, ("tulu / cft", m)],
+            [None, ("vicuna / ts", REL)]]  # ragged row, bare reliability data
+    p = reliability_grid(None, tmp_path / "grid.png", grid=grid, row_labels=["tulu", "vicuna"],
+                         col_labels=["none", "ts", "cft"], title="study")
+    assert_png(p, min_bytes=10_000)
+    flat = reliability_grid([("a", m), None, ("c", m), ("d", m), ("e", m)], tmp_path / "flat.png", ncols=2)
+    assert_png(flat, min_bytes=10_000)
+    with pytest.raises(LlmcalError, match="nothing to plot"):
+        reliability_grid(None, tmp_path / "empty.png", grid=[[None, None]])
+    with pytest.raises(LlmcalError, match="row_labels"):
+        reliability_grid(None, tmp_path / "x.png", grid=grid, row_labels=["only one"])
+
+
+def test_accuracy_ece_plane(tmp_path):
+    pts = [{"label": "tulu DPO", "accuracy": 0.6228, "conf_ece": 0.1953, "group": "aligned",
+            "ci": {"accuracy": [0.6, 0.65], "conf_ece": [0.17, 0.22]}},
+           {"label": "tulu CFT", "accuracy": 0.8341, "conf_ece": 0.0239, "group": "CFT"},
+           {"label": "no group", "accuracy": 0.5, "conf_ece": 0.05}]
+    assert_png(accuracy_ece_plane(pts, tmp_path / "plane.png", boundary=lambda a: max(0.0, a - 0.6)))
+    with pytest.raises(LlmcalError):
+        accuracy_ece_plane([], tmp_path / "none.png")
+    with pytest.raises(LlmcalError, match="conf_ece"):
+        accuracy_ece_plane([{"label": "x", "accuracy": 0.5}], tmp_path / "none.png")
+
+
+# ---- tables ------------------------------------------------------------------------------
+def test_results_rows_and_tables(tmp_path):
+    run = make_run(tmp_path, "run-a", [result("none", fake_metrics(0.6228, 0.1953)),
+                                       result("ts", fake_metrics(0.6228, 0.0412), png="reliability-ts.png",
+                                              extra={"temperature": 2.5})], pngs=False)
+    rows = results_rows([load_run(run)])
+    assert [r["method"] for r in rows] == ["none", "ts"]
+    a, b = rows
+    assert a["run"] == "run-a" and a["model"] == "tiny-model" and a["split"] == "test" and a["n"] == 500
+    assert a["accuracy"] == 0.6228 and a["accuracy_ci"] == [0.5912, 0.6531]
+    assert b["temperature"] == 2.5 and "temperature" not in a
+    assert b["reliability"] == str(run / "reliability-ts.png")
+
+    md = markdown_table(rows, ["run", "method", "n", "accuracy", "conf_ece", "brier", "temperature"])
+    lines = md.strip().splitlines()
+    assert lines[0] == "| run | method | N | accuracy | conf-ECE | Brier | temperature |"
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| run-a | none | 500 | 0.6228 [0.59, 0.65] | 0.1953 [0.18, 0.21] | 0.5432 | — |"
+    assert lines[3] == "| run-a | ts | 500 | 0.6228 [0.59, 0.65] | 0.0412 [0.18, 0.21] | 0.5432 | 2.5000 |"
+
+    nasty = [{"method": "<b>a|b</b>", "accuracy": 0.5, "accuracy_ci": None}]
+    assert "&lt;b&gt;a|b&lt;/b&gt;" in html_table(nasty, ["method", "accuracy"])
+    assert "<b>" not in html_table(nasty, ["method", "accuracy"])
+    assert "a\\|b" in markdown_table(nasty, [("method", "Method"), "accuracy"])
+    assert '<td class="num">0.5000</td>' in html_table(nasty, ["method", "accuracy"])
+
+
+# ---- per-run report -------------------------------------------------------------------
+def test_run_report_before_metrics_json(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    config = {"model": "tiny-model", "kind": "calibrate", "data": "mmlu", "split": "test", "template": "auto",
+              "created": "2025-01-01T00:00:00+00:00"}
+    rd.start(config)
+    m = fake_metrics(0.6228, 0.1953, n_subjects=30)
+    results = [result("none", m), result("ts", fake_metrics(0.6228, 0.0412), png="reliability-ts.png",
+                                          extra={"temperature": 2.5})]
+    p = write_run_report(rd.path, config, results, {"template": "chat", "device": "cpu"})
+    assert p == rd.path / "report.md"
+    assert not rd.file("metrics.json").exists() and not rd.is_complete
+    text = p.read_text(encoding="utf-8")
+    assert "tiny-model" in text and "calibrate" in text and "mmlu" in text and "2025-01-01" in text
+    assert "auto (resolved: chat)" in text
+    assert "| none | synthetic | test | 500 | 0.6228 [0.59, 0.65] | 0.1953 [0.18, 0.21] | 0.0876 |" in text
+    assert "2.5000" in text  # the temperature column
+    # 30 subjects: the ten best and the ten worst only
+    assert "30 subjects" in text
+    assert "subject_29" in text and "subject_00" in text and "subject_15" not in text
+    assert "](reliability.png)" in text and "](reliability-ts.png)" in text
+    assert "conf-ECE" in text and "Definitions" in text
+
+
+def test_run_report_short_per_subject_table(tmp_path):
+    results = [result("none", fake_metrics(0.6, 0.2, n_subjects=4), png=None)]
+    text = write_run_report(tmp_path, {"model": {"name": "m", "kind": "hf"}}, results).read_text()
+    assert all(f"subject_{i:02d}" in text for i in range(4))
+    assert "name=m, kind=hf" in text
+    assert "![" not in text
+
+
+# ---- comparison -------------------------------------------------------------------------
+def test_comparison_writes_md_grid_and_selfcontained_html(tmp_path):
+    a = make_run(tmp_path, "tulu-dpo", [result("none", fake_metrics(0.6228, 0.1953))])
+    # the second run has no PNG on disk: the comparison draws it from the metrics
+    b = make_run(tmp_path, "tulu-cft", [result("cft", fake_metrics(0.8341, 0.0239, acc_ci=(0.81, 0.86),
+                                                                    ece_ci=(0.0151, 0.0342)))], pngs=False)
+    out = tmp_path / "cmp"
+    paths = write_comparison([a, b], out)
+    assert paths["md"] == out / "report.md" and paths["html"] == out / "report.html"
+    assert paths["grid"] == out / "reliability_grid.png"
+    assert_png(paths["grid"], min_bytes=10_000)
+    drawn = [p for k, p in paths.items() if k.startswith("diagram:")]
+    assert len(drawn) == 1 and drawn[0].parent == out
+    assert_png(drawn[0])
+
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "| run | method | dataset | split | N | accuracy | conf-ECE | cw-ECE | Brier | NLL |" in md
+    assert "| tulu-dpo | none | synthetic | test | 500 | 0.6228 [0.59, 0.65] | 0.1953 [0.18, 0.21] | 0.0876 " \
+           "| 0.5432 | 1.2345 |" in md
+    assert "| tulu-cft | cft | synthetic | test | 500 | 0.8341 [0.81, 0.86] | 0.0239 [0.02, 0.03] |" in md
+    assert "](../tulu-dpo/reliability.png)" in md
+    assert f"]({drawn[0].name})" in md and "](reliability_grid.png)" in md
+
+    page = paths["html"].read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<link" not in page and 'src="http' not in page and "url(" not in page and "<script" not in page
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) == 3  # the grid and two diagrams
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "0.6228 [0.59, 0.65]" in page and "0.8341 [0.81, 0.86]" in page
+
+
+def test_comparison_duplicate_names_and_extras(tmp_path):
+    a = make_run(tmp_path / "x", "run", [result("ts", fake_metrics(0.5, 0.1), extra={"temperature": 1.5})])
+    b = make_run(tmp_path / "y", "run", [result("none", fake_metrics(0.5, 0.2))])
+    md = write_comparison([a, b], tmp_path / "cmp")["md"].read_text(encoding="utf-8")
+    assert "| x/run | ts |" in md and "| y/run | none |" in md
+    assert "temperature" in md and "1.5000" in md
+
+
+def test_comparison_rejects_incomplete_or_missing_runs(tmp_path):
+    good = make_run(tmp_path, "good", [result("none", fake_metrics(0.5, 0.1))])
+    half = make_run(tmp_path, "half", [result("none", fake_metrics(0.5, 0.1))], finish=False)
+    with pytest.raises(LlmcalError, match=re.escape(str(half))):
+        write_comparison([good, half], tmp_path / "cmp")
+    missing = tmp_path / "nope"
+    with pytest.raises(LlmcalError, match=re.escape(str(missing))):
+        write_comparison([good, missing], tmp_path / "cmp")
+    with pytest.raises(LlmcalError):
+        write_comparison([], tmp_path / "cmp")
+    assert not (tmp_path / "cmp" / "report.md").exists()
+
+
+def test_metrics_json_roundtrip_keeps_none_bins(tmp_path):
+    run = make_run(tmp_path, "r", [result("none", fake_metrics(0.5, 0.1))], pngs=False)
+    doc = json.loads((run / "metrics.json").read_text())
+    assert doc["results"][0]["metrics"]["reliability"]["accuracy"][0] is None
+    paths = write_comparison([run], tmp_path / "cmp")
+    assert_png(paths["grid"])
+
+
+def test_run_report_takes_created_from_config_json(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    config = {"model": "m", "kind": "eval", "data": "d"}
+    rd.start(config)
+    created = json.loads(rd.file("config.json").read_text())["created"]
+    text = write_run_report(rd.path, config, [result("none", fake_metrics(0.5, 0.1))]).read_text()
+    assert f"**created**: {created}" in text
