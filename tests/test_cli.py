@@ -1,0 +1,161 @@
+"""End to end through the CLI: eval, calibrate, report, data; bad input exits 2 with a clear message."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcal.cli import app
+from llmcal.runs import RunDir
+
+from conftest import build_tiny_llama, build_tokenizer, write_jsonl
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_eval_end_to_end(tiny_model_dir, mcq_file, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("eval", "--model", tiny_model_dir, "--data", mcq_file, "--out", out, "--template", "plain")
+    assert r.exit_code == 0, r.output
+    assert RunDir(out).is_complete
+    for name in ("config.json", "predictions.jsonl", "metrics.json", "reliability.png", "report.md"):
+        assert (out / name).exists(), name
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [f"q{i}" for i in range(24)]  # dataset order
+    for p in preds:
+        assert set(p) >= {"id", "subject", "answer", "probs", "pred", "conf"}
+        assert abs(sum(p["probs"]) - 1) < 1e-6 and p["conf"] == max(p["probs"])
+        assert len(p["probs"]) == 2 + int(p["id"][1:]) % 4  # mixed K kept per question
+    m = json.loads((out / "metrics.json").read_text())
+    res = m["results"][0]["metrics"]
+    for key in ("accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf", "ci",
+                "reliability", "per_subject"):
+        assert key in res
+    assert set(res["per_subject"]) == {"math", "sums"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_spec"]["kind"] == "local"
+    # a complete run is not silently overwritten
+    r2 = invoke("eval", "--model", tiny_model_dir, "--data", mcq_file, "--out", out)
+    assert r2.exit_code == 2 and "already holds a complete run" in r2.output
+
+
+def test_calibrate_ts_and_report(tiny_model_dir, tmp_path):
+    data = "synthetic:arithmetic?n=60&k=4&difficulty=1"
+    out = tmp_path / "ts"
+    r = invoke("calibrate", "--method", "ts", "--model", tiny_model_dir, "--data", data, "--out", out,
+               "--template", "chat")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    before, after = m["results"]
+    assert before["method"] == "none" and after["method"] == "ts"
+    assert before["metrics"]["accuracy"] == after["metrics"]["accuracy"]  # TS keeps the argmax
+    assert after["extra"]["temperature"] > 0
+    assert (out / "reliability-ts.png").exists()
+    ev = tmp_path / "ev"
+    assert invoke("eval", "--model", tiny_model_dir, "--data", data, "--out", ev).exit_code == 0
+    rep = tmp_path / "rep"
+    r = invoke("report", out, ev, "--out", rep)
+    assert r.exit_code == 0, r.output
+    md = (rep / "report.md").read_text()
+    assert "| ts |" in md.replace("  ", " ") or " ts " in md
+    html = (rep / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src=\"http" not in html
+
+
+def test_report_refuses_incomplete_run(tmp_path):
+    d = tmp_path / "half"
+    RunDir(d).start({"model": "x"})
+    r = invoke("report", d, "--out", tmp_path / "rep")
+    assert r.exit_code == 2 and "not complete" in r.output
+
+
+def test_data_list_and_show(tiny_model_dir, mcq_file):
+    r = invoke("data", "list")
+    assert r.exit_code == 0 and "mmlu" in r.output and "arc-challenge" in r.output
+    r = invoke("data", "show", mcq_file, "-n", "2")
+    assert r.exit_code == 0
+    assert "\nAnswer:" in r.output and "A. " in r.output
+    r = invoke("data", "show", mcq_file, "-n", "1", "--model", tiny_model_dir, "--template", "chat")
+    assert r.exit_code == 0 and "<|im_start|>assistant" in r.output and "letter token ids" in r.output
+
+
+BAD_CASES = {
+    "malformed": ('{"id": "a", "question": "q", "choices": ["x", "y"], "answer": 0}\n{"id": "b", "question": \n',
+                  [r"line 2"]),
+    "missing_field": ('{"id": "a", "question": "q", "answer": 0}\n', [r"line 1", r"choice"]),
+    "answer_range": ('{"id": "a", "question": "q", "choices": ["x", "y"], "answer": 5}\n', [r"line 1", r"answer"]),
+    "one_choice": ('{"id": "a", "question": "q", "choices": ["x"], "answer": 0}\n', [r"line 1", r"choice"]),
+    "too_many": (json.dumps({"id": "a", "question": "q", "choices": [str(i) for i in range(27)], "answer": 0}) + "\n",
+                 [r"line 1", r"26"]),
+    "duplicate": ('{"id": "a", "question": "q", "choices": ["x", "y"], "answer": 0}\n'
+                  '{"id": "a", "question": "r", "choices": ["x", "y"], "answer": 1}\n', [r"line 2", r"duplicate"]),
+    "empty_string": ('{"id": "a", "question": "", "choices": ["x", "y"], "answer": 0}\n', [r"line 1", r"empty"]),
+    "empty_choice": ('{"id": "a", "question": "q", "choices": ["x", " "], "answer": 0}\n', [r"line 1", r"empty"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_exits_2_naming_file_and_line(case, tiny_model_dir, tmp_path):
+    text, patterns = BAD_CASES[case]
+    f = tmp_path / f"{case}.jsonl"
+    f.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    r = invoke("eval", "--model", tiny_model_dir, "--data", f, "--out", out)
+    assert r.exit_code == 2, r.output
+    flat = " ".join(r.output.split())
+    assert f.name in flat
+    import re
+
+    for p in patterns:
+        assert re.search(p, flat, re.I), (p, flat)
+    assert not RunDir(out).is_complete
+
+
+def test_undecodable_bytes(tiny_model_dir, tmp_path):
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(b'{"id": "a", "question": "q", "choices": ["x", "y"], "answer": 0}\n'
+                  b'{"id": "b", "question": "caf\xe9", "choices": ["x", "y"], "answer": 0}\n')
+    r = invoke("eval", "--model", tiny_model_dir, "--data", f, "--out", tmp_path / "run")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "latin.jsonl" in flat and "line 2" in flat and "UTF-8" in flat.upper()
+
+
+def test_nan_logits_exit_2_with_ids_and_run_not_complete(tiny_tokenizer, mcq_file, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = build_tiny_llama(tmp_path / "nan-model", tiny_tokenizer)
+    st = d / "model.safetensors"
+    w = load_file(st)
+    w["lm_head.weight"] = torch.full_like(w["lm_head.weight"], float("nan"))
+    save_file(w, st, metadata={"format": "pt"})
+    out = tmp_path / "run"
+    r = invoke("eval", "--model", d, "--data", mcq_file, "--out", out, "--template", "plain")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "NaN or infinite logits" in flat and "q0" in flat
+    assert (out / "INCOMPLETE").exists() and not (out / "metrics.json").exists()
+
+
+def test_multi_token_letters_exit_2(tmp_path, mcq_file):
+    tok = build_tokenizer(letters_single=False)
+    d = build_tiny_llama(tmp_path / "chars", tok)
+    r = invoke("eval", "--model", d, "--data", mcq_file, "--out", tmp_path / "run", "--template", "plain")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "not exactly one new token" in flat and "'A'" in flat
+
+
+def test_unknown_things_exit_2(tiny_model_dir, mcq_file, tmp_path):
+    assert invoke("eval", "--model", tmp_path / "nope", "--data", mcq_file, "--out", tmp_path / "r").exit_code == 2
+    assert invoke("eval", "--model", tiny_model_dir, "--data", tmp_path / "nope.jsonl",
+                  "--out", tmp_path / "r").exit_code == 2
+    r = invoke("eval", "--model", tiny_model_dir, "--data", mcq_file, "--out", tmp_path / "r", "--template", "x")
+    assert r.exit_code == 2 and "template" in r.output
+    r = invoke("calibrate", "--method", "platt", "--model", tiny_model_dir, "--data", mcq_file, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "method" in r.output
