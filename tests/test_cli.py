@@ -159,3 +159,15 @@ def test_unknown_things_exit_2(tiny_model_dir, mcq_file, tmp_path):
     assert r.exit_code == 2 and "template" in r.output
     r = invoke("calibrate", "--method", "platt", "--model", tiny_model_dir, "--data", mcq_file, "--out", tmp_path / "c")
     assert r.exit_code == 2 and "method" in r.output
+
+
+def test_csv_with_column_mapping(tiny_model_dir, tmp_path):
+    f = tmp_path / "exam.csv"
+    f.write_text("prompt,A,B,C,label\nWhat is 1+1?,1,2,3,B\nWhat is 2+2?,4,5,6,A\nWhat is 3+3?,7,6,8,B\n",
+                 encoding="utf-8")
+    out = tmp_path / "run"
+    r = invoke("eval", "--model", tiny_model_dir, "--data", f, "--out", out, "--template", "plain",
+               "--mapping", "question=prompt,choices=A|B|C,answer=label")
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["answer"] for p in preds] == [1, 0, 1] and all(len(p["probs"]) == 3 for p in preds)

@@ -54,7 +54,9 @@ def _mapping(mapping: Optional[str]) -> Optional[dict]:
             if "=" not in part:
                 raise LlmcalError(f"--mapping {mapping!r}: expected JSON or field=column pairs")
             k, v = part.split("=", 1)
-            m[k.strip()] = v.strip()
+            v = v.strip()
+            # "choices=A|B|C|D": the options spread over several columns
+            m[k.strip()] = [c.strip() for c in v.split("|")] if "|" in v else v
     if not isinstance(m, dict):
         raise LlmcalError(f"--mapping {mapping!r}: expected an object")
     return m

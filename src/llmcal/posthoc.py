@@ -90,7 +90,7 @@ class TemperatureScaler:
     Fitted attributes: ``temperature_``, ``nll_before_`` (T = 1), ``nll_after_``.
     """
 
-    def __init__(self, init_temperature: float = 1.0, bounds: tuple[float, float] = (0.05, 20.0)):
+    def __init__(self, init_temperature: float = 1.0, bounds: tuple[float, float] = (0.05, 100.0)):
         self.init_temperature = init_temperature
         self.bounds = bounds
 
