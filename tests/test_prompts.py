@@ -55,3 +55,13 @@ def test_auto_template(tiny_tokenizer):
     assert resolve_template("auto", tiny_tokenizer) == "chat"
     with pytest.raises(LlmcalError, match="unknown template"):
         resolve_template("fancy", tiny_tokenizer)
+
+
+def test_chat_without_template_is_a_clear_error(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(LlmcalError, match="no chat template"):
+        encode_questions([Q], tok, "chat")
+    assert resolve_template("auto", tok) == "plain"

@@ -60,6 +60,8 @@ def format_prompt(q: Question, template: str, tokenizer: Any = None) -> str:
     if template == "chat":
         if tokenizer is None:
             raise LlmcalError("the chat template needs a tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            raise LlmcalError(f"tokenizer {tokenizer_name(tokenizer)} has no chat template; use --template plain")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": chat_user_message(q)}], tokenize=False, add_generation_prompt=True
         )
