@@ -6,10 +6,23 @@ ECE is bounded below by about ``train accuracy - held-out accuracy``.  When
 that gap is within a tolerance the model is *calibratable*: CFT can reach
 near-zero ECE without giving up accuracy.  Otherwise it is *non-calibratable*
 and RCFT's ECE regulariser is recommended.
+
+``diagnose`` classifies from the numbers; ``diagnose_predictions`` computes them
+from scored questions (what ``--method auto`` does after each epoch);
+``run_regime`` is ``llmcal regime``: it scores a model on training and held-out
+data and writes a run directory with the diagnosis.
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import LlmcalError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.05
 CALIBRATABLE = "calibratable"
@@ -31,6 +44,10 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Diagnosis":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 def diagnose(train_accuracy: float, heldout_accuracy: float, *, heldout_ece: float | None = None,
@@ -55,3 +72,207 @@ def diagnose(train_accuracy: float, heldout_accuracy: float, *, heldout_ece: flo
 def left_calibratable(train_accuracy: float, heldout_accuracy: float, tolerance: float = DEFAULT_TOLERANCE) -> bool:
     """True once fine-tuning has pushed train accuracy more than ``tolerance`` above held-out accuracy."""
     return float(train_accuracy) - float(heldout_accuracy) > tolerance
+
+
+def diagnose_predictions(train: Sequence, heldout: Sequence, *, tolerance: float = DEFAULT_TOLERANCE,
+                         n_bins: int = 10) -> Diagnosis:
+    """:func:`diagnose` from scored questions (``Prediction`` lists): accuracies, held-out conf-ECE and mean conf."""
+    from .metrics import accuracy, conf_ece, mean_confidence
+    from .predictions import stack_probs
+
+    if not train or not heldout:
+        raise LlmcalError(f"regime diagnosis needs scored training and held-out questions "
+                          f"(got {len(train)} and {len(heldout)})")
+    pt, at = stack_probs(train)
+    ph, ah = stack_probs(heldout)
+    return diagnose(accuracy(pt, at), accuracy(ph, ah), heldout_ece=conf_ece(ph, ah, n_bins),
+                    heldout_mean_conf=mean_confidence(ph), tolerance=tolerance)
+
+
+def format_diagnosis(d: Diagnosis) -> str:
+    """A few lines for a person: the accuracies, held-out calibration, the bound, the regime, the advice."""
+    held = f"held-out accuracy  {d.heldout_accuracy:.4f}"
+    extra = [f"conf-ECE {d.heldout_ece:.4f}" if d.heldout_ece is not None else "",
+             f"mean conf {d.heldout_mean_conf:.4f}" if d.heldout_mean_conf is not None else ""]
+    extra = [e for e in extra if e]
+    if extra:
+        held += f"  ({', '.join(extra)})"
+    return "\n".join([
+        f"train accuracy     {d.train_accuracy:.4f}",
+        held,
+        f"gap                {d.gap:+.4f}  (tolerance {d.tolerance:.4f})",
+        f"ECE lower bound    {d.ece_lower_bound:.4f}  (held-out ECE an SFT fixed point cannot go below)",
+        f"regime             {d.regime}",
+        f"recommended        --method {d.recommended}",
+    ])
+
+
+# ---- the regime run (``llmcal regime``) ---------------------------------------------
+@dataclass
+class RegimeConfig:
+    """Everything that decides a regime run's numbers (stored as the run's config.json).
+
+    ``train``: the dataset spec fine-tuning would train on.  ``heldout``: a
+    dataset spec of unseen questions, or None for a held-out slice of ``train``
+    (``heldout_fraction`` of it, chosen by a hash of each question id and
+    ``seed``, see :func:`split_heldout`).  ``train_limit``/``heldout_limit``
+    subsample each side deterministically.
+    """
+
+    model: str
+    train: str
+    heldout: str | None = None
+    gguf_file: str | None = None
+    base: str | None = None
+    heldout_fraction: float = 0.2
+    train_limit: int | None = None
+    heldout_limit: int | None = None
+    seed: int = 0
+    template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int = 2048
+    tolerance: float = DEFAULT_TOLERANCE
+    n_bins: int = 10
+    n_bootstrap: int = 1000
+    mapping: dict | None = None
+
+
+def split_heldout(questions: Sequence, fraction: float, seed: int = 0) -> tuple[tuple, tuple]:
+    """(train, held-out) slices of ``questions``, in their order.
+
+    A question is held out when ``hash_unit(id, seed) >= 1 - fraction`` (see
+    ``llmcal.data.splits``), so the slice depends only on its id and the seed.
+    """
+    from .data.splits import apply_split
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise LlmcalError(f"heldout fraction must be a number strictly between 0 and 1, got {fraction!r}")
+    fractions = {"train": 1.0 - float(fraction), "heldout": float(fraction)}
+    return apply_split(questions, "train", seed, fractions), apply_split(questions, "heldout", seed, fractions)
+
+
+def regime_questions(cfg: RegimeConfig) -> tuple[tuple, tuple]:
+    """The training and held-out questions of a regime run; raises LlmcalError on overlap or an empty side."""
+    from .data import load_dataset
+    from .data.loaders import take_limit
+
+    if cfg.heldout is None:
+        ds = load_dataset(cfg.train, seed=cfg.seed, mapping=cfg.mapping)
+        train, held = split_heldout(ds.questions, cfg.heldout_fraction, cfg.seed)
+        if cfg.train_limit is not None:
+            train = take_limit(train, cfg.train_limit, cfg.seed)
+        if cfg.heldout_limit is not None:
+            held = take_limit(held, cfg.heldout_limit, cfg.seed)
+        where = f"{cfg.train} with --heldout-fraction {cfg.heldout_fraction}"
+    else:
+        train = load_dataset(cfg.train, limit=cfg.train_limit, seed=cfg.seed, mapping=cfg.mapping).questions
+        held = load_dataset(cfg.heldout, limit=cfg.heldout_limit, seed=cfg.seed, mapping=cfg.mapping).questions
+        overlap = sorted({q.id for q in train} & {q.id for q in held})
+        if overlap:
+            raise LlmcalError(
+                f"held-out data {cfg.heldout} shares {len(overlap)} question id(s) with the training data "
+                f"{cfg.train} (e.g. {', '.join(overlap[:5])}); held-out questions must be unseen: pass a "
+                f"disjoint --heldout, or leave it out to hold out a slice of the training data")
+        where = f"{cfg.train} / {cfg.heldout}"
+    if not train or not held:
+        raise LlmcalError(f"{where}: {len(train)} training and {len(held)} held-out questions; both must be "
+                          f"non-empty (use more questions or change --heldout-fraction)")
+    return tuple(train), tuple(held)
+
+
+def _check_config(cfg: RegimeConfig) -> None:
+    t = cfg.tolerance
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise LlmcalError(f"--tolerance must be a finite number >= 0, got {t!r}")
+
+
+def run_regime(cfg: RegimeConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+               loaded=None):
+    """``llmcal regime``: score the model on training and held-out data and diagnose the regime.
+
+    Returns ``(RunRecord, Diagnosis)``.  Train accuracy is measured now, for the
+    model as given: for a fine-tuned model (an adapter) it is what fine-tuning
+    fitted, and the diagnosis says whether that model can still be calibrated on
+    unseen data.  For a model that has not been fine-tuned on ``train`` it is the
+    starting point (the training questions are as unseen as the held-out ones,
+    so the gap is small unless the two sets differ), and the diagnosis says
+    where fine-tuning starts; fine-tuning raises train accuracy, and
+    ``llmcal calibrate --method auto`` repeats exactly this check
+    (:func:`diagnose_predictions`, :func:`left_calibratable`) after each epoch.
+
+    Writes a run directory: config.json, predictions-train.jsonl,
+    predictions-heldout.jsonl, reliability-train.png, reliability-heldout.png,
+    diagnosis.json (``Diagnosis.to_dict()``), report.md (with a "Regime
+    diagnosis" section) and metrics.json (``meta["diagnosis"]``).  An
+    interrupted run resumes from the predictions on disk.
+    """
+    from .evaluate import score_questions_into
+    from .io import atomic_write_json, atomic_write_text
+    from .metrics import metrics_from_predictions
+    from .models import load_model, resolve_model
+    from .prompts import resolve_template
+    from .report.plots import save_reliability
+    from .report.runreport import REPORT, write_run_report
+    from .runs import RunDir, RunResult, load_run
+
+    _check_config(cfg)
+    spec = loaded.spec if loaded else resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
+    train, held = regime_questions(cfg)  # bad input fails before the run directory is touched
+    config = {**asdict(cfg), "kind": "regime", "model_spec": spec.to_dict()}
+    run = RunDir(out)
+    run.start(config, overwrite=overwrite)
+    loaded = loaded or load_model(spec, dtype=cfg.dtype, device=cfg.device)
+    template = resolve_template(cfg.template, loaded.tokenizer)
+
+    sliced = cfg.heldout is None
+    sides = [("train", cfg.train, "train" if sliced else "all", train, "training data"),
+             ("heldout", cfg.heldout or cfg.train, "heldout" if sliced else "all", held, "held-out data")]
+    preds, results = {}, []
+    for label, data, split, questions, what in sides:
+        pred_file, png = f"predictions-{label}.jsonl", f"reliability-{label}.png"
+        preds[label] = score_questions_into(run, pred_file, loaded, questions, template,
+                                            batch_tokens=cfg.batch_tokens, progress=progress,
+                                            description=f"regime: {what}")
+        m = metrics_from_predictions(preds[label], n_bins=cfg.n_bins, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        save_reliability(m["reliability"], run.file(png), f"{spec.name} on {what} ({data})", metrics=m)
+        results.append(RunResult(label=label, method="none", dataset=data, split=split, predictions=pred_file,
+                                 metrics=m, reliability=png))
+
+    d = diagnose_predictions(preds["train"], preds["heldout"], tolerance=cfg.tolerance, n_bins=cfg.n_bins)
+    log.info("regime diagnosis: %s", d.reason)
+    atomic_write_json(run.file("diagnosis.json"), d.to_dict())
+    meta = {"template": template, "dtype": loaded.dtype, "device": loaded.device, "n_train": len(train),
+            "n_heldout": len(held),
+            "heldout_source": f"slice of train (fraction {cfg.heldout_fraction})" if sliced else cfg.heldout,
+            "regime": d.regime, "recommended": d.recommended, "diagnosis": d.to_dict()}
+    report = write_run_report(run.path, config, results, meta)
+    text = report.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + _report_section(d, results) + "\n"
+    atomic_write_text(run.file(REPORT), text)
+    run.finish(kind="regime", model=spec.name, results=results, meta=meta)
+    return load_run(run.path), d
+
+
+def _report_section(d: Diagnosis, results) -> str:
+    def cell(v):
+        return "–" if v is None else f"{v:.4f}"
+
+    rows = ["| data | N | accuracy | conf-ECE | mean conf |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        m = r.metrics
+        rows.append(f"| {r.label} ({r.dataset}) | {m['n']} | {cell(m['accuracy'])} | {cell(m['conf_ece'])} | "
+                    f"{cell(m['mean_conf'])} |")
+    return "\n".join([
+        "## Regime diagnosis", "",
+        *rows, "",
+        f"- **gap** (train accuracy − held-out accuracy): {d.gap:+.4f}; tolerance {d.tolerance:.4f}",
+        f"- **held-out ECE lower bound** (max(gap, 0)): {d.ece_lower_bound:.4f}",
+        f"- **regime**: {d.regime}",
+        f"- **recommended**: `--method {d.recommended}`",
+        f"- **why**: {d.reason}",
+        "",
+        "ECE ≥ |mean confidence − accuracy| always, and a model fine-tuned to its SFT fixed point has mean "
+        "confidence close to its training accuracy, so its held-out ECE cannot go much below train accuracy − "
+        "held-out accuracy. Train accuracy here is the model's as given: for a model not yet fine-tuned on this "
+        "data it is the starting point, and `llmcal calibrate --method auto` repeats this check after each epoch.",
+    ])

@@ -1,0 +1,157 @@
+"""Alignment drift: KL(original || tuned) on the original's greedy responses, plain models and peft adapters."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmcal.drift import alignment_drift, load_instructions
+from llmcal.errors import LlmcalError
+
+N_PROMPTS = 10
+NEW = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_instructions()[:N_PROMPTS]
+
+
+def _perturbed(model, scale=0.05, seed=1):
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_instructions_asset_loads():
+    items = load_instructions()
+    assert len(items) >= 30
+    ids = [it["id"] for it in items]
+    assert len(set(ids)) == len(ids)
+    assert all(set(it) == {"id", "prompt"} and it["prompt"].strip() for it in items)
+
+
+def test_drift_against_itself_is_zero(tiny, prompts):
+    model, tok = tiny
+    r = alignment_drift(model, model, tok, prompts=prompts, max_new_tokens=NEW, progress=False, batch_size=4)
+    assert r["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert r["n_prompts"] == N_PROMPTS and r["max_new_tokens"] == NEW
+    assert [p["id"] for p in r["per_prompt"]] == [p["id"] for p in prompts]
+    assert all(1 <= p["n_tokens"] <= NEW for p in r["per_prompt"])
+    assert r["n_tokens"] == sum(p["n_tokens"] for p in r["per_prompt"])
+    assert all(abs(p["mean_kl"]) <= 1e-6 for p in r["per_prompt"])
+
+
+def test_drift_against_a_perturbed_copy_is_positive_and_batch_invariant(tiny, prompts):
+    model, tok = tiny
+    other = _perturbed(model)
+    r = alignment_drift(model, other, tok, prompts=prompts, max_new_tokens=NEW, progress=False, batch_size=4)
+    assert r["mean_kl"] > 1e-4
+    assert all(p["mean_kl"] > 0 for p in r["per_prompt"])
+    want = sum(p["mean_kl"] * p["n_tokens"] for p in r["per_prompt"]) / r["n_tokens"]
+    assert r["mean_kl"] == pytest.approx(want)
+    # Padding must not change anything: one prompt at a time gives the same numbers.
+    one = alignment_drift(model, other, tok, prompts=prompts[:3], max_new_tokens=NEW, progress=False, batch_size=1)
+    for a, b in zip(one["per_prompt"], r["per_prompt"][:3]):
+        assert a["n_tokens"] == b["n_tokens"]
+        assert a["mean_kl"] == pytest.approx(b["mean_kl"], rel=1e-4, abs=1e-7)
+
+
+def test_drift_matches_a_direct_computation(tiny, prompts):
+    """One prompt by hand: greedy response with generate(), then KL from two unpadded forwards."""
+    model, tok = tiny
+    other = _perturbed(model, seed=2)
+    p = prompts[0]
+    text = tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        n = full.shape[1] - ids.shape[1]
+        lo = torch.log_softmax(model(full).logits[0, ids.shape[1] - 1:-1].float(), -1)
+        lt = torch.log_softmax(other(full).logits[0, ids.shape[1] - 1:-1].float(), -1)
+    want = (lo.exp() * (lo - lt)).sum(-1).mean().item()
+    got = alignment_drift(model, other, tok, prompts=[p], max_new_tokens=NEW, progress=False)
+    assert got["n_tokens"] == n
+    assert got["mean_kl"] == pytest.approx(want, rel=1e-4)
+
+
+def test_drift_with_peft_adapter_disabled(tiny, prompts):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                 target_modules=["q_proj", "v_proj"]))
+    peft_model.train()  # dropout on: the measurement must switch it off and restore the mode
+    kw = dict(prompts=prompts[:6], max_new_tokens=NEW, progress=False, batch_size=3)
+    assert alignment_drift(None, peft_model, tok, **kw)["mean_kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0
+    assert peft_model.training
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    r = alignment_drift(None, peft_model, tok, **kw)
+    assert r["mean_kl"] > 1e-4
+    # The same number as with a separate copy of the original.
+    assert alignment_drift(model, peft_model, tok, **kw)["mean_kl"] == pytest.approx(r["mean_kl"], rel=1e-5)
+
+
+def test_drift_rejects_bad_input(tiny):
+    model, tok = tiny
+    with pytest.raises(LlmcalError, match="peft"):
+        alignment_drift(None, model, tok, prompts=["hi"], progress=False)
+    with pytest.raises(LlmcalError, match="max_new_tokens"):
+        alignment_drift(model, model, tok, prompts=["hi"], max_new_tokens=0, progress=False)
+    with pytest.raises(LlmcalError, match="no prompts"):
+        alignment_drift(model, model, tok, prompts=[], progress=False)
+    with pytest.raises(LlmcalError, match="duplicate"):
+        alignment_drift(model, model, tok, prompts=[{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}],
+                        progress=False)
+
+
+def test_responses_stop_at_eos_and_padding_is_exact(tiny, prompts):
+    """Make the 3rd greedy token of prompt 0 the eos: its response stops there, others run on (mixed lengths)."""
+    model, tok = tiny
+    text = tok.apply_chat_template([{"role": "user", "content": prompts[0]["prompt"]}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             eos_token_id=None, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    if gen[2] in gen[:2]:
+        pytest.skip("the tiny model repeats a token early")
+    orig = copy.deepcopy(model)
+    orig.generation_config.eos_token_id = gen[2]
+    other = _perturbed(model, seed=3)
+    kw = dict(prompts=prompts[:5], max_new_tokens=6, progress=False)
+    batched = alignment_drift(orig, other, tok, batch_size=5, **kw)
+    single = alignment_drift(orig, other, tok, batch_size=1, **kw)
+    lengths = [p["n_tokens"] for p in batched["per_prompt"]]
+    assert lengths[0] == 3 and len(set(lengths)) > 1
+    for a, b in zip(batched["per_prompt"], single["per_prompt"]):
+        assert a["n_tokens"] == b["n_tokens"]
+        assert a["mean_kl"] == pytest.approx(b["mean_kl"], rel=1e-4, abs=1e-7)
+
+
+def test_plain_text_fallback_without_chat_template(tiny, prompts):
+    model, tok = tiny
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    r = alignment_drift(model, _perturbed(model), plain, prompts=prompts[:3], max_new_tokens=3, progress=False)
+    assert r["n_tokens"] > 0 and r["mean_kl"] > 0
+    assert alignment_drift(model, model, plain, prompts=prompts[:3], max_new_tokens=3,
+                           progress=False)["mean_kl"] == pytest.approx(0.0, abs=1e-6)
