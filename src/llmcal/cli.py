@@ -123,17 +123,29 @@ def eval_cmd(
     out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
 
 
+FT_METHODS = ("cft", "rcft", "auto")
+
+
 @app.command("calibrate")
 @handle_errors
 def calibrate_cmd(
-    method: str = typer.Option("ts", help="ts (temperature scaling)."),
+    method: str = typer.Option("ts", help="ts (temperature scaling), cft, rcft, or auto (CFT that switches "
+                               "the RCFT term on once the model leaves the calibratable regime)."),
     model: str = ModelOpt,
-    data: str = typer.Option(None, "--data", "-d", help="Dataset to split into calibration and test parts."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="ts: dataset to split into calibration and test."),
+    train: Optional[str] = typer.Option(None, "--train", help="cft/rcft/auto: in-domain training dataset."),
+    eval_sets: List[str] = typer.Option([], "--eval", help="cft/rcft/auto: evaluation dataset (repeatable; "
+                                        "in-domain and out-of-domain)."),
     out: Path = typer.Option(..., "--out", "-o"),
     gguf_file: Optional[str] = typer.Option(None),
     base: Optional[str] = typer.Option(None),
-    subject: List[str] = typer.Option([], "--subject"),
-    limit: Optional[int] = typer.Option(None),
+    subject: List[str] = typer.Option([], "--subject", help="Subjects of --data / --train."),
+    eval_subject: List[str] = typer.Option([], "--eval-subject", help="Subjects kept in the --eval sets."),
+    limit: Optional[int] = typer.Option(None, help="Questions of --data / --train (fixed seeded subset)."),
+    eval_limit: Optional[int] = typer.Option(None, help="Questions per --eval set."),
+    train_split: Optional[str] = typer.Option(None, help="Train and evaluate on one dataset: its hash split "
+                                              "train (60%), with --eval-split test (20%)."),
+    eval_split: Optional[str] = typer.Option(None, help="The hash split of the training dataset to evaluate on."),
     seed: int = typer.Option(0),
     template: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
@@ -141,23 +153,127 @@ def calibrate_cmd(
     batch_tokens: int = typer.Option(2048),
     mapping: Optional[str] = typer.Option(None),
     n_bins: int = typer.Option(10),
-    calib_fraction: float = typer.Option(0.2, help="Share of the questions used to fit the calibrator."),
+    calib_fraction: float = typer.Option(0.2, help="ts: share of the questions used to fit the temperature."),
+    # training options (cft, rcft, auto)
+    preset: str = typer.Option("default", help="default (small models) or paper (r=128, alpha=64, lr 5e-4, "
+                               "5 epochs, batch 2, bf16, 4-bit base where bitsandbytes and a GPU are present)."),
+    epochs: Optional[float] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    lora_r: Optional[int] = typer.Option(None),
+    lora_alpha: Optional[int] = typer.Option(None),
+    heldout_fraction: Optional[float] = typer.Option(None, help="Slice of --train kept out of training for the "
+                                                     "E-step and the regime check."),
+    rcft_lambda: Optional[float] = typer.Option(None, "--lambda", help="Weight of the ECE term (RCFT)."),
+    estep_every: Optional[str] = typer.Option(None, help="E-step frequency: 'epoch' or a number of steps."),
+    estep_set: Optional[str] = typer.Option(None, help="E-step estimation set: heldout (default) or train."),
+    nonmax_rule: Optional[str] = typer.Option(None, help="Targets of non-max options: proportional or tanh."),
+    tolerance: Optional[float] = typer.Option(None, help="Regime tolerance on train minus held-out accuracy."),
+    include_explanation: bool = typer.Option(False, help="Also train on the explanation text when present."),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    merge: bool = typer.Option(False, help="Also write the merged model (base + adapter)."),
+    drift: bool = typer.Option(True, help="Measure alignment drift on the shipped instruction prompts."),
+    resume: bool = typer.Option(False, help="Continue an interrupted training run from its last checkpoint."),
     overwrite: bool = typer.Option(False),
 ):
-    """Fit a post-hoc calibrator on a calibration split and report test metrics before and after."""
-    if method != "ts":
-        raise LlmcalError(f"unknown --method {method!r}; choose ts")
-    if not data:
-        raise LlmcalError("--data is required")
-    if not 0 < calib_fraction < 1:
-        raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {calib_fraction})")
-    from .evaluate import run_calibrate_ts
+    """Calibrate a model: post-hoc temperature scaling, or calibration-aware fine-tuning (CFT/RCFT/auto)."""
+    if method == "ts":
+        if not data:
+            raise LlmcalError("--method ts needs --data (the dataset to split into calibration and test)")
+        if not 0 < calib_fraction < 1:
+            raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {calib_fraction})")
+        from .evaluate import run_calibrate_ts
 
-    cfg = _eval_config(model, data, gguf_file, base, "all", subject, limit, seed, template, dtype, device,
-                       batch_tokens, mapping, n_bins, method="ts", calib_fraction=calib_fraction)
-    rec = run_calibrate_ts(cfg, out, overwrite=overwrite)
-    _print_results(rec, f"{rec.model}: temperature scaling (T={rec.meta['temperature']:.3f})")
-    out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
+        cfg = _eval_config(model, data, gguf_file, base, "all", subject, limit, seed, template, dtype, device,
+                           batch_tokens, mapping, n_bins, method="ts", calib_fraction=calib_fraction)
+        rec = run_calibrate_ts(cfg, out, overwrite=overwrite)
+        _print_results(rec, f"{rec.model}: temperature scaling (T={rec.meta['temperature']:.3f})")
+        out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
+        return
+    if method not in FT_METHODS:
+        raise LlmcalError(f"unknown --method {method!r}; choose ts, cft, rcft or auto")
+    if not train:
+        raise LlmcalError(f"--method {method} needs --train (in-domain training data)")
+    if not eval_sets:
+        raise LlmcalError(f"--method {method} needs at least one --eval dataset")
+    from .train.config import FinetuneConfig
+    from .train.run import run_finetune
+
+    overrides = {k: v for k, v in dict(
+        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, lora_r=lora_r,
+        lora_alpha=lora_alpha, heldout_fraction=heldout_fraction, rcft_lambda=rcft_lambda,
+        estep_every=(int(estep_every) if estep_every and estep_every.isdigit() else estep_every),
+        estep_set=estep_set, nonmax_rule=nonmax_rule, tolerance=tolerance, save_steps=save_steps,
+    ).items() if v is not None}
+    cfg = FinetuneConfig(model=model, train=train, evals=list(eval_sets), gguf_file=gguf_file, base=base,
+                         method=method, seed=seed, dtype=dtype, device=device, template=template,
+                         train_limit=limit, eval_limit=eval_limit, subjects=list(subject) or None,
+                         eval_subjects=list(eval_subject) or None, n_bins=n_bins, preset=preset, merge=merge,
+                         include_explanation=include_explanation, resume=resume, drift=drift,
+                         batch_tokens=batch_tokens, mapping=_mapping(mapping), train_split=train_split,
+                         eval_split=eval_split, **overrides)
+    rec = run_finetune(cfg, out, overwrite=overwrite)
+    from .distributed import current_world
+
+    if not current_world().is_main:  # under torchrun every rank returns the record; one prints it
+        return
+    _print_results(rec, f"{rec.model}: {method.upper()}")
+    drift_info = rec.meta.get("alignment_drift")
+    if isinstance(drift_info, dict) and "mean_kl" in drift_info:
+        out_console.print(f"alignment drift (mean per-token KL on the shipped prompts): "
+                          f"{drift_info['mean_kl']:.4f}")
+    out_console.print(f"run written to [bold]{out}[/] (adapter: {out / 'adapter'}; report: {out / 'report.md'})")
+
+
+@app.command("regime")
+@handle_errors
+def regime_cmd(
+    model: str = ModelOpt,
+    train: str = typer.Option(..., "--train", help="Training data (what fine-tuning can fit)."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out data (default: a slice of --train)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    gguf_file: Optional[str] = typer.Option(None),
+    base: Optional[str] = typer.Option(None),
+    heldout_fraction: float = typer.Option(0.2),
+    limit: Optional[int] = typer.Option(None, help="Training questions (fixed seeded subset)."),
+    heldout_limit: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+    template: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    batch_tokens: int = typer.Option(2048),
+    tolerance: float = typer.Option(0.05, help="Largest train minus held-out accuracy still calibratable."),
+    mapping: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+):
+    """Diagnose the regime: can CFT calibrate this model on this domain, or does it need RCFT?"""
+    from .regime import RegimeConfig, format_diagnosis, run_regime
+
+    cfg = RegimeConfig(model=model, train=train, heldout=heldout, gguf_file=gguf_file, base=base,
+                       heldout_fraction=heldout_fraction, train_limit=limit, heldout_limit=heldout_limit, seed=seed,
+                       template=template, dtype=dtype, device=device, batch_tokens=batch_tokens, tolerance=tolerance,
+                       mapping=_mapping(mapping))
+    rec, diagnosis = run_regime(cfg, out, overwrite=overwrite)
+    out_console.print(format_diagnosis(diagnosis), highlight=False)
+    out_console.print(f"run written to [bold]{out}[/] (diagnosis: {out / 'diagnosis.json'})")
+
+
+@app.command("study")
+@handle_errors
+def study_cmd(
+    config: Path = typer.Argument(..., help="Study YAML (models x datasets x methods), e.g. studies/offline.yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study directory: one run per cell, and the report."),
+    only: List[str] = typer.Option([], "--only", help="Run only cells matching this glob (model/method[-point]) or model key (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Rerun complete cells instead of skipping them."),
+):
+    """Run a grid of models x methods, resuming finished cells, and write one report."""
+    from .study import run_study
+
+    paths = run_study(config, out, overwrite=overwrite, only=list(only) or None)
+    for k, p in paths.items():
+        out_console.print(f"{k}: [bold]{p}[/]")
 
 
 @app.command("report")
@@ -235,14 +351,14 @@ def data_show(
 @handle_errors
 def demo_cmd(
     out: Path = typer.Option(Path("demo-run"), "--out", "-o", help="Where the demo writes its runs and report."),
-    limit: int = typer.Option(300, help="MMLU questions (a fixed subset)."),
     overwrite: bool = typer.Option(False, help="Start again instead of resuming."),
 ):
-    """Run the embedded default end to end, offline: smollm2-135m-instruct on MMLU, TS, and the report."""
-    from .demo import run_demo
+    """Run the embedded default offline: smollm2-135m-instruct on MMLU, uncalibrated / TS / CFT / RCFT."""
+    from .demo import demo_config_path, run_demo
 
-    report = run_demo(out, limit=limit, overwrite=overwrite, console=out_console)
-    out_console.print(f"\n[bold green]demo finished.[/] Report: [bold]{report}[/]")
+    out_console.print(f"[bold]llmcal demo[/]: the study {demo_config_path()} (about 10-15 minutes on 2 CPU cores)")
+    report = run_demo(out, overwrite=overwrite)
+    out_console.print(f"\n[bold green]demo finished.[/] Report: [bold]{report}[/] (and {Path(report).with_suffix('.md')})")
 
 
 def main() -> None:

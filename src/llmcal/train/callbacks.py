@@ -1,0 +1,146 @@
+"""The EM loop and the bookkeeping around training, as Trainer callbacks.
+
+* ``EStepCallback``: the E-step.  Estimates the per-bin accuracies a_b with
+  the current model on the estimation set and stores them in the TrainState
+  the loss reads: when the RCFT term is on and there are no targets yet, then
+  at the start of every epoch (or every N optimizer steps).
+* ``AutoRegimeCallback`` (``--method auto``): at each epoch end, compares
+  train and held-out accuracy; once ``left_calibratable`` says the model has
+  left the calibratable regime, the RCFT term is on from then on.  Every check
+  and the switch (when and why) are recorded.
+* ``CurveCallback``: held-out accuracy, ECE and NLL before training and after
+  each epoch (the training curve; the loss comes from Trainer's log history).
+* ``StateCheckpointCallback``: writes the TrainState next to each checkpoint
+  (and again at an epoch end that falls on a checkpoint), so ``--resume``
+  restores it.
+
+Epoch-wise refreshes are tagged with the epoch index, so resuming in the
+middle of an epoch keeps the targets estimated at its start instead of
+re-estimating them with a later model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+from transformers import TrainerCallback
+
+from ..prompts import EncodedQuestion
+from ..regime import diagnose, left_calibratable
+from .estimate import Probe
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def epoch_index(state) -> int:
+    """The epoch the Trainer is in (0-based); exact at epoch boundaries and after a resume."""
+    return int(math.floor((state.epoch or 0.0) + 1e-9))
+
+
+class EStepCallback(TrainerCallback):
+    def __init__(self, train_state: TrainState, probe: Probe, encoded: Sequence[EncodedQuestion],
+                 every_steps: int | None = None, set_name: str = "heldout"):
+        self.ts = train_state
+        self.probe = probe
+        self.encoded = encoded
+        self.every_steps = every_steps  # None: every epoch
+        self.set_name = set_name
+
+    def _refresh(self, state, model, tag: str) -> None:
+        stats = self.probe(f"estep-{self.set_name}", model, self.encoded, state.global_step)
+        self.ts.set_targets(stats.bins.accuracy, tag, {
+            "step": state.global_step, "epoch": state.epoch or 0.0, "set": self.set_name,
+            "count": [int(c) for c in stats.bins.count], **stats.summary()})
+        log.info("E-step at step %d (%s): bin accuracies %s", state.global_step, tag, self.ts.targets)
+
+    def _tag(self, state) -> str:
+        return f"step:{state.global_step}" if self.every_steps else f"epoch:{epoch_index(state)}"
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.ts.rcft_on and self.ts.targets is None:
+            self._refresh(state, model, self._tag(state))
+
+    def on_epoch_begin(self, args, state, control, model=None, **kw):
+        if not self.ts.rcft_on:
+            return
+        if self.ts.targets is None or (self.every_steps is None and self.ts.targets_tag != self._tag(state)):
+            self._refresh(state, model, self._tag(state))
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.ts.rcft_on and self.every_steps and state.global_step % self.every_steps == 0:
+            if state.global_step < state.max_steps:
+                self._refresh(state, model, self._tag(state))
+
+
+class AutoRegimeCallback(TrainerCallback):
+    def __init__(self, train_state: TrainState, probe: Probe, train_probe: Sequence[EncodedQuestion],
+                 heldout: Sequence[EncodedQuestion], tolerance: float):
+        self.ts = train_state
+        self.probe = probe
+        self.train_probe = train_probe
+        self.heldout = heldout
+        self.tolerance = tolerance
+
+    def on_epoch_end(self, args, state, control, model=None, **kw):
+        if self.ts.rcft_on:
+            return
+        tr = self.probe("train-probe", model, self.train_probe, state.global_step)
+        ho = self.probe("heldout", model, self.heldout, state.global_step)
+        d = diagnose(tr.accuracy, ho.accuracy, heldout_ece=ho.ece, heldout_mean_conf=ho.mean_conf,
+                     tolerance=self.tolerance)
+        check = {"epoch": state.epoch, "step": state.global_step, **d.to_dict()}
+        self.ts.regime_checks.append(check)
+        if left_calibratable(tr.accuracy, ho.accuracy, self.tolerance):
+            if state.global_step >= state.max_steps:
+                log.info("auto: the model left the calibratable regime at the end of training (%s)", d.reason)
+                return
+            self.ts.rcft_on = True
+            self.ts.targets = None  # the E-step runs before the next batch
+            self.ts.switched = {"epoch": state.epoch, "step": state.global_step, "reason": d.reason,
+                                "train_accuracy": tr.accuracy, "heldout_accuracy": ho.accuracy, "gap": d.gap,
+                                "tolerance": self.tolerance}
+            log.info("auto: RCFT term on from step %d: %s", state.global_step, d.reason)
+
+
+class CurveCallback(TrainerCallback):
+    def __init__(self, train_state: TrainState, probe: Probe, heldout: Sequence[EncodedQuestion]):
+        self.ts = train_state
+        self.probe = probe
+        self.heldout = heldout
+
+    def _point(self, state, model) -> None:
+        if not self.heldout:
+            return
+        if self.ts.curve and self.ts.curve[-1]["step"] == state.global_step:
+            return
+        s = self.probe("heldout", model, self.heldout, state.global_step)
+        self.ts.curve.append({"epoch": state.epoch or 0.0, "step": state.global_step, "rcft_on": self.ts.rcft_on,
+                              **{f"heldout_{k}": v for k, v in s.summary().items()}})
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if not self.ts.curve:
+            self._point(state, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kw):
+        self._point(state, model)
+
+
+class StateCheckpointCallback(TrainerCallback):
+    def __init__(self, train_state: TrainState):
+        self.ts = train_state
+
+    def _write(self, args, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            self.ts.save(ckpt)
+
+    def on_save(self, args, state, control, **kw):
+        self._write(args, state)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        self._write(args, state)

@@ -1,0 +1,89 @@
+"""Training examples and batches, built from the scoring engine's encoded questions.
+
+One example is the prompt (the exact tokens the scoring engine scores), the
+K option-letter token ids, the answer index and the *targets*: for each input
+position t, the token to predict there (-100 for none).  Without explanations
+the only target is the correct letter at the answer position (the last prompt
+token).  With ``include_explanation`` the sequence continues after the letter
+with ``"\\n" + explanation`` and the end-of-sequence token, and each of those
+tokens is a target too (the SFT loss then covers the explanation as well).
+The answer position and the K-letter logits stay those of the prompt.
+
+Batches are right-padded, like the scoring engine's, so the answer position of
+a row is where its prompt ends.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..prompts import EncodedQuestion
+
+IGNORE = -100
+
+
+def build_examples(encoded: Sequence[EncodedQuestion], tokenizer: Any = None,
+                   include_explanation: bool = False) -> list[dict]:
+    """One feature dict per question (plain lists; ``collate`` makes tensors)."""
+    out = []
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    for e in encoded:
+        prompt = list(e.input_ids)
+        letter = e.letter_ids[e.question.answer]
+        tail: list[int] = []
+        if include_explanation and e.question.explanation:
+            tail = list(tokenizer("\n" + e.question.explanation.strip(), add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                tail.append(eos)
+        seq = prompt + [letter] + tail
+        answer_pos = len(prompt) - 1
+        targets = [IGNORE] * answer_pos + seq[answer_pos + 1:]
+        out.append({"input_ids": seq[:-1], "targets": targets, "answer_pos": answer_pos,
+                    "letter_ids": list(e.letter_ids), "answer": e.question.answer})
+    return out
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: Sequence[dict]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+class McqCollator:
+    """Feature dicts -> right-padded tensors: input_ids, attention_mask, targets, answer_pos,
+    letter_ids, letter_mask, answer."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        n = len(features)
+        L = max(len(f["input_ids"]) for f in features)
+        K = max(len(f["letter_ids"]) for f in features)
+        ids = torch.full((n, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, L), dtype=torch.long)
+        targets = torch.full((n, L), IGNORE, dtype=torch.long)
+        letters = torch.zeros((n, K), dtype=torch.long)
+        lmask = torch.zeros((n, K), dtype=torch.bool)
+        for r, f in enumerate(features):
+            m, k = len(f["input_ids"]), len(f["letter_ids"])
+            ids[r, :m] = torch.tensor(f["input_ids"])
+            mask[r, :m] = 1
+            targets[r, :m] = torch.tensor(f["targets"])
+            letters[r, :k] = torch.tensor(f["letter_ids"])
+            lmask[r, :k] = True
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "targets": targets,
+            "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
+            "letter_ids": letters,
+            "letter_mask": lmask,
+            "answer": torch.tensor([f["answer"] for f in features], dtype=torch.long),
+        }

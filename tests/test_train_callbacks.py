@@ -1,0 +1,115 @@
+"""The E-step and auto-regime callbacks, driven by hand (no model, no Trainer loop)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from llmcal.metrics import bin_statistics
+from llmcal.train.callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, epoch_index
+from llmcal.train.estimate import SetStats
+from llmcal.train.state import TrainState
+
+
+class FakeProbe:
+    """Returns preset statistics per set name and counts the calls."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+        self.calls = []
+
+    def __call__(self, name, model, encoded, step):
+        self.calls.append((name, step))
+        return self.stats[name]
+
+
+def _stats(conf, correct):
+    return SetStats(bins=bin_statistics(conf, correct, 10), nll_sum=float(len(conf)))
+
+
+def _trainer_state(epoch, step, max_steps=100):
+    return SimpleNamespace(epoch=epoch, global_step=step, max_steps=max_steps, is_world_process_zero=True)
+
+
+def test_epoch_index_is_exact_at_boundaries_and_after_resume():
+    assert epoch_index(_trainer_state(None, 0)) == 0
+    assert epoch_index(_trainer_state(1.0, 4)) == 1
+    assert epoch_index(_trainer_state(1.5, 6)) == 1
+
+
+def test_estep_refreshes_once_per_epoch_and_not_after_a_mid_epoch_resume():
+    probe = FakeProbe({"estep-heldout": _stats([0.95, 0.95, 0.55, 0.35], [1, 0, 1, 0])})
+    ts = TrainState.initial("rcft", 1.0, 10)
+    cb = EStepCallback(ts, probe, encoded=[], every_steps=None)
+    cb.on_train_begin(None, _trainer_state(None, 0), None)
+    cb.on_epoch_begin(None, _trainer_state(None, 0), None)  # same epoch: no second E-step
+    assert len(probe.calls) == 1 and ts.targets_tag == "epoch:0"
+    assert ts.targets[9] == 0.5 and ts.targets[5] == 1.0 and ts.targets[3] == 0.0 and ts.targets[0] is None
+    assert math.isnan(ts.targets_tensor()[0]) and ts.targets_tensor()[9] == 0.5
+    cb.on_epoch_begin(None, _trainer_state(1.0, 4), None)
+    assert len(probe.calls) == 2 and ts.targets_tag == "epoch:1"
+    # a resume in the middle of epoch 1 restores the state: no re-estimation with the later model
+    restored = TrainState.from_dict(ts.to_dict())
+    cb2 = EStepCallback(restored, probe, encoded=[], every_steps=None)
+    cb2.on_train_begin(None, _trainer_state(1.5, 6), None)
+    cb2.on_epoch_begin(None, _trainer_state(1.5, 6), None)
+    assert len(probe.calls) == 2
+
+
+def test_estep_every_n_steps():
+    probe = FakeProbe({"estep-heldout": _stats([0.95], [1])})
+    ts = TrainState.initial("rcft", 1.0, 10)
+    cb = EStepCallback(ts, probe, encoded=[], every_steps=3)
+    cb.on_train_begin(None, _trainer_state(None, 0), None)
+    for step in range(1, 8):
+        cb.on_step_end(None, _trainer_state(step / 4, step), None)
+    assert [s for _, s in probe.calls] == [0, 3, 6]
+    assert ts.targets_tag == "step:6"
+
+
+def test_cft_never_runs_an_estep():
+    probe = FakeProbe({})
+    ts = TrainState.initial("cft", 1.0, 10)
+    cb = EStepCallback(ts, probe, encoded=[])
+    cb.on_train_begin(None, _trainer_state(None, 0), None)
+    cb.on_epoch_begin(None, _trainer_state(1.0, 4), None)
+    assert probe.calls == [] and ts.targets is None
+
+
+def test_auto_switches_rcft_on_when_the_model_leaves_the_calibratable_regime():
+    held = _stats([0.9] * 4, [1, 0, 0, 0])  # accuracy 0.25
+    probe = FakeProbe({"train-probe": _stats([0.9] * 4, [1, 1, 0, 0]), "heldout": held,
+                       "estep-heldout": held})
+    ts = TrainState.initial("auto", 1.0, 10)
+    auto = AutoRegimeCallback(ts, probe, train_probe=[], heldout=[], tolerance=0.3)
+    estep = EStepCallback(ts, probe, encoded=[])
+    estep.on_train_begin(None, _trainer_state(None, 0), None)
+    assert ts.targets is None  # auto starts as CFT
+    auto.on_epoch_end(None, _trainer_state(1.0, 4), None)  # gap 0.25 <= 0.3: stay
+    assert not ts.rcft_on and ts.regime_checks[-1]["regime"] == "calibratable"
+    probe.stats["train-probe"] = _stats([0.9] * 4, [1, 1, 1, 1])  # gap 0.75
+    auto.on_epoch_end(None, _trainer_state(2.0, 8), None)
+    assert ts.rcft_on and ts.switched["step"] == 8 and ts.switched["gap"] == 0.75
+    assert "use RCFT" in ts.switched["reason"]
+    estep.on_epoch_begin(None, _trainer_state(2.0, 8), None)  # the next epoch starts with an E-step
+    assert ts.targets is not None and ts.targets[9] == 0.25
+
+
+def test_auto_does_not_switch_after_the_last_step():
+    probe = FakeProbe({"train-probe": _stats([0.9] * 4, [1, 1, 1, 1]), "heldout": _stats([0.9] * 4, [0] * 4)})
+    ts = TrainState.initial("auto", 1.0, 10)
+    AutoRegimeCallback(ts, probe, [], [], 0.05).on_epoch_end(None, _trainer_state(3.0, 12, max_steps=12), None)
+    assert not ts.rcft_on and ts.switched is None and ts.regime_checks[-1]["regime"] == "non-calibratable"
+
+
+def test_curve_records_each_epoch_once():
+    probe = FakeProbe({"heldout": _stats([0.9, 0.6], [1, 0])})
+    ts = TrainState.initial("cft", 1.0, 10)
+    cb = CurveCallback(ts, probe, heldout=["x"])
+    cb.on_train_begin(None, _trainer_state(None, 0), None)
+    cb.on_epoch_end(None, _trainer_state(1.0, 4), None)
+    cb.on_epoch_end(None, _trainer_state(1.0, 4), None)
+    assert [p["step"] for p in ts.curve] == [0, 4]
+    assert ts.curve[1]["heldout_accuracy"] == 0.5
+    assert np.isclose(ts.curve[1]["heldout_ece"], (abs(0.9 - 1) + abs(0.6 - 0)) / 2)

@@ -1,0 +1,151 @@
+"""llmcal.train losses, batches and the training forward (no Trainer here: fast)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmcal.train.losses import RcftLoss, answer_ce_loss, nonmax_targets
+
+NAN = float("nan")
+
+
+def _logits(rows):
+    """Logits whose softmax is each row (0 means a padded option: -inf)."""
+    return torch.tensor([[math.log(p) if p > 0 else float("-inf") for p in r] for r in rows], dtype=torch.float32)
+
+
+ROWS = [
+    [0.92, 0.04, 0.03, 0.01],  # conf 0.92 -> bin 9
+    [0.20, 0.55, 0.25, 0.0],  # K=3 (last slot padded), conf 0.55 -> bin 5
+    [0.30, 0.30, 0.40, 0.0],  # conf 0.40 -> bin 4: no estimate there, skipped
+]
+MASK = torch.tensor([[True] * 4, [True, True, True, False], [True, True, True, False]])
+TARGETS = torch.tensor([NAN] * 5 + [0.5] + [NAN] * 3 + [0.8])  # a_5 = 0.5, a_9 = 0.8
+
+
+def _proportional_term(p, a):
+    top = max(range(len(p)), key=lambda j: p[j])
+    others = [p[j] for j in range(len(p)) if j != top and p[j] > 0]
+    s = sum(others)
+    return (p[top] - a) ** 2 + sum((q - (1 - a) * q / s) ** 2 for q in others)
+
+
+def _tanh_term(p, a):
+    # the official code (not_max_target_confidence): gamma = ln 3 / q2 / (1 - a),
+    # alpha = (1 - a) / (T + m), target = alpha * tanh(gamma q) + alpha
+    top = max(range(len(p)), key=lambda j: p[j])
+    others = [p[j] for j in range(len(p)) if j != top and p[j] > 0]
+    gamma = math.log(3) / max(others) / (1 - a)
+    T = sum(math.tanh(gamma * q) for q in others)
+    alpha = (1 - a) / (T + len(others))
+    return (p[top] - a) ** 2 + sum((q - (alpha * math.tanh(gamma * q) + alpha)) ** 2 for q in others)
+
+
+def test_rcft_loss_hand_computed_proportional():
+    # row 0: (0.92-0.8)^2 + (0.04-0.1)^2 + (0.03-0.075)^2 + (0.01-0.025)^2 = 0.0144 + 0.00585
+    assert _proportional_term(ROWS[0], 0.8) == pytest.approx(0.0144 + 0.00585)
+    expected = (_proportional_term(ROWS[0], 0.8) + _proportional_term(ROWS[1][:3], 0.5)) / 2
+    loss = RcftLoss(10, "proportional")(_logits(ROWS), TARGETS, MASK)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rcft_loss_hand_computed_tanh():
+    expected = (_tanh_term(ROWS[0], 0.8) + _tanh_term(ROWS[1][:3], 0.5)) / 2
+    loss = RcftLoss(10, "tanh")(_logits(ROWS), TARGETS, MASK)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert not math.isclose(expected, (_proportional_term(ROWS[0], 0.8) + _proportional_term(ROWS[1][:3], 0.5)) / 2)
+
+
+@pytest.mark.parametrize("rule", ["proportional", "tanh"])
+def test_nonmax_targets_share_one_minus_accuracy(rule):
+    q = torch.tensor([[0.7, 0.2, 0.06, 0.04], [0.5, 0.5, 0.0, 0.0]])
+    others = torch.tensor([[False, True, True, True], [False, True, False, False]])
+    a = torch.tensor([0.6, 0.9])
+    t = nonmax_targets(q, others, a, rule)
+    assert t.sum(dim=1).tolist() == pytest.approx([0.4, 0.1], abs=1e-6)
+    assert (t[~others] == 0).all()
+    assert t[0, 1] > t[0, 2] > t[0, 3]  # more probable options get more of the mass
+    ones = nonmax_targets(q, others, torch.tensor([1.0, 1.0]), rule)
+    assert torch.all(ones == 0)  # a = 1: nothing left to share (tanh: no division by zero)
+
+
+def test_gradient_flows_only_where_it_should():
+    logits = _logits(ROWS).clone().requires_grad_(True)
+    targets = TARGETS.clone().requires_grad_(True)
+    loss = RcftLoss(10, "proportional")(logits, targets, MASK)
+    loss.backward()
+    assert targets.grad is None  # targets are constants of the M-step
+    g = logits.grad
+    assert torch.all(g[2] == 0)  # a question in an empty bin contributes nothing
+    assert torch.all(g[1, 3] == 0)  # nor does a padded option slot
+    assert torch.all(torch.isfinite(g)) and g[0].abs().sum() > 0 and g[1, :3].abs().sum() > 0
+
+
+def test_all_bins_empty_gives_zero_loss_with_a_graph():
+    logits = _logits(ROWS).clone().requires_grad_(True)
+    loss = RcftLoss(10)(logits, torch.full((10,), NAN), MASK)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_answer_ce_loss_is_full_vocabulary_cross_entropy():
+    torch.manual_seed(0)
+    z = torch.randn(3, 50)
+    y = torch.tensor([4, 7, -100])
+    want = -(torch.log_softmax(z, -1)[0, 4] + torch.log_softmax(z, -1)[1, 7]) / 2
+    assert answer_ce_loss(z, y).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# ---- batches and the training forward ------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoded(tiny_tokenizer):
+    from llmcal.data import load_dataset
+    from llmcal.prompts import encode_questions
+
+    qs = load_dataset("synthetic:facts?n=6&k=4").questions
+    return encode_questions(qs, tiny_tokenizer, "plain")
+
+
+def test_collator_targets_answer_and_explanation(encoded, tiny_tokenizer):
+    from llmcal.train.collator import IGNORE, McqCollator, build_examples
+
+    plain = McqCollator(0)(build_examples(encoded, tiny_tokenizer))
+    for r, e in enumerate(encoded):
+        n = len(e.input_ids)
+        assert plain["answer_pos"][r] == n - 1
+        assert plain["targets"][r, n - 1] == e.letter_ids[e.question.answer]
+        assert (plain["targets"][r] != IGNORE).sum() == 1
+        assert plain["input_ids"][r, :n].tolist() == list(e.input_ids)
+    full = McqCollator(0)(build_examples(encoded, tiny_tokenizer, include_explanation=True))
+    e = encoded[0]
+    n = len(e.input_ids)
+    assert full["input_ids"][0, n] == e.letter_ids[e.question.answer]  # the letter is read, then the explanation
+    assert (full["targets"][0] != IGNORE).sum() > 3
+    assert full["targets"][0, n - 1] == e.letter_ids[e.question.answer]
+
+
+def test_training_forward_matches_the_scoring_engine(encoded, tiny_tokenizer, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmcal.scoring import collate, option_logits
+    from llmcal.train.collator import McqCollator, build_examples
+    from llmcal.train.trainer import answer_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                             init_lora_weights=False))  # a non-zero adapter
+    model.eval()
+    batch = McqCollator(0)(build_examples(encoded, tiny_tokenizer))
+    with torch.no_grad():
+        out = answer_forward(model, batch)
+        ids, mask, letters, lmask = collate(encoded, 0, "cpu")
+        ref = option_logits(model, ids, mask, letters, lmask)
+    assert torch.allclose(out.letter_logits, ref, atol=1e-4)
+    full = model(input_ids=ids, attention_mask=mask).logits
+    last = mask.sum(1) - 1
+    want = answer_ce_loss(full[torch.arange(len(encoded)), last], batch["targets"][torch.arange(len(encoded)), last])
+    assert out.sft_loss.item() == pytest.approx(want.item(), rel=1e-5)

@@ -1,0 +1,262 @@
+"""run_finetune end to end on tiny random models (CPU, offline)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, write_jsonl
+from llmcal.errors import LlmcalError
+from llmcal.train import FinetuneConfig, apply_preset, run_finetune, validate
+
+
+def scaled_model(path: Path, tokenizer, scale: float, **kw) -> Path:
+    """A tiny Llama whose output layer is multiplied by ``scale``.
+
+    A random tiny model has logits of a few hundredths, far too flat to learn or
+    to be over-confident; scaling the output layer sharpens every distribution.
+    """
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_llama(path, tokenizer, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    return scaled_model(tmp_path_factory.mktemp("sharp"), tiny_tokenizer, 10.0)
+
+
+def cfg_for(model, **kw) -> FinetuneConfig:
+    base = dict(model=str(model), train="synthetic:facts?n=24&k=4", evals=["synthetic:arithmetic?n=12&k=4"],
+                template="plain", device="cpu", drift=False, n_bootstrap=20, batch_size=4, lr=5e-3)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def adapter_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+class LossRecorder:
+    """A TrainerCallback that keeps every logged training loss."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    rec.losses.append(logs["loss"])
+
+        self.losses: list[float] = []
+        self.callback = _CB()
+
+
+# ---- options ------------------------------------------------------------------------------------
+def test_validation_and_presets():
+    with pytest.raises(LlmcalError, match="unknown --method 'sft'"):
+        validate(cfg_for("m", method="sft"))
+    with pytest.raises(LlmcalError, match="estep-every"):
+        validate(cfg_for("m", estep_every="often"))
+    with pytest.raises(LlmcalError, match="nonmax-rule"):
+        validate(cfg_for("m", nonmax_rule="linear"))
+    with pytest.raises(LlmcalError, match="together"):
+        validate(cfg_for("m", train_split="train"))
+    validate(cfg_for("m", estep_every=5, method="rcft"))
+    paper = apply_preset(cfg_for("m", preset="paper", lr=2e-4, epochs=1))
+    assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout, paper.batch_size) == (128, 64, 0.05, 2)
+    assert paper.lr == 5e-4  # lr was at its default: the preset's
+    assert paper.epochs == 1  # set explicitly: kept
+    assert paper.dtype == "bf16-if-supported" and paper.target_modules == "all-linear"
+    assert apply_preset(cfg_for("m")).lora_r == 16
+
+
+# ---- bad input fails before anything is trained -------------------------------------------------
+def _adapter_for(base_dir: Path, where: Path) -> Path:
+    from llmcal.models import ADAPTER_BASE_FILE, resolve_model
+
+    where.mkdir()
+    (where / "adapter_config.json").write_text("{}")
+    (where / ADAPTER_BASE_FILE).write_text(json.dumps({"base": resolve_model(str(base_dir)).to_dict()}))
+    return where
+
+
+@pytest.mark.parametrize("case", ["method", "overlap", "adapter", "heldout"])
+def test_bad_input_is_an_error_before_training(case, tmp_path, tiny_model_dir, sharp_model):
+    kw, match = {
+        "method": (dict(method="dpo"), "unknown --method"),
+        "overlap": (dict(evals=["synthetic:facts?n=5&k=4"]), "shares 5 question id.*facts/0, facts/1"),
+        "adapter": (dict(model=str(_adapter_for(tiny_model_dir, tmp_path / "ad")), base=str(sharp_model)),
+                    "was trained on"),
+        "heldout": (dict(method="rcft", heldout_fraction=0.0), "no held-out slice left for the RCFT E-step"),
+    }[case]
+    with pytest.raises(LlmcalError, match=match):
+        run_finetune(cfg_for(kw.pop("model", sharp_model), **kw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+# ---- CFT on an over-confident model -------------------------------------------------------------
+def test_cft_calibrates_an_overconfident_model(tmp_path, tiny_tokenizer, monkeypatch):
+    from llmcal import drift
+    from llmcal.models import load_model, resolve_model
+    from llmcal.predictions import load_predictions
+    from llmcal.prompts import encode_questions
+    from llmcal.scoring import ScoreOptions, score
+
+    calls = []
+
+    def fake_drift(original, tuned, tokenizer, **kw):
+        calls.append((original, tuned))
+        return {"mean_kl": 0.125}
+
+    monkeypatch.setattr(drift, "alignment_drift", fake_drift)
+    model = scaled_model(tmp_path / "over", tiny_tokenizer, 20.0)
+    cfg = cfg_for(model, train="synthetic:arithmetic?n=100&k=4", evals=["synthetic:arithmetic?n=100&k=4"],
+                  train_split="train", eval_split="test", epochs=4, lr=2e-2, batch_size=8, drift=True, merge=True)
+    rec = run_finetune(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    before, after = [r.metrics for r in rec.results]
+    assert [r.label for r in rec.results] == ["none", "cft"] and rec.results[0].split == "test"
+    assert before["conf_ece"] > 0.4  # the model starts over-confident
+    assert after["nll"] < before["nll"] - 0.3 and after["conf_ece"] < before["conf_ece"] - 0.15
+    # outputs
+    for name in ("adapter/adapter_model.safetensors", "adapter/llmcal_base.json", "curve.json", "curve.png",
+                 "report.md", "metrics.json", "merged/config.json", rec.results[1].predictions,
+                 rec.results[1].reliability):
+        assert (run / name).exists(), name
+    assert "## Training" in (run / "report.md").read_text()
+    curve = json.loads((run / "curve.json").read_text())["points"]
+    assert [round(p["epoch"]) for p in curve] == [0, 1, 2, 3, 4] and curve[-1]["train_loss"] is not None
+    assert rec.meta["alignment_drift"] == {"mean_kl": 0.125}
+    assert calls[0][0] is None and hasattr(calls[0][1], "disable_adapter")  # original = the adapter switched off
+    # the adapter reloads on its recorded base and scores exactly what the run wrote; so does the merged model
+    spec = resolve_model(str(run / "adapter"))
+    assert spec.kind == "lora" and spec.base.path == str(model.resolve())
+    written = load_predictions(run / rec.results[1].predictions)
+    qs = [q for q in __import__("llmcal.data", fromlist=["x"]).load_dataset(
+        "synthetic:arithmetic?n=100&k=4", split="test", fractions={"train": .6, "heldout": .2, "test": .2}).questions]
+    for path in (run / "adapter", run / "merged"):
+        lm = load_model(resolve_model(str(path)))
+        got = score(lm.model, lm.tokenizer, encode_questions(qs, lm.tokenizer, "plain"),
+                    options=ScoreOptions(progress=False))
+        by_id = {p.id: p for p in got}
+        for p in written:
+            assert by_id[p.id].probs == pytest.approx(p.probs, abs=1e-4)
+
+
+# ---- RCFT with lambda = 0 is CFT ----------------------------------------------------------------
+def test_rcft_with_lambda_zero_equals_cft_step_for_step(tmp_path, sharp_model):
+    runs = {}
+    for method in ("cft", "rcft"):
+        rec_cb = LossRecorder()
+        # the SFT loss also covers the facts' explanations here (the path --include-explanation takes)
+        cfg = cfg_for(sharp_model, method=method, rcft_lambda=0.0, max_steps=5, save_steps=100,
+                      include_explanation=True)
+        rec = run_finetune(cfg, tmp_path / method, progress=False, callbacks=[rec_cb.callback])
+        runs[method] = (rec_cb.losses, adapter_tensors(tmp_path / method), rec)
+    (l_cft, w_cft, _), (l_rcft, w_rcft, rec) = runs["cft"], runs["rcft"]
+    assert len(rec.meta["estep"]) >= 1 and rec.meta["estep"][0]["targets"] is not None  # the E-step did run
+    assert len(l_cft) == 5 and l_cft == l_rcft
+    assert w_cft.keys() == w_rcft.keys()
+    for k in w_cft:
+        assert torch.equal(w_cft[k], w_rcft[k]), k
+
+
+# ---- kill and resume ----------------------------------------------------------------------------
+class Kill(Exception):
+    pass
+
+
+def _killer(at_step: int):
+    from transformers import TrainerCallback
+
+    class _K(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == at_step:
+                raise Kill(f"killed at step {at_step}")
+
+    return _K()
+
+
+def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path, sharp_model):
+    # 24 questions -> ~19 to train on, batch 4: 5 steps per epoch; E-step every epoch; checkpoints every 3 steps
+    cfg = cfg_for(sharp_model, method="rcft", max_steps=9, save_steps=3)
+    full = run_finetune(cfg, tmp_path / "full", progress=False)
+    with pytest.raises(Kill):
+        run_finetune(cfg, tmp_path / "killed", progress=False, callbacks=[_killer(8)])
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "llmcal_train_state.json").exists()
+    with pytest.raises(LlmcalError, match="--resume"):
+        run_finetune(cfg, tmp_path / "killed", progress=False)
+    from dataclasses import replace
+
+    resumed = run_finetune(replace(cfg, resume=True), tmp_path / "killed", progress=False)
+    assert resumed.meta["resumed_from"] == "checkpoint-6"
+    assert [e["tag"] for e in resumed.meta["estep"]] == [e["tag"] for e in full.meta["estep"]]
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "killed")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert resumed.results[1].metrics["conf_ece"] == pytest.approx(full.results[1].metrics["conf_ece"], abs=1e-6)
+
+
+# ---- auto ---------------------------------------------------------------------------------------
+def test_auto_checks_the_regime_after_every_epoch(tmp_path, sharp_model):
+    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=2), tmp_path / "run", progress=False)
+    checks, switched = rec.meta["regime_checks"], rec.meta["rcft_switched"]
+    assert {"train_accuracy", "heldout_accuracy", "gap", "regime", "reason"} <= set(checks[0])
+    if switched:  # checks stop once the RCFT term is on; the E-step starts with the next epoch
+        assert checks[-1]["regime"] == "non-calibratable" and switched["step"] == checks[-1]["step"]
+        assert rec.meta["estep"][0]["step"] == switched["step"] and rec.meta["rcft_on_at_end"]
+    else:
+        assert [round(c["epoch"]) for c in checks] == [1, 2] and not rec.meta["estep"]
+    assert rec.results[1].label == "auto" and "**auto**" in (tmp_path / "run" / "report.md").read_text()
+
+
+# ---- the non-calibratable regime: RCFT beats CFT on held-out ECE --------------------------------
+def _train_accuracy(cfg: FinetuneConfig, run: Path) -> float:
+    """Accuracy of a run's adapter on the questions it was trained on."""
+    from llmcal.models import load_model, resolve_model
+    from llmcal.prompts import encode_questions
+    from llmcal.scoring import ScoreOptions, score
+    from llmcal.train.data import load_training_data
+
+    lm = load_model(resolve_model(str(run / "adapter")))
+    train = load_training_data(cfg).train
+    preds = score(lm.model, lm.tokenizer, encode_questions(train, lm.tokenizer, "plain"),
+                  options=ScoreOptions(progress=False))
+    return sum(p.correct for p in preds) / len(preds)
+
+
+@pytest.fixture(scope="module")
+def memorising_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    return scaled_model(tmp_path_factory.mktemp("mem"), tiny_tokenizer, 10.0, hidden=128)
+
+
+def test_rcft_beats_cft_in_the_non_calibratable_regime(tmp_path, memorising_model):
+    from llmcal.data import generate_synthetic
+
+    # Few made-up facts, many epochs: CFT memorises them (train accuracy -> 1) while unseen facts stay at
+    # chance, so it ends far more confident than accurate on unseen questions.  RCFT's E-step measures
+    # that on the held-out slice, and its ECE term keeps confidence near the measured bin accuracies.
+    facts = generate_synthetic("facts", n=100, k=4, seed=0)
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [q.to_dict() for q in facts[40:]])  # 60 other facts
+    common = dict(train="synthetic:facts?n=40&k=4", evals=[str(unseen)], heldout_fraction=0.3, epochs=30,
+                  lr=3e-3, batch_size=4, save_steps=1000)
+    metrics = {}
+    for method in ("cft", "rcft"):
+        rec = run_finetune(cfg_for(memorising_model, method=method, **common), tmp_path / method, progress=False)
+        metrics[method] = rec.results[1].metrics
+    assert _train_accuracy(cfg_for(memorising_model, **common), tmp_path / "cft") > 0.9  # memorised
+    assert metrics["cft"]["mean_conf"] > 0.85  # over-confident on unseen questions...
+    assert metrics["cft"]["accuracy"] < 0.4  # ...that it answers at about chance
+    assert metrics["rcft"]["conf_ece"] < metrics["cft"]["conf_ece"] - 0.15, metrics
