@@ -1,36 +1,24 @@
 """``llmcal demo``: the embedded default, end to end, offline.
 
-smollm2-135m-instruct (SFT+DPO aligned) on a fixed MMLU subset with the chat
-template -> temperature scaling fitted on a calibration split -> the side-by-side
-report.  Each step is a normal run directory, so an interrupted demo resumes.
+SmolLM2-135M-Instruct (SFT+DPO aligned) on MMLU with the chat template:
+uncalibrated, temperature scaling, CFT and RCFT side by side, as a small study
+(``assets/demo.yaml``) so that every step is a normal, resumable run directory.
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-from .evaluate import EvalConfig, run_calibrate_ts
-from .models import load_model, resolve_model
-
-DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_DATA = "mmlu"
+DEMO_CONFIG = "demo.yaml"
 
 
-def run_demo(out: str | Path, *, limit: int = 300, overwrite: bool = False, console=None) -> Path:
-    from .report.runreport import write_comparison
-    from .runs import RunDir
+def demo_config_path() -> Path:
+    return Path(str(resources.files("llmcal").joinpath("assets", DEMO_CONFIG)))
 
-    out = Path(out)
-    say = console.print if console is not None else (lambda *a, **k: None)
-    cfg = EvalConfig(model=DEMO_MODEL, data=DEMO_DATA, limit=limit, seed=0, template="chat", dtype="float32",
-                     device="cpu", method="ts")
-    ts_dir = out / "ts"
-    if overwrite or not RunDir(ts_dir).is_complete:
-        say(f"[bold]1/2[/] {DEMO_MODEL} on {limit} MMLU questions (chat template), temperature scaling")
-        spec = resolve_model(DEMO_MODEL)
-        loaded = load_model(spec, dtype="float32", device="cpu")
-        run_calibrate_ts(cfg, ts_dir, overwrite=overwrite, loaded=loaded)
-    else:
-        say(f"[bold]1/2[/] {ts_dir} is complete; reusing it")
-    say("[bold]2/2[/] report")
-    paths = write_comparison([ts_dir], out / "report")
-    return paths.get("html", out / "report" / "report.html")
+
+def run_demo(out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) the demo study into ``out``; returns the HTML report's path."""
+    from .study import run_study
+
+    paths = run_study(demo_config_path(), out, overwrite=overwrite, progress=progress)
+    return paths["html"]

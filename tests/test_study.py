@@ -1,0 +1,300 @@
+"""Studies: config checks, a two-cell grid end to end on the tiny model, skip and resume, the reports."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmcal.errors import LlmcalError
+from llmcal.study import Study, load_study, run_study, write_results_md
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+HAS_TRAIN = importlib.util.find_spec("llmcal.train.run") is not None
+
+ARITH = "synthetic:arithmetic?difficulty=1&n=120"
+
+
+def write_config(path: Path, model_dir: Path, methods: str = "none: {}\n  ts: {}", extra: str = "") -> Path:
+    path.write_text(f"""
+name: tiny
+seed: 0
+defaults: {{dtype: float32, device: cpu, template: plain, n_bootstrap: 50}}
+models:
+  tiny: {{model: "{model_dir}"}}
+data:
+  train: {{spec: "{ARITH}", split: train, limit: 24}}
+  test: {{spec: "{ARITH}", split: test, limit: 16}}
+  ood: {{spec: "synthetic:compare?difficulty=1&n=40", limit: 12}}
+methods:
+  {methods}
+{extra}""", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def score_calls(monkeypatch):
+    """Counts the questions the scoring engine is asked to score (through the study's entry point)."""
+    import llmcal.evaluate as ev
+
+    calls = []
+    real = ev.score_questions_into
+
+    def counting(run, filename, loaded, questions, *a, **kw):
+        calls.append((Path(run.path).name, filename, len(questions)))
+        return real(run, filename, loaded, questions, *a, **kw)
+
+    monkeypatch.setattr(ev, "score_questions_into", counting)
+    return calls
+
+
+# ---- the shipped studies ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["offline", "regimes", "paper"])
+def test_shipped_studies_load(name):
+    s = load_study(STUDIES / f"{name}.yaml")
+    assert isinstance(s, Study) and s.name == name
+    cells = [c.name for c in s.cells()]
+    assert len(cells) == len(set(cells))
+    kinds = {c.kind for c in s.cells()}
+    if name == "offline":
+        assert {m.key for m in s.models} == {"smol", "gemma"}
+        assert kinds == {"none", "ts", "cft", "rcft", "regime"}
+        train, test, ood = (s.data[r][0] for r in ("train", "test", "ood"))
+        assert train.subjects == test.subjects and not set(train.subjects) & set(ood.subjects)
+        assert (train.split, test.split) == ("train", "test")
+    if name == "regimes":
+        assert kinds >= {"cft", "rcft", "auto"} and len(s.points) == 4
+        specs = {p.name: s.point_data(p)["train"][0] for p in s.points}
+        assert "difficulty=4" in specs["hard-narrow"].spec and specs["hard-narrow"].limit == 48
+    if name == "paper":
+        assert len(s.data["train"]) == 3 and s.data["ood"][0].spec == "arc-challenge"
+        assert all(m.options.get("preset") == "paper" for m in s.methods if m.training)
+        assert {c.name for c in s.cells() if c.model.key == "tulu-sft"} == {"tulu-sft/none", "tulu-sft/ts"}
+
+
+def test_offline_subject_split_is_disjoint_and_sized():
+    from llmcal.data import load_dataset
+
+    s = load_study(STUDIES / "offline.yaml")
+    assert len(load_dataset("mmlu", subjects=list(s.data["test"][0].subjects))) > 1000
+    assert len(load_dataset("mmlu", subjects=list(s.data["ood"][0].subjects))) > 1000
+
+
+# ---- bad configs ---------------------------------------------------------------------------
+BAD = [
+    ("methods: {none: {}, bogus: {}}", "methods.bogus", "unknown method"),
+    ("methods: {x: {method: sft}}", "methods.x.method", "unknown method"),
+    ("methods: {ts: {epochs: 2}}", "methods.ts.epochs", "unknown option"),
+    ("methods: {none: {temprature: 2}}", "methods.none.temprature", "unknown option"),
+    ("methods: {none: {subjects: [a]}}", "methods.none.subjects", "set by the study"),
+    ("defaults: {limit: 3}", "defaults.limit", "set by the study"),
+    ("models: {}", "models", "missing"),
+    ("models: {m: {template: plain}}", "models.m.model", "missing"),
+    ("data: {train: {spec: mmlu}}", "data.test", "missing"),
+    ("data: {test: {subjects: [a]}}", "data.test.spec", "missing"),
+    ("data: {test: mmlu, valid: mmlu}", "data.valid", "unknown role"),
+    ("data: {test: {spec: mmlu, split: dev}}", "data.test.split", "not a split"),
+    ("data: {test: {spec: mmlu, limit: 0}}", "data.test.limit", "positive integer"),
+    ("data: {test: {spec: mmlu, subjct: [a]}}", "data.test.subjct", "unknown data key"),
+    ("bogus: 1", "bogus", "unknown key"),
+    ("data: {test: 'synthetic:arithmetic?difficulty={d}'}", "data.test.spec", "variable"),
+    ("sweep: {a: {p: {optons: {}}}}", "sweep.a.p.optons", "unknown key"),
+    ("regime: {from: none}", "regime.from", "not a fine-tuning method"),
+    ("data: {test: [mmlu, arc-easy]}\nsweep: {a: {p: {data: {test: {limit: 3}}}}}", "sweep point p: data.test",
+     "list of entries"),
+    ("data: {test: mmlu}\nsweep: {a: {p: {data: {test: {limt: 3}}}}}", "sweep.a.p.data.test.limt", "unknown"),
+    ("models: {m: {model: x, methods: [cft]}}", "models.m.methods", "not a key"),
+]
+
+
+@pytest.mark.parametrize("override,key,words", BAD)
+def test_bad_config_names_file_and_key(tmp_path, override, key, words):
+    base = {"models": "models: {m: x}", "data": "data: {test: mmlu}", "methods": "methods: {none: {}}"}
+    head = override.split(":", 1)[0]
+    lines = [v for k, v in base.items() if k != head] + [override]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(LlmcalError) as e:
+        load_study(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and words in msg, msg
+
+
+def test_training_config_problems_are_caught_at_load(tmp_path):
+    if not HAS_TRAIN:
+        pytest.skip("llmcal.train is not available")
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: {m: x}\ndata: {test: mmlu}\nmethods: {cft: {}}\n", encoding="utf-8")
+    with pytest.raises(LlmcalError, match=r"bad\.yaml: data\.train: missing"):
+        load_study(path)
+    path.write_text("models: {m: x}\ndata: {train: mmlu, test: mmlu}\nmethods: {cft: {epochs: -1}}\n",
+                    encoding="utf-8")
+    with pytest.raises(LlmcalError, match=r"bad\.yaml: methods\.cft.*epochs"):
+        load_study(path)
+
+
+def test_not_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("models: [unclosed\n", encoding="utf-8")
+    with pytest.raises(LlmcalError, match="x.yaml: not valid YAML"):
+        load_study(p)
+
+
+def test_overlapping_roles_fail_before_any_model_loads(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+models: {{tiny: "{tiny_model_dir}"}}
+data:
+  train: {{spec: "{ARITH}", limit: 30}}
+  test: {{spec: "{ARITH}", limit: 30}}
+methods: [none]
+""", encoding="utf-8")
+    with pytest.raises(LlmcalError, match=r"s\.yaml: data\.train / data\.test: share"):
+        run_study(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# ---- a two-cell study end to end -----------------------------------------------------------
+def test_none_ts_study_end_to_end_skip_and_resume(tmp_path, tiny_model_dir, score_calls, monkeypatch):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_model_dir)
+    out = tmp_path / "study"
+
+    # First attempt: the ts cell fails once (after scoring), the none cell completes.
+    import llmcal.posthoc as posthoc
+
+    real_fit = posthoc.TemperatureScaler.fit
+
+    def boom(self, *a, **kw):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(posthoc.TemperatureScaler, "fit", boom)
+    with pytest.raises(LlmcalError, match=r"1 cell\(s\).*tiny/ts.*simulated crash"):
+        run_study(cfg, out, progress=False)
+    assert (out / "runs/tiny/none/metrics.json").exists()
+    assert (out / "runs/tiny/ts/INCOMPLETE").exists()
+    partial = json.loads((out / "study.json").read_text())
+    assert {c["name"]: c["status"] for c in partial["cells"]} == {"tiny/none": "complete", "tiny/ts": "failed"}
+    # none scored test and ood; ts reused those scores and scored only its calibration set.
+    assert sorted((r, f) for r, f, _ in score_calls) == [("none", "predictions-ood.jsonl"),
+                                                          ("none", "predictions-test.jsonl"),
+                                                          ("ts", "predictions-calib.jsonl")]
+
+    # Rerun: the complete cell is skipped, the failed one resumes from its predictions on disk.
+    monkeypatch.setattr(posthoc.TemperatureScaler, "fit", real_fit)
+    none_mtime = (out / "runs/tiny/none/metrics.json").stat().st_mtime_ns
+    score_calls.clear()
+    written = run_study(cfg, out, progress=False)
+    assert score_calls == []
+    assert (out / "runs/tiny/none/metrics.json").stat().st_mtime_ns == none_mtime
+    assert (out / "runs/tiny/ts/metrics.json").exists() and not (out / "runs/tiny/ts/INCOMPLETE").exists()
+
+    # The report: markdown, self-contained html, figures, study.json with all numbers.
+    for key in ("md", "html", "json", "grid:test", "grid:ood", "plane"):
+        assert written[key].exists(), key
+    md = (out / "report.md").read_text()
+    for section in ("Results (the paper's layout)", "Reliability diagrams", "Accuracy vs conf-ECE",
+                    "Regime diagnosis", "Sizes and time"):
+        assert section in md
+    for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / png).is_file(), png
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert not re.search(r'src="(?!data:)', page) and "<link" not in page
+    doc = json.loads((out / "study.json").read_text())
+    cells = {c["name"]: c for c in doc["cells"]}
+    assert all(c["status"] == "complete" for c in cells.values())
+    none, ts = cells["tiny/none"], cells["tiny/ts"]
+    for role in ("test", "ood"):
+        for k in ("accuracy", "conf_ece", "cw_ece", "brier", "nll"):
+            assert isinstance(none["results"][role][k], float)
+        assert set(none["results"][role]["ci"]) >= {"accuracy", "conf_ece", "cw_ece", "brier", "nll"}
+        # temperature scaling keeps every argmax: same accuracy on the same questions
+        assert ts["results"][role]["accuracy"] == none["results"][role]["accuracy"]
+        assert ts["results"][role]["n"] == none["results"][role]["n"]
+    assert ts["temperature"] > 0 and ts["calib_n"] == doc["data"][""]["train"]["n"]
+    assert doc["data"][""]["test"]["n"] == 16 and doc["data"][""]["ood"]["n"] == 12
+    assert isinstance(none["wall_s"], float)
+
+    # A third run with nothing to do only rewrites the report.
+    score_calls.clear()
+    run_study(cfg, out, progress=False)
+    assert score_calls == []
+
+    # RESULTS.md from the committed outputs.
+    res = write_results_md([out], tmp_path / "RESULTS.md")
+    text = res.read_text()
+    assert "0.1953" in text and "0.0239" in text  # the paper's numbers
+    assert f"{none['results']['test']['accuracy']:.4f}" in text
+    assert "Study `tiny`" in text and "<!-- edit:" in text
+
+    # A changed config of a complete cell is an error naming what differs; overwrite reruns the cell.
+    write_config(cfg, tiny_model_dir, extra="", methods="none: {n_bins: 5}\n  ts: {}")
+    with pytest.raises(LlmcalError, match=r"tiny/none.*n_bins"):
+        run_study(cfg, out, progress=False)
+    run_study(cfg, out, progress=False, overwrite=True, only="tiny/none")
+    assert json.loads((out / "runs/tiny/none/config.json").read_text())["n_bins"] == 5
+
+
+def test_only_selects_cells(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_model_dir)
+    out = tmp_path / "study"
+    run_study(cfg, out, progress=False, only=["*/none"])
+    assert (out / "runs/tiny/none/metrics.json").exists() and not (out / "runs/tiny/ts").exists()
+    doc = json.loads((out / "study.json").read_text())
+    assert {c["name"]: c["status"] for c in doc["cells"]} == {"tiny/none": "complete", "tiny/ts": "not run"}
+    with pytest.raises(LlmcalError, match="matches no cell"):
+        run_study(cfg, out, progress=False, only="tiny/cft")
+
+
+def test_sweep_points_materialise_their_own_data(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"""
+defaults: {{dtype: float32, device: cpu, template: plain, n_bootstrap: 20}}
+models: {{tiny: "{tiny_model_dir}"}}
+data:
+  test: {{spec: "synthetic:arithmetic?difficulty={{d}}&n=60", limit: 8}}
+methods: [none]
+sweep:
+  difficulty:
+    d1: {{vars: {{d: 1}}}}
+    d3: {{vars: {{d: 3}}}}
+""", encoding="utf-8")
+    out = tmp_path / "out"
+    written = run_study(cfg, out, progress=False)
+    doc = json.loads((out / "study.json").read_text())
+    assert [c["name"] for c in doc["cells"]] == ["tiny/none-d1", "tiny/none-d3"]
+    assert doc["data"]["d1"]["test"]["path"] != doc["data"]["d3"]["test"]["path"]
+    assert "grid:test" in written
+    md = (out / "report.md").read_text()
+    assert "tiny · d1" in md or "d1" in md
+
+
+@pytest.mark.skipif(not HAS_TRAIN, reason="llmcal.train is not available")
+def test_training_study_with_regime_diagnosis(tmp_path, tiny_model_dir, score_calls):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_model_dir,
+                       methods="none: {}\n  cft: {epochs: 1, batch_size: 4, lr: 0.001, drift: false, save_steps: 100}")
+    out = tmp_path / "study"
+    written = run_study(cfg, out, progress=False)
+    doc = json.loads((out / "study.json").read_text())
+    cells = {c["name"]: c for c in doc["cells"]}
+    assert [c["name"] for c in doc["cells"]] == ["tiny/cft", "tiny/regime", "tiny/none"]
+    assert all(c["status"] == "complete" for c in cells.values())
+    cft = cells["tiny/cft"]
+    assert set(cft["results"]) == {"test", "ood"} and set(cft["before"]) == {"test", "ood"}
+    assert cft["training"]["n_train"] + cft["training"]["n_heldout"] == 24
+    # the none cell reused the base-model scores the cft run made before training
+    assert not [c for c in score_calls if c[0] == "none"]
+    assert cells["tiny/none"]["results"]["test"]["accuracy"] == cft["before"]["test"]["accuracy"]
+    (d,) = doc["diagnoses"]
+    assert d["model"] == "tiny" and d["regime"] in ("calibratable", "non-calibratable")
+    assert d["heldout_accuracy"] == pytest.approx(cft["results"]["test"]["accuracy"])
+    assert d["recommended"] in ("cft", "rcft") and "cft" in d["measured"]
+    assert "plane" in written  # one model: the plane of every run carries its boundary
+    md = (out / "report.md").read_text()
+    assert "regime boundary of DESIGN.md for tiny" in md and "SFT fixed point" in md and d["regime"] in md
+    # rerun: nothing is scored or trained again
+    score_calls.clear()
+    run_study(cfg, out, progress=False)
+    assert score_calls == []
