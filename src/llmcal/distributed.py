@@ -12,6 +12,7 @@ sufficient statistics and RCFT's E-step counts need.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -118,6 +119,19 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def _shutdown_at_exit() -> None:
+    # A gloo group left alive at interpreter exit (Trainer/accelerate create one and
+    # never destroy it) can abort the process ("terminate called without an active
+    # exception") after all the work is done; leave the group before Python tears down.
+    try:
+        shutdown()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
+atexit.register(_shutdown_at_exit)
 
 
 @contextlib.contextmanager
