@@ -3,11 +3,16 @@
 Only the answer position's hidden state goes through the output layer, and only
 for the K option tokens (a gather of K rows of the unembedding instead of a
 vocabulary-sized matmul).  Questions are batched by length under a token budget
-(sorted, so padding waste is small), and each batch's predictions are flushed
-as they are computed, so an interrupted evaluation resumes where it stopped.
-Batches are a deterministic function of the dataset, so a resumed run
-recomputes a torn batch with exactly the shapes an uninterrupted run used and
-ends with identical predictions.
+(sorted, and cut where padding would be wasted), and each batch's predictions
+are flushed as they are computed, so an interrupted evaluation resumes where it
+stopped.  Batches are a deterministic function of the dataset, so a resumed run
+(or a sharded one) computes every question in exactly the batch an
+uninterrupted single-process run used and ends with identical predictions.
+
+Batches are right-padded, and a causal decoder's real positions never attend to
+positions after them, so the decoder runs without an attention mask (the fast
+causal path of scaled-dot-product attention); the padding rows' outputs are
+never read.  See bench/RESULTS.md for what each choice here bought.
 """
 from __future__ import annotations
 
@@ -24,29 +29,46 @@ from .prompts import EncodedQuestion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_TOKENS = 8192
+# On CPU smaller batches are faster (cache-resident activations); GPUs want more.
+DEFAULT_BATCH_TOKENS = 2048
 
 
-def make_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+# Fixed cost of one forward pass, in padded-token equivalents: what cutting a batch
+# early must save in padding to be worth it (measured on CPU; see bench/RESULTS.md).
+BATCH_OVERHEAD_TOKENS = 128
+
+
+def make_batches(lengths: Sequence[int], batch_tokens: int,
+                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
     """Group indices into batches, longest first, so that (batch size x longest length) <= budget.
 
-    A question longer than the budget gets a batch of its own.  Deterministic.
+    Among all ways to cut the length-sorted list into batches within the budget,
+    this picks the one with the fewest padded tokens plus ``overhead_tokens`` per
+    batch (dynamic programming over the cut points), so a batch ends before a
+    big drop in length instead of padding short questions to a long one.  A
+    question longer than the budget gets a batch of its own.  Deterministic.
     """
     if batch_tokens < 1:
         raise LlmcalError(f"--batch-tokens must be positive (got {batch_tokens})")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    if n == 0:
+        return []
+    s = np.array([max(1, int(lengths[i])) for i in order], dtype=np.int64)
+    # best[i]: cost of batching order[i:]; a batch starting at i holds at most cap[i] questions.
+    cap = np.maximum(1, batch_tokens // s)
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.full(n, n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        k = np.arange(1, min(int(cap[i]), n - i) + 1)
+        cost = s[i] * k + overhead_tokens + best[i + k]
+        j = int(np.argmin(cost))  # first minimum: the smaller batch on ties
+        best[i], cut[i] = cost[j], i + int(k[j])
     batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        m = max(cur_max, lengths[i])
-        if cur and m * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
-        cur_max = m
-    if cur:
-        batches.append(cur)
+    i = 0
+    while i < n:
+        batches.append(order[i:int(cut[i])])
+        i = int(cut[i])
     return batches
 
 
@@ -78,12 +100,14 @@ def option_logits(model, input_ids, attention_mask, letter_ids, letter_mask=None
     import torch
 
     decoder, weight, bias, softcap, scale = _head_parts(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # Right padding cannot reach a real position through causal attention: no mask needed.
+    mask = None if _right_padded(attention_mask) else attention_mask
+    out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     last = attention_mask.sum(dim=1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # (B, H)
-    w = weight[letter_ids].float()  # (B, K, H)
-    logits = torch.einsum("bh,bkh->bk", h, w)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    with torch.autocast(device_type=h.device.type, enabled=False):  # the head in float32, always
+        logits = torch.einsum("bh,bkh->bk", h.float(), weight[letter_ids].float())
     if bias is not None:
         logits = logits + bias[letter_ids].float()
     if scale is not None:
@@ -93,6 +117,14 @@ def option_logits(model, input_ids, attention_mask, letter_ids, letter_mask=None
     if letter_mask is not None:
         logits = logits.masked_fill(~letter_mask, float("-inf"))
     return logits
+
+
+def _right_padded(attention_mask) -> bool:
+    """True when every row is ones then zeros (real tokens first), so a causal model needs no mask."""
+    m = attention_mask.bool()
+    if bool(m.all()):
+        return True
+    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
 def collate(encoded: Sequence[EncodedQuestion], pad_id: int, device):
