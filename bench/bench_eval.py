@@ -203,20 +203,46 @@ def model_flops(model_dir: Path, config, lengths: list[int]) -> tuple[float, flo
 
 
 # ---- runs --------------------------------------------------------------------------------------
+VARIANTS: dict[str, dict] = {}  # --variant NAME=SRC[@BATCH_TOKENS][:DTYPE]
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=SRC[@BATCH_TOKENS][:DTYPE]``: llmcal from source tree SRC ("." = this checkout)."""
+    if "=" not in text:
+        raise SystemExit(f"--variant {text!r}: expected NAME=SRC[@BATCH_TOKENS][:DTYPE]")
+    name, rest = text.split("=", 1)
+    dtype = "float32"
+    if ":" in rest:
+        rest, dtype = rest.rsplit(":", 1)
+    bt = None
+    if "@" in rest:
+        rest, bt_text = rest.rsplit("@", 1)
+        bt = int(bt_text)
+    src = None if rest in ("", ".") else str(Path(rest).resolve())
+    if src and not (Path(src) / "llmcal" / "__init__.py").exists():
+        raise SystemExit(f"--variant {text!r}: {src} holds no llmcal package")
+    return name, {"src": src, "batch_tokens": bt, "dtype": dtype}
+
+
 def run_tool(kind: str, rnd: int, prep: dict, args, limit: int | None = None) -> dict:
     """One timed process: ``llmcal`` (float32), ``llmcal-bf16`` or ``lmeval``; ``limit``: warm-up only."""
     work: Path = prep["work"]
-    out = work / "runs" / f"{kind}-{rnd}"
-    timing = work / "runs" / f"{kind}-{rnd}.timing.json"
+    slug = kind.replace(":", "-")
+    out = work / "runs" / f"{slug}-{rnd}"
+    timing = work / "runs" / f"{slug}-{rnd}.timing.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if kind.startswith("llmcal"):
+    src = args.llmcal_src
+    if kind.startswith("llmcal") or kind.startswith("variant:"):
         from llmcal.scoring import DEFAULT_BATCH_TOKENS
 
         dtype = "bfloat16" if kind.endswith("bf16") else "float32"
+        bt = args.batch_tokens or DEFAULT_BATCH_TOKENS
+        if kind.startswith("variant:"):
+            v = VARIANTS[kind.split(":", 1)[1]]
+            src, dtype, bt = v["src"], v["dtype"], v["batch_tokens"] or bt
         argv = ["eval", "--model", prep["model_dir"], "--data", args.data, "--limit", str(limit or args.n),
                 "--seed", str(args.seed) if limit is None else "1", "--template", "plain", "--dtype", dtype,
-                "--device", "cpu", "--batch-tokens", str(args.batch_tokens or DEFAULT_BATCH_TOKENS),
-                "--out", str(out), "--overwrite"]
+                "--device", "cpu", "--batch-tokens", str(bt), "--out", str(out), "--overwrite"]
         tool = "llmcal"
     else:
         dtype = "float32"
@@ -228,8 +254,8 @@ def run_tool(kind: str, rnd: int, prep: dict, args, limit: int | None = None) ->
         tool = "lmeval"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "LLMCAL_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
-    if args.llmcal_src and tool == "llmcal":
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(args.llmcal_src).resolve()), env.get("PYTHONPATH", "")])
+    if src and tool == "llmcal":
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = (wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 and limit is None
              else {"quiet": None})
     b0 = _busy_jiffies()
@@ -242,18 +268,20 @@ def run_tool(kind: str, rnd: int, prep: dict, args, limit: int | None = None) ->
     busy = (_busy_jiffies() - b0) / HZ
     own_cpu = usage.ru_utime + usage.ru_stime
     code = os.waitstatus_to_exitcode(status)
-    (work / "runs" / f"{kind}-{rnd}.log").write_text(log_lines)
+    (work / "runs" / f"{slug}-{rnd}.log").write_text(log_lines)
     if code != 0:
-        raise SystemExit(f"{kind} run {rnd} failed (exit {code}); log: {work / 'runs' / f'{kind}-{rnd}.log'}\n"
+        raise SystemExit(f"{kind} run {rnd} failed (exit {code}); log: {work / 'runs' / f'{slug}-{rnd}.log'}\n"
                          + log_lines[-3000:])
     t = json.loads(timing.read_text())
     rec = {"kind": kind, "round": rnd, "dtype": dtype, "wall_s": wall, "eval_s": t["eval_s"],
            "load_s": t["load_s"], "imports_s": t["imports_s"], "threads": t["threads"],
            "llmcal_file": t.get("llmcal_file"),
-           "rss_mb": usage.ru_maxrss / 1024, "cpu_s": own_cpu, "other_cores": max(0.0, (busy - own_cpu) / wall),
+           "rss_mb": usage.ru_maxrss / 1024, "cpu_s": own_cpu, "sys_s": usage.ru_stime,
+           "minor_faults": usage.ru_minflt, "other_cores": max(0.0, (busy - own_cpu) / wall),
            "quiet_before": quiet, "out": str(out)}
-    print(f"  {kind:12s} round {rnd}: wall {wall:6.1f}s  eval {t['eval_s']:6.1f}s  load {t['load_s']:4.1f}s  "
-          f"rss {rec['rss_mb']:6.0f} MB  other processes {rec['other_cores']:.2f} cores", flush=True)
+    print(f"  {kind:16s} round {rnd}: wall {wall:6.1f}s  eval {t['eval_s']:6.1f}s  load {t['load_s']:4.1f}s  "
+          f"rss {rec['rss_mb']:6.0f} MB  sys {usage.ru_stime:4.1f}s  other processes {rec['other_cores']:.2f} cores",
+          flush=True)
     return rec
 
 
@@ -322,7 +350,7 @@ def check_bf16(questions, fp32: dict, bf16: dict) -> dict:
 
 def identical_across_rounds(kind: str, runs: list[dict], reader) -> bool:
     outs = [reader(r["out"]) for r in runs if r["kind"] == kind]
-    if kind.startswith("llmcal"):
+    if kind != "lmeval":
         first = {k: p.logits for k, p in outs[0]["preds"].items()}
         return all({k: p.logits for k, p in o["preds"].items()} == first for o in outs[1:])
     first = {k: v["loglik"].tolist() for k, v in outs[0].items()}
@@ -333,7 +361,8 @@ def identical_across_rounds(kind: str, runs: list[dict], reader) -> bool:
 def summarise(runs: list[dict], prep: dict, peak: dict) -> dict:
     n, tokens, flops = len(prep["questions"]), sum(prep["lengths"]), prep["flops"]
     rows = {}
-    for kind in ("lmeval", "llmcal", "llmcal-bf16"):
+    kinds = ["lmeval", "llmcal", "llmcal-bf16"] + sorted({r["kind"] for r in runs if r["kind"].startswith("variant:")})
+    for kind in kinds:
         rs = [r for r in runs if r["kind"] == kind]
         if not rs:
             continue
@@ -367,9 +396,10 @@ def table(rows: dict) -> str:
             "GFLOP/s | % of matmul peak | peak RSS MB | llmcal/lm-eval (eval) | llmcal/lm-eval (wall) |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for kind, r in rows.items():
+        name = names.get(kind) or kind.split(":", 1)[1]
         sp = f"{r['speedup_eval']:.2f}x (paired {r['speedup_eval_paired']:.2f}x)" if "speedup_eval" in r else ""
         sw = f"{r['speedup_wall']:.2f}x" if "speedup_wall" in r else ""
-        lines.append(f"| {names[kind]} | {r['dtype']} | {r['wall_s']:.1f} | {r['eval_s']:.1f} | {r['load_s']:.1f} | "
+        lines.append(f"| {name} | {r['dtype']} | {r['wall_s']:.1f} | {r['eval_s']:.1f} | {r['load_s']:.1f} | "
                      f"{r['q_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['gflops']:.1f} | "
                      f"{100 * r['peak_fraction']:.0f}% of {r['peak_gflops']:.0f} | {r['rss_max_mb']:.0f} | "
                      f"{sp} | {sw} |")
@@ -393,6 +423,9 @@ def main() -> int:
                     help="run again (up to this many times) when other processes took more than --quiet-cores "
                          "during a run; such runs are kept in the result file but not in the table")
     ap.add_argument("--label", default="", help="what changed (goes into the result file)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SRC[@BATCH_TOKENS][:DTYPE]",
+                    help="also run this llmcal variant (float32 unless :bfloat16) in every round: from source "
+                         "tree SRC ('.' = this checkout), with its own --batch-tokens; repeatable")
     ap.add_argument("--llmcal-src", default=None,
                     help="run llmcal from this source tree (a directory holding the llmcal package), to "
                          "measure another version of the engine against the same lm-eval runs")
@@ -413,14 +446,17 @@ def main() -> int:
     run_tool("llmcal", -1, prep, args, limit=4)
     run_tool("lmeval", -1, prep, args, limit=4)
 
-    kinds = ["llmcal", "lmeval"] + ([] if args.no_bf16 else ["llmcal-bf16"])
+    for text in args.variant:
+        name, spec = parse_variant(text)
+        VARIANTS[name] = spec
+    kinds = ["llmcal", "lmeval"] + ([] if args.no_bf16 else ["llmcal-bf16"]) + [f"variant:{n}" for n in VARIANTS]
     wq = wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 else {}
     peaks = [matmul_peak()]
     print(f"matmul peak: float32 {peaks[0]['float32']['gflops']} GFLOP/s, "
           f"bfloat16 {peaks[0]['bfloat16']['gflops']} GFLOP/s ({wq})", flush=True)
     runs, rejected = [], []
     for rnd in range(args.rounds):
-        order = kinds if rnd % 2 == 0 else kinds[::-1]  # llmcal and lm-eval swap places every round
+        order = kinds if rnd % 2 == 0 else kinds[::-1]  # every run swaps its neighbours every round
         print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
         for kind in order:
             for attempt in range(args.retries + 1):
@@ -431,6 +467,7 @@ def main() -> int:
                     break
                 print(f"    other processes took {rec['other_cores']:.2f} cores: run again", flush=True)
                 rejected.append(rec)
+    (prep["work"] / "last-runs.json").write_text(json.dumps({"runs": runs, "rejected": rejected}, indent=1))
     if args.quiet_cores > 0:
         wait_quiet(args.quiet_cores, args.max_wait)
     peaks.append(matmul_peak())
@@ -442,8 +479,14 @@ def main() -> int:
     last = {k: next(r for r in reversed(runs) if r["kind"] == k) for k in kinds}
     fp32 = read_llmcal(last["llmcal"]["out"])
     checks = {"vs_lmeval": check_vs_lmeval(questions, fp32, read_lmeval(last["lmeval"]["out"])),
-              "deterministic": {k: identical_across_rounds(k, runs, read_llmcal if k.startswith("llmcal")
-                                                           else read_lmeval) for k in kinds}}
+              "deterministic": {k: identical_across_rounds(k, runs, read_lmeval if k == "lmeval" else read_llmcal)
+                                for k in kinds}}
+    lm_last = read_lmeval(last["lmeval"]["out"])
+    for k in kinds:
+        if k.startswith("variant:"):
+            c = check_vs_lmeval(questions, read_llmcal(last[k]["out"]), lm_last)
+            checks.setdefault("variants_vs_lmeval", {})[k] = {
+                key: c.get(key) for key in ("same_prediction", "max_prob_diff", "ok")}
     if "llmcal-bf16" in last:
         checks["bf16"] = check_bf16(questions, fp32, read_llmcal(last["llmcal-bf16"]["out"]))
     rows = summarise(runs, prep, peak)
@@ -474,7 +517,7 @@ def main() -> int:
         if kind in rows:
             targets[f"{kind}: matmul throughput >= 60% of the {rows[kind]['dtype']} peak"] = (
                 rows[kind]["peak_fraction"] >= TARGETS["peak_fraction"])
-    llm_rss = max((r["rss_mb"] for r in runs if r["kind"].startswith("llmcal")), default=0)
+    llm_rss = max((r["rss_mb"] for r in runs if r["kind"] != "lmeval"), default=0)
     targets["llmcal peak RSS < 1.5 GB"] = llm_rss < RSS_LIMIT_MB
     print("\ntargets:")
     for k, ok in targets.items():

@@ -16,7 +16,7 @@ interrupted sharded run resumes with any number of processes, one included.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -1,0 +1,253 @@
+"""The scoring engine: option-letter logits at the answer position, one forward pass per question.
+
+Only the answer position's hidden state goes through the output layer, and only
+for the K option tokens (a gather of K rows of the unembedding instead of a
+vocabulary-sized matmul).  Questions are batched by length under a token budget
+(sorted, and cut where padding would be wasted), and each batch's predictions
+are flushed as they are computed, so an interrupted evaluation resumes where it
+stopped.  Batches are a deterministic function of the dataset, so a resumed run
+(or a sharded one) computes every question in exactly the batch an
+uninterrupted single-process run used and ends with identical predictions.
+
+Batches are right-padded, and a causal decoder's real positions never attend to
+positions after them, so the decoder runs without an attention mask (the fast
+causal path of scaled-dot-product attention); the padding rows' outputs are
+never read.  See bench/RESULTS.md for what each choice here bought.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import LlmcalError
+from .predictions import Prediction
+from .prompts import EncodedQuestion
+
+log = logging.getLogger(__name__)
+
+# On CPU smaller batches are faster (cache-resident activations); GPUs want more.
+DEFAULT_BATCH_TOKENS = 2048
+
+
+# Fixed cost of one forward pass, in padded-token equivalents: what cutting a batch
+# early must save in padding to be worth it (measured on CPU; see bench/RESULTS.md).
+BATCH_OVERHEAD_TOKENS = 128
+
+
+def make_batches(lengths: Sequence[int], batch_tokens: int,
+                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Group indices into batches, longest first, so that (batch size x longest length) <= budget.
+
+    Among all ways to cut the length-sorted list into batches within the budget,
+    this picks the one with the fewest padded tokens plus ``overhead_tokens`` per
+    batch (dynamic programming over the cut points), so a batch ends before a
+    big drop in length instead of padding short questions to a long one.  A
+    question longer than the budget gets a batch of its own.  Deterministic.
+    """
+    if batch_tokens < 1:
+        raise LlmcalError(f"--batch-tokens must be positive (got {batch_tokens})")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    if n == 0:
+        return []
+    s = np.array([max(1, int(lengths[i])) for i in order], dtype=np.int64)
+    # best[i]: cost of batching order[i:]; a batch starting at i holds at most cap[i] questions.
+    cap = np.maximum(1, batch_tokens // s)
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.full(n, n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        k = np.arange(1, min(int(cap[i]), n - i) + 1)
+        cost = s[i] * k + overhead_tokens + best[i + k]
+        j = int(np.argmin(cost))  # first minimum: the smaller batch on ties
+        best[i], cut[i] = cost[j], i + int(k[j])
+    batches: list[list[int]] = []
+    i = 0
+    while i < n:
+        batches.append(order[i:int(cut[i])])
+        i = int(cut[i])
+    return batches
+
+
+def _head_parts(model):
+    """(decoder, output-embedding weight, bias, final softcap) for a causal LM, peft-wrapped or not."""
+    inner = model
+    if hasattr(inner, "get_base_model"):  # peft PeftModel
+        inner = inner.get_base_model()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings()
+    if decoder is None or head is None:
+        raise LlmcalError(f"{type(inner).__name__}: cannot find the decoder and output layer of this model")
+    if hasattr(head, "base_layer"):  # a LoRA-wrapped lm_head: use the full module
+        raise LlmcalError("LoRA on the output layer is not supported by the scoring engine")
+    cfg = inner.config
+    text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    scale = getattr(text_cfg, "logit_scale", None)
+    return decoder, head.weight, getattr(head, "bias", None), softcap, scale
+
+
+def option_logits(model, input_ids, attention_mask, letter_ids, letter_mask=None):
+    """Logits of the option letters at each row's last real token, in float32.
+
+    input_ids, attention_mask: (B, L) right-padded; letter_ids: (B, K) token ids
+    (padded rows masked by letter_mask, filled with -inf).  Differentiable: the
+    training loss calls this too.
+    """
+    import torch
+
+    decoder, weight, bias, softcap, scale = _head_parts(model)
+    # Right padding cannot reach a real position through causal attention: no mask needed.
+    mask = None if _right_padded(attention_mask) else attention_mask
+    out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    last = attention_mask.sum(dim=1) - 1
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    with torch.autocast(device_type=h.device.type, enabled=False):  # the head in float32, always
+        logits = torch.einsum("bh,bkh->bk", h.float(), weight[letter_ids].float())
+    if bias is not None:
+        logits = logits + bias[letter_ids].float()
+    if scale is not None:
+        logits = logits * float(scale)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if letter_mask is not None:
+        logits = logits.masked_fill(~letter_mask, float("-inf"))
+    return logits
+
+
+def _right_padded(attention_mask) -> bool:
+    """True when every row is ones then zeros (real tokens first), so a causal model needs no mask."""
+    m = attention_mask.bool()
+    if bool(m.all()):
+        return True
+    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
+
+
+def collate(encoded: Sequence[EncodedQuestion], pad_id: int, device):
+    """Right-padded tensors for a batch of encoded questions."""
+    import torch
+
+    n = len(encoded)
+    L = max(len(e.input_ids) for e in encoded)
+    K = max(len(e.letter_ids) for e in encoded)
+    ids = torch.full((n, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, L), dtype=torch.long)
+    letters = torch.zeros((n, K), dtype=torch.long)
+    lmask = torch.zeros((n, K), dtype=torch.bool)
+    for r, e in enumerate(encoded):
+        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[r, : len(e.input_ids)] = 1
+        letters[r, : len(e.letter_ids)] = torch.tensor(e.letter_ids)
+        lmask[r, : len(e.letter_ids)] = True
+    return ids.to(device), mask.to(device), letters.to(device), lmask.to(device)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed activation buffers for the next batch (CPU; once per process).
+
+    By default glibc hands large freed blocks back to the kernel (heap trimming,
+    mmap for big blocks), so every forward pass page-faults its ~2 GB of
+    activations in again, each fault zero-filling a page: 3.7 million faults and
+    about 15% of the time for 200 MMLU questions with a 135M model on 2 cores
+    (bench/RESULTS.md).  Raising the trim threshold and fixing the mmap threshold
+    at its maximum keeps those blocks in the process for reuse; memory use stays
+    at its high-water mark instead of going up and down.  A no-op outside glibc.
+    Returns whether the setting was applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and ok  # 32 MiB: glibc's largest
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+@dataclass
+class ScoreOptions:
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    progress: bool = True
+    description: str = "scoring"
+    shard: tuple[int, int] = (0, 1)  # (rank, world): process batches b with b % world == rank
+
+
+def score(
+    model,
+    tokenizer,
+    encoded: Sequence[EncodedQuestion],
+    *,
+    options: ScoreOptions | None = None,
+    done: Iterable[str] = (),
+    on_batch: Callable[[list[Prediction]], None] | None = None,
+) -> list[Prediction]:
+    """Score every encoded question not in ``done``; returns the new predictions.
+
+    ``on_batch`` receives each batch's predictions as soon as they exist (the
+    run writer appends and flushes them).  Raises LlmcalError for NaN/inf logits,
+    naming the questions.
+    """
+    import torch
+
+    opt = options or ScoreOptions()
+    done = set(done)
+    device = next(model.parameters()).device
+    # v2: no allocator tuning
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = make_batches([len(e.input_ids) for e in encoded], opt.batch_tokens)
+    rank, world = opt.shard
+    mine = [b for bi, b in enumerate(batches) if bi % world == rank]
+    todo = [b for b in mine if any(encoded[i].question.id not in done for i in b)]
+    total = sum(len(b) for b in mine)
+    from .progress import bar
+
+    results: list[Prediction] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), bar(opt.description, total, show=opt.progress,
+                                         completed=total - sum(len(b) for b in todo)) as task:
+            for b in todo:
+                batch = [encoded[i] for i in b]
+                ids, mask, letters, lmask = collate(batch, pad_id, device)
+                logits = option_logits(model, ids, mask, letters, lmask).cpu().numpy()
+                preds = []
+                bad = []
+                for r, e in enumerate(batch):
+                    z = logits[r, : len(e.letter_ids)]
+                    if not np.all(np.isfinite(z)):
+                        bad.append(e.question.id)
+                        continue
+                    if e.question.id in done:
+                        continue
+                    q = e.question
+                    preds.append(Prediction.from_logits(q.id, q.subject, q.answer, z))
+                if bad:
+                    raise LlmcalError(
+                        f"the model produced NaN or infinite logits for {len(bad)} question(s): "
+                        f"{', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''} "
+                        f"(try --dtype float32)"
+                    )
+                if on_batch is not None and preds:
+                    on_batch(preds)
+                results.extend(preds)
+                task.advance(len(b))
+    finally:
+        if was_training:
+            model.train()
+    return results
