@@ -113,3 +113,24 @@ def test_curve_records_each_epoch_once():
     assert [p["step"] for p in ts.curve] == [0, 4]
     assert ts.curve[1]["heldout_accuracy"] == 0.5
     assert np.isclose(ts.curve[1]["heldout_ece"], (abs(0.9 - 1) + abs(0.6 - 0)) / 2)
+
+
+def test_loss_bar_shows_the_loss_in_the_bar_and_prints_nothing(capsys):
+    from llmcal.train.callbacks import LossBarCallback
+
+    class Bar:
+        postfix = None
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = kw
+
+        def write(self, text):  # what the stock ProgressCallback does with each log dict
+            print(text)
+
+    cb = LossBarCallback()
+    cb.training_bar = Bar()
+    state = _trainer_state(0.5, 3)
+    cb.on_log(None, state, None, logs={"loss": 1.23456, "grad_norm": 2.0, "learning_rate": 1e-4})
+    cb.on_log(None, state, None, logs={"train_runtime": 3.0})  # the end-of-training summary: no loss
+    assert cb.training_bar.postfix == {"loss": "1.235"}
+    assert capsys.readouterr().out == ""

@@ -210,8 +210,11 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path, sharp_model
 
 
 # ---- auto ---------------------------------------------------------------------------------------
-def test_auto_checks_the_regime_after_every_epoch(tmp_path, sharp_model):
-    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=2), tmp_path / "run", progress=False)
+def test_auto_checks_the_regime_after_every_epoch(tmp_path, sharp_model, monkeypatch, capfd):
+    monkeypatch.setenv("LLMCAL_PROGRESS", "1")  # with bars on: the step bar must not print log dicts
+    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=2), tmp_path / "run", progress=True)
+    out = capfd.readouterr()
+    assert "'loss'" not in out.out + out.err and "loss=" in out.err
     checks, switched = rec.meta["regime_checks"], rec.meta["rcft_switched"]
     assert {"train_accuracy", "heldout_accuracy", "gap", "regime", "reason"} <= set(checks[0])
     if switched:  # checks stop once the RCFT term is on; the E-step starts with the next epoch

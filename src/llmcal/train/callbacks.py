@@ -10,6 +10,8 @@
   and the switch (when and why) are recorded.
 * ``CurveCallback``: held-out accuracy, ECE and NLL before training and after
   each epoch (the training curve; the loss comes from Trainer's log history).
+* ``LossBarCallback``: transformers' step bar, with the latest loss in the bar
+  instead of a printed dict per logged step.
 * ``StateCheckpointCallback``: writes the TrainState next to each checkpoint
   (and again at an epoch end that falls on a checkpoint), so ``--resume``
   restores it.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from ..prompts import EncodedQuestion
 from ..regime import diagnose, left_calibratable
@@ -33,6 +36,18 @@ from .estimate import Probe
 from .state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class LossBarCallback(ProgressCallback):
+    """The Trainer's step bar showing the latest loss, instead of printing every log dict.
+
+    llmcal logs every step (the training curve reads the loss history), and the
+    stock ProgressCallback writes each of those dicts as a line of its own.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
 
 
 def epoch_index(state) -> int:

@@ -32,7 +32,7 @@ from ..models import LoadedModel, ModelSpec, resolve_model
 from ..progress import enabled as progress_enabled
 from ..prompts import encode_questions, resolve_template
 from ..runs import RunDir, RunRecord, RunResult, load_run
-from .callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, StateCheckpointCallback
+from .callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, LossBarCallback, StateCheckpointCallback
 from .collator import ExampleDataset, McqCollator, build_examples
 from .config import FinetuneConfig, apply_preset, estep_steps, validate
 from .curve import curve_points, write_curve
@@ -166,7 +166,7 @@ def training_args(cfg: FinetuneConfig, output_dir: Path, progress: bool):
 
 def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: TrainingData, state: TrainState,
                   extra_callbacks: list, progress: bool) -> CalibrationTrainer:
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, ProgressCallback
 
     enc_train = encode_questions(data.train, tok, template)
     enc_heldout = encode_questions(data.heldout, tok, template) if data.heldout else []
@@ -187,6 +187,8 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
         rcft_loss=RcftLoss(cfg.n_bins, cfg.nonmax_rule))
     if not progress_enabled(progress):
         trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
+    elif trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossBarCallback)  # the same bar, without a printed dict per step
     return trainer
 
 
