@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Where an llmcal evaluation spends its time, per dtype: matmuls against everything else.
+
+    python bench/profile_eval.py                       # float32 and bfloat16, 60 questions
+    python bench/profile_eval.py --dtype bfloat16 --compile
+
+bench_eval.py says how fast the engine is; this says why.  For each dtype it
+scores the same MMLU questions as bench_eval.py (the plain template, the same
+float32 model directory), once untimed, once timed, and once under
+torch.profiler, and prints the share of the profiled CPU time in each group of
+operators: matrix multiplications (the FLOPs bench_eval.py counts), attention,
+element-wise operators (RMSNorm, rotary embeddings, SiLU, residual adds) and
+dtype copies.  The achieved fraction of the matmul peak can be no higher than
+the matmul share, which is what bounds it for a model this narrow (hidden size
+576) on a CPU.
+
+``--compile`` also times ``torch.compile`` of each decoder layer (dynamic
+shapes), the only way to fuse those element-wise operators without writing
+kernels: the compile time and the compiled speed on the same questions.
+
+Results go to stdout and to bench/results/profile-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+GROUPS = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+    "copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+    "elementwise": ("aten::mul", "aten::add", "aten::cat", "aten::pow", "aten::sum", "aten::mean", "aten::neg",
+                    "aten::silu", "aten::rsqrt", "aten::sin", "aten::cos", "aten::div", "aten::div_"),
+}
+
+
+def grouped(prof) -> dict:
+    """Self CPU seconds per operator group (and the top operators) from a torch.profiler run."""
+    rows = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    total = sum(r[1] for r in rows)
+    out = {g: 0.0 for g in GROUPS} | {"other": 0.0}
+    for key, s, _ in rows:
+        group = next((g for g, keys in GROUPS.items() if key in keys), "other")
+        out[group] += s
+    top = sorted(rows, key=lambda r: -r[1])[:12]
+    return {"total_s": round(total, 2), "share": {g: round(s / total, 3) for g, s in out.items()},
+            "top": [{"op": k, "self_s": round(s, 3), "calls": c} for k, s, c in top]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", default="mmlu")
+    ap.add_argument("--n", type=int, default=60, help="questions (the first N of bench_eval.py's 200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+                    help="repeatable; default both")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of each decoder layer")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcal.data import load_dataset
+    from llmcal.models import gguf_to_hf_dir, load_model, resolve_model
+    from llmcal.prompts import encode_questions
+    from llmcal.scoring import ScoreOptions, score
+
+    spec = resolve_model(args.model)
+    model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
+    questions = list(load_dataset(args.data, limit=200, seed=args.seed).questions)[: args.n]
+    opt = ScoreOptions(progress=False)
+    result = {"started": dt.datetime.now().isoformat(timespec="seconds"), "n": args.n, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "dtypes": {}}
+    for dtype in args.dtype or ["float32", "bfloat16"]:
+        lm = load_model(resolve_model(str(model_dir)), dtype=dtype, device="cpu")
+        enc = encode_questions(questions, lm.tokenizer, "plain")
+        score(lm.model, lm.tokenizer, enc[:8], options=opt)  # warm-up
+        t = time.perf_counter()
+        ref = score(lm.model, lm.tokenizer, enc, options=opt)
+        eager_s = time.perf_counter() - t
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            score(lm.model, lm.tokenizer, enc, options=opt)
+        rec = {"eager_s": round(eager_s, 2)} | grouped(prof)
+        if args.compile:
+            for layer in lm.model.get_decoder().layers:
+                layer.compile(dynamic=True)
+            t = time.perf_counter()
+            score(lm.model, lm.tokenizer, enc[:8], options=opt)  # compiles
+            rec["compile_first_batch_s"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            got = score(lm.model, lm.tokenizer, enc, options=opt)
+            rec["compiled_s"] = round(time.perf_counter() - t, 2)
+            rec["compiled_same_prediction"] = sum(a.pred == b.pred for a, b in zip(ref, got))
+        result["dtypes"][dtype] = rec
+        share = ", ".join(f"{g} {100 * s:.0f}%" for g, s in rec["share"].items())
+        print(f"{dtype}: {args.n} questions in {eager_s:.1f} s; profiled CPU time: {share}", flush=True)
+        for row in rec["top"][:8]:
+            print(f"    {row['op']:52s} {row['self_s']:7.2f} s  {row['calls']:5d} calls")
+        if args.compile:
+            print(f"    torch.compile: first batch (compiling) {rec['compile_first_batch_s']} s, then "
+                  f"{rec['compiled_s']} s for the {args.n} questions (eager {eager_s:.1f} s)", flush=True)
+        del lm
+    out = HERE / "results" / f"profile-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
