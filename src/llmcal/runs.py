@@ -99,13 +99,16 @@ class RunDir:
             old = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
             a = {k: v for k, v in old.items() if k not in RESUME_KEYS_IGNORED}
             b = {k: v for k, v in _jsonable(config).items() if k not in RESUME_KEYS_IGNORED}
-            if a != b:
+            if a == b:
+                resumed = True
+            elif overwrite:  # a different run was interrupted here: start this one from nothing
+                shutil.rmtree(self.path)
+            else:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise LlmcalError(
                     f"{self.path}: holds an interrupted run with a different configuration "
                     f"({', '.join(diff)} differ); resume with the same options, or pass --overwrite"
                 )
-            resumed = True
         elif self.path.exists() and any(self.path.iterdir()) and not overwrite:
             raise LlmcalError(f"{self.path}: directory is not empty and holds no llmcal run; choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
