@@ -171,3 +171,9 @@ def test_csv_with_column_mapping(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["answer"] for p in preds] == [1, 0, 1] and all(len(p["probs"]) == 3 for p in preds)
+
+
+def test_results_needs_finished_studies(tmp_path):
+    r = invoke("results", tmp_path / "nostudy", "--out", tmp_path / "RESULTS.md")
+    assert r.exit_code == 2 and "no study.json" in r.output
+    assert not (tmp_path / "RESULTS.md").exists()

@@ -228,6 +228,12 @@ def test_none_ts_study_end_to_end_skip_and_resume(tmp_path, tiny_model_dir, scor
     assert "0.1953" in text and "0.0239" in text  # the paper's numbers
     assert f"{none['results']['test']['accuracy']:.4f}" in text
     assert "Study `tiny`" in text and "<!-- edit:" in text
+    # prose written between the markers survives regeneration; the numbers are rewritten
+    res.write_text(text.replace("<!-- edit: one paragraph: what was run", "We ran it.\n<!-- x").replace(
+        f"{none['results']['test']['accuracy']:.4f}", "9.9999"))
+    text = write_results_md([out], res).read_text()
+    assert "We ran it." in text and "9.9999" not in text
+    assert f"{none['results']['test']['accuracy']:.4f}" in text and "<!-- edit: where tiny differs" in text
 
     # A changed config of a complete cell is an error naming what differs; overwrite reruns the cell.
     write_config(cfg, tiny_model_dir, extra="", methods="none: {n_bins: 5}\n  ts: {}")

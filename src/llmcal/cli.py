@@ -276,6 +276,22 @@ def study_cmd(
         out_console.print(f"{k}: [bold]{p}[/]")
 
 
+@app.command("results")
+@handle_errors
+def results_cmd(
+    studies: List[Path] = typer.Argument(..., help="Study directories (each holds the study.json `llmcal study` wrote)."),
+    out: Path = typer.Option(Path("studies/RESULTS.md"), "--out", "-o", help="The results page to (re)write."),
+):
+    """Write a results page from finished studies, next to the paper's numbers.
+
+    Every number comes from the studies' study.json files; text written between
+    the page's prose markers is kept when the page is regenerated.
+    """
+    from .study import write_results_md
+
+    out_console.print(f"results: [bold]{write_results_md(list(studies), out)}[/]")
+
+
 @app.command("report")
 @handle_errors
 def report_cmd(
