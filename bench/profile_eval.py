@@ -14,6 +14,10 @@ dtype copies.  The achieved fraction of the matmul peak can be no higher than
 the matmul share, which is what bounds it for a model this narrow (hidden size
 576) on a CPU.
 
+``--batching`` prints, for the same 200 questions, how many padded tokens the
+v0 engine's greedy length batches and today's padding-aware batches compute at
+several token budgets (no model runs).
+
 ``--compile`` also times ``torch.compile`` of each decoder layer (dynamic
 shapes), the only way to fuse those element-wise operators without writing
 kernels: the compile time and the compiled speed on the same questions.
@@ -52,6 +56,32 @@ def grouped(prof) -> dict:
             "top": [{"op": k, "self_s": round(s, 3), "calls": c} for k, s, c in top]}
 
 
+def batching_report(lengths: list[int]) -> dict:
+    """Batches and padded tokens: v0's greedy cutter (bench/variants/v0) against today's."""
+    import importlib.util
+    import sys
+
+    from llmcal.scoring import make_batches
+
+    spec = importlib.util.spec_from_file_location("llmcal._v0_scoring", HERE / "variants" / "v0" / "scoring.py")
+    v0 = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = v0  # its dataclasses look their module up
+    spec.loader.exec_module(v0)
+    real = sum(lengths)
+    out = {"real_tokens": real, "rows": []}
+    print(f"{len(lengths)} questions, {real} prompt tokens (min {min(lengths)}, max {max(lengths)})")
+    for budget in (1024, 2048, 4096, 8192):
+        for name, cutter in (("v0 greedy", v0.make_batches), ("padding-aware", make_batches)):
+            batches = cutter(lengths, budget)
+            padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+            row = {"budget": budget, "cutter": name, "batches": len(batches), "computed_tokens": padded,
+                   "padding": round((padded - real) / padded, 4)}
+            out["rows"].append(row)
+            print(f"  budget {budget:5d}  {name:14s} {len(batches):4d} batches, {padded:6d} tokens computed "
+                  f"({100 * row['padding']:.1f}% padding)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -61,6 +91,8 @@ def main() -> int:
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                     help="repeatable; default both")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each decoder layer")
+    ap.add_argument("--batching", action="store_true",
+                    help="only compare the greedy and padding-aware batch cutters (no model runs)")
     args = ap.parse_args()
 
     import torch
@@ -73,11 +105,17 @@ def main() -> int:
 
     spec = resolve_model(args.model)
     model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
-    questions = list(load_dataset(args.data, limit=200, seed=args.seed).questions)[: args.n]
+    questions = list(load_dataset(args.data, limit=200, seed=args.seed).questions)
     opt = ScoreOptions(progress=False)
     result = {"started": dt.datetime.now().isoformat(timespec="seconds"), "n": args.n, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtypes": {}}
-    for dtype in args.dtype or ["float32", "bfloat16"]:
+    if args.batching:
+        from llmcal.models import load_tokenizer
+
+        tok = load_tokenizer(resolve_model(str(model_dir)))
+        result["batching"] = batching_report([len(e.input_ids) for e in encode_questions(questions, tok, "plain")])
+    questions = questions[: args.n]
+    for dtype in [] if args.batching else (args.dtype or ["float32", "bfloat16"]):
         lm = load_model(resolve_model(str(model_dir)), dtype=dtype, device="cpu")
         enc = encode_questions(questions, lm.tokenizer, "plain")
         score(lm.model, lm.tokenizer, enc[:8], options=opt)  # warm-up
