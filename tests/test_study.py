@@ -65,9 +65,12 @@ def test_shipped_studies_load(name):
         assert train.subjects == test.subjects and not set(train.subjects) & set(ood.subjects)
         assert (train.split, test.split) == ("train", "test")
     if name == "regimes":
-        assert kinds >= {"cft", "rcft", "auto"} and len(s.points) == 4
+        assert kinds >= {"cft", "rcft", "auto"}
+        assert {p.name for p in s.points} == {f"{d}-{b}" for d in ("easy", "hard") for b in ("wide", "broad", "narrow")}
         specs = {p.name: s.point_data(p)["train"][0] for p in s.points}
         assert "difficulty=4" in specs["hard-narrow"].spec and specs["hard-narrow"].limit == 48
+        # the budgets order the training questions per pass: wide > broad > narrow
+        assert specs["easy-wide"].limit > specs["easy-broad"].limit > specs["easy-narrow"].limit
     if name == "paper":
         assert len(s.data["train"]) == 3 and s.data["ood"][0].spec == "arc-challenge"
         assert all(m.options.get("preset") == "paper" for m in s.methods if m.training)
