@@ -91,17 +91,18 @@ def main() -> int:
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                     help="repeatable; default both")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each decoder layer")
+    ap.add_argument("--sdpa", choices=["default", "math", "flash"], default="default",
+                    help="scaled-dot-product attention backend to force (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--batching", action="store_true",
                     help="only compare the greedy and padding-aware batch cutters (no model runs)")
     args = ap.parse_args()
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from llmcal.data import load_dataset
-    from llmcal.models import gguf_to_hf_dir, load_model, resolve_model
+    from llmcal.models import gguf_to_hf_dir, resolve_model
     from llmcal.prompts import encode_questions
-    from llmcal.scoring import ScoreOptions, score
+    from llmcal.scoring import ScoreOptions
 
     spec = resolve_model(args.model)
     model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
@@ -115,6 +116,29 @@ def main() -> int:
         tok = load_tokenizer(resolve_model(str(model_dir)))
         result["batching"] = batching_report([len(e.input_ids) for e in encode_questions(questions, tok, "plain")])
     questions = questions[: args.n]
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}.get(args.sdpa)
+    result["sdpa"] = args.sdpa
+    ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+    with ctx:
+        profile_dtypes(args, result, model_dir, questions, opt)
+    out = HERE / "results" / f"profile-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+    return 0
+
+
+def profile_dtypes(args, result: dict, model_dir: Path, questions, opt) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcal.models import load_model, resolve_model
+    from llmcal.prompts import encode_questions
+    from llmcal.scoring import score
+
     for dtype in [] if args.batching else (args.dtype or ["float32", "bfloat16"]):
         lm = load_model(resolve_model(str(model_dir)), dtype=dtype, device="cpu")
         enc = encode_questions(questions, lm.tokenizer, "plain")
@@ -144,11 +168,6 @@ def main() -> int:
             print(f"    torch.compile: first batch (compiling) {rec['compile_first_batch_s']} s, then "
                   f"{rec['compiled_s']} s for the {args.n} questions (eager {eager_s:.1f} s)", flush=True)
         del lm
-    out = HERE / "results" / f"profile-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"saved {out}")
-    return 0
 
 
 if __name__ == "__main__":
