@@ -57,16 +57,23 @@ def grouped(prof) -> dict:
 
 
 def batching_report(lengths: list[int]) -> dict:
-    """Batches and padded tokens: v0's greedy cutter (bench/variants/v0) against today's."""
+    """Batches and padded tokens: v0's greedy cutter (commit 19a3c61, see bench/variants/build.sh) against today's."""
     import importlib.util
+    import subprocess
     import sys
+    import tempfile
 
     from llmcal.scoring import make_batches
 
-    spec = importlib.util.spec_from_file_location("llmcal._v0_scoring", HERE / "variants" / "v0" / "scoring.py")
-    v0 = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = v0  # its dataclasses look their module up
-    spec.loader.exec_module(v0)
+    source = subprocess.run(["git", "-C", str(HERE.parent), "show", "19a3c61:src/llmcal/scoring.py"],
+                            check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v0_scoring.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("llmcal._v0_scoring", path)
+        v0 = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = v0  # its dataclasses look their module up
+        spec.loader.exec_module(v0)
     real = sum(lengths)
     out = {"real_tokens": real, "rows": []}
     print(f"{len(lengths)} questions, {real} prompt tokens (min {min(lengths)}, max {max(lengths)})")
