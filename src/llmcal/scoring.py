@@ -11,8 +11,8 @@ uninterrupted single-process run used and ends with identical predictions.
 
 Batches are right-padded, and a causal decoder's real positions never attend to
 positions after them, so the decoder runs without an attention mask (the fast
-causal path of scaled-dot-product attention); the padding rows' outputs are
-never read.  See bench/RESULTS.md for what each choice here bought.
+causal path of scaled-dot-product attention, or on CPU attention.py's kernel);
+the padding rows' outputs are never read.  See bench/RESULTS.md for what each choice here bought.
 """
 from __future__ import annotations
 
@@ -187,6 +187,8 @@ class ScoreOptions:
     progress: bool = True
     description: str = "scoring"
     shard: tuple[int, int] = (0, 1)  # (rank, world): process batches b with b % world == rank
+    # On CPU, llmcal's causal attention instead of sdpa's flash kernel (attention.py says why).
+    cpu_attention: bool = True
 
 
 def score(
@@ -217,14 +219,16 @@ def score(
     mine = [b for bi, b in enumerate(batches) if bi % world == rank]
     todo = [b for b in mine if any(encoded[i].question.id not in done for i in b)]
     total = sum(len(b) for b in mine)
+    from .attention import scoring_attention
     from .progress import bar
 
     results: list[Prediction] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), bar(opt.description, total, show=opt.progress,
-                                         completed=total - sum(len(b) for b in todo)) as task:
+        with torch.inference_mode(), scoring_attention(model, opt.cpu_attention), \
+                bar(opt.description, total, show=opt.progress,
+                    completed=total - sum(len(b) for b in todo)) as task:
             for b in todo:
                 batch = [encoded[i] for i in b]
                 ids, mask, letters, lmask = collate(batch, pad_id, device)
