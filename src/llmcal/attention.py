@@ -61,6 +61,14 @@ def causal_attention(query, key, value, scaling: float | None = None):
     """
     import torch
 
+    # A named range, so profiles (bench/profile_eval.py) can tell these matmuls from the linear layers'.
+    with torch.profiler.record_function("llmcal::causal_attention"):
+        return _causal_attention(query, key, value, scaling)
+
+
+def _causal_attention(query, key, value, scaling):
+    import torch
+
     B, H, T, D = query.shape
     KV = key.shape[1]
     R = H // KV
