@@ -41,7 +41,9 @@ QUERY_BLOCK = 48
 SCORE_BYTES = 2 << 20
 
 
-@functools.lru_cache(maxsize=512)
+# One batch's blocks are reused by all its layers; 128 covers prompts of ~6,000 tokens
+# while bounding what long prompts keep alive (each entry is groups x block x end floats).
+@functools.lru_cache(maxsize=128)
 def _causal_bias(start: int, end: int, groups: int):
     """(groups * (end - start), end) float32: 0 where query start+i may see key j (j <= start+i), else -inf."""
     import torch
