@@ -118,10 +118,9 @@ def test_scoring_attention_restores_on_error_and_skips_other_implementations(tin
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with pytest.raises(RuntimeError):
-        with scoring_attention(model):
-            assert model.config._attn_implementation == attention.NAME
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), scoring_attention(model):
+        assert model.config._attn_implementation == attention.NAME
+        raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
     with scoring_attention(eager):
