@@ -127,3 +127,76 @@ def test_scoring_attention_restores_on_error_and_skips_other_implementations(tin
         assert eager.config._attn_implementation == "eager"
     with scoring_attention(model, enabled=False):
         assert model.config._attn_implementation == "sdpa"
+
+
+def _family_model(family, tok):
+    import transformers as tf
+
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                  max_position_embeddings=512)
+    config, cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+    }[family]
+    extra = {"gemma3_text": dict(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+             "qwen3": dict(head_dim=8)}.get(family, {})
+    torch.manual_seed(0)
+    return cls(config(**common, **extra)).eval()
+
+
+def _tiny_questions(tok):
+    from llmcal.data.schema import Question
+    from llmcal.prompts import encode_questions
+
+    qs = [Question(id=f"q{i}", question="What is " + "one and " * (2 * i) + "two?", choices=("1", "2", "3"),
+                   answer=i % 3, subject="s") for i in range(6)]
+    return encode_questions(qs, tok, "plain")
+
+
+@pytest.mark.parametrize("family", sorted(attention.FAMILIES))
+def test_every_listed_family_scores_as_with_sdpa(family, tiny_tokenizer, monkeypatch):
+    from llmcal.scoring import ScoreOptions, score
+
+    model = _family_model(family, tiny_tokenizer)
+    assert model.config.get_text_config().model_type == family
+    enc = _tiny_questions(tiny_tokenizer)
+    calls = _spy(monkeypatch)
+    fast = score(model, tiny_tokenizer, enc, options=ScoreOptions(progress=False, batch_tokens=150))
+    # gemma3's sliding layer (window 8, shorter than the prompts) gets a mask and stays on sdpa
+    assert calls, f"{family}: the CPU attention was never used"
+    slow = score(model, tiny_tokenizer, enc, options=ScoreOptions(progress=False, batch_tokens=150,
+                                                                 cpu_attention=False))
+    for a, b in zip(fast, slow):
+        assert a.pred == b.pred
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_no_switch_for_unlisted_families_or_mixed_implementations(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    monkeypatch.setattr(attention, "FAMILIES", frozenset({"qwen2"}))
+    with scoring_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+    # a sub-model on another implementation: switching and restoring all of them would lose it
+    model.model.config = model.config.__class__(**model.config.to_dict())
+    model.model.config._attn_implementation = "eager"
+    with scoring_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+        assert model.model.config._attn_implementation == "eager"
+
+
+def test_attention_forward_leaves_other_value_head_sizes_to_sdpa(monkeypatch):
+    calls = _spy(monkeypatch)
+    q, k, _ = _qkv(1, 4, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 4)
+    out, _ = attention_forward(_Module(), q, k, v, None, scaling=0.3)
+    assert calls == [] and out.shape == (1, 6, 4, 4)

@@ -20,7 +20,8 @@ matmuls sized to stay in cache:
 
 It only takes the case the scoring engine produces: inference (no autograd),
 no attention mask (right-padded batches: see scoring.py), queries and keys of
-the same length, no dropout, soft-capping, sinks or position bias.  Everything
+the same length and head size, no dropout, soft-capping, sinks or position
+bias, and only in the model families listed in ``FAMILIES``.  Everything
 else goes to transformers' own ``sdpa`` function unchanged, so training and
 generation behave exactly as before.  ``scoring_attention(model)`` switches a
 CPU model that uses ``sdpa`` to this function for the duration of a block.
@@ -113,6 +114,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (attention_mask is None and causal and not dropout and query.device.type == "cpu"
              and query.shape[2] == key.shape[2] > 1 and query.shape[1] % key.shape[1] == 0
+             and query.shape[-1] == key.shape[-1] == value.shape[-1]
              and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
              and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
              and not (torch.is_grad_enabled() and query.requires_grad))
@@ -135,13 +137,33 @@ def register() -> str:
     return NAME
 
 
+# Model families (the text model's ``model_type``) whose attention is plain causal self-attention
+# dispatched through AttentionInterface, each checked against sdpa in tests/test_attention.py.  Other
+# models keep sdpa: some modelling code branches on the implementation's name (sparse-index attention
+# folds its mask in only for "eager" and "sdpa"), which a new name would silently change.
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3"})
+
+
+def _implementations(base) -> list:
+    """The attention implementation of the model and of every sub-model with its own config."""
+    from transformers import PreTrainedModel
+
+    seen, out = set(), []
+    for m in base.modules():
+        if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
+            seen.add(id(m.config))
+            out.append(getattr(m.config, "_attn_implementation", None))
+    return out
+
+
 @contextlib.contextmanager
 def scoring_attention(model, enabled: bool = True):
-    """Within the block, a CPU model that uses ``sdpa`` attention uses ``attention_forward``.
+    """Within the block, a CPU model of a known family that uses ``sdpa`` everywhere uses ``attention_forward``.
 
-    A no-op for other devices, other attention implementations, or models that do
-    not dispatch attention through transformers' AttentionInterface.  The model's
-    implementation is restored afterwards, even on error.
+    A no-op for other devices and families, for models where any sub-model uses
+    another implementation (the switch and the restore apply to all of them),
+    and for models that do not dispatch attention through AttentionInterface.
+    The model goes back to ``sdpa`` afterwards, even on error.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
@@ -149,10 +171,12 @@ def scoring_attention(model, enabled: bool = True):
     can = getattr(base, "_can_set_attn_implementation", lambda: False)
     try:
         device = next(base.parameters()).device.type
-    except StopIteration:
+    except (StopIteration, AttributeError):
         device = None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if (not enabled or setter is None or config is None or device != "cpu"
-            or getattr(config, "_attn_implementation", None) != "sdpa" or not can()):
+            or getattr(text, "model_type", None) not in FAMILIES or not can()
+            or set(_implementations(base)) != {"sdpa"}):
         yield
         return
     setter(register())
