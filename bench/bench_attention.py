@@ -11,7 +11,8 @@ Inputs are random, in the (batch, length, heads, dim) storage that
 transformers passes as (batch, heads, length, dim) views.  For each kernel it
 prints the time one layer's attention takes over all batches, times the
 number of layers (best of --reps), and GFLOP/s counted as bench_eval.py counts
-attention: 2 x 2 x heads x head_dim per causal query-key pair.  Also checks
+attention, 2 x 2 x heads x head_dim per causal query-key pair, but over the
+padded batches (bench_eval.py counts real tokens only).  Also checks
 that every kernel's output is within tolerance of float32 sdpa.
 
 Results go to stdout and to bench/results/attention-<time>.json.
@@ -44,12 +45,11 @@ def main() -> int:
 
     from llmcal import attention
     from llmcal.data import load_dataset
-    from llmcal.models import gguf_to_hf_dir, load_tokenizer, resolve_model
+    from llmcal.models import load_tokenizer, resolve_model, weights_dir
     from llmcal.prompts import encode_questions
     from llmcal.scoring import DEFAULT_BATCH_TOKENS, make_batches
 
-    spec = resolve_model(args.model)
-    model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
+    model_dir = Path(weights_dir(resolve_model(args.model)))
     cfg = AutoConfig.from_pretrained(model_dir)
     H, KV, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H

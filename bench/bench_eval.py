@@ -155,11 +155,10 @@ def prepare(args) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from llmcal.data import load_dataset
-    from llmcal.models import gguf_to_hf_dir, resolve_model
+    from llmcal.models import resolve_model, weights_dir
     from llmcal.prompts import encode_questions
 
-    spec = resolve_model(args.model)
-    model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
+    model_dir = Path(weights_dir(resolve_model(args.model)))
     questions = list(load_dataset(args.data, limit=args.n, seed=args.seed).questions)
     if any(q.k != 4 for q in questions):
         raise SystemExit("the lm-eval task here is the 4-option MMLU format; use a 4-option dataset")

@@ -109,8 +109,10 @@ def main() -> int:
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                     help="repeatable; default both")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each decoder layer")
-    ap.add_argument("--sdpa", choices=["default", "math", "flash"], default="default",
-                    help="scaled-dot-product attention backend to force (torch.nn.attention.sdpa_kernel)")
+    ap.add_argument("--sdpa", choices=["default", "sdpa", "math", "flash"], default="default",
+                    help="attention: default = what scoring uses (llmcal's CPU attention where it applies); "
+                         "sdpa = transformers' sdpa; math/flash = sdpa with that backend forced "
+                         "(torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--batching", action="store_true",
                     help="only compare the greedy and padding-aware batch cutters (no model runs)")
     args = ap.parse_args()
@@ -118,14 +120,13 @@ def main() -> int:
     import torch
 
     from llmcal.data import load_dataset
-    from llmcal.models import gguf_to_hf_dir, resolve_model
+    from llmcal.models import resolve_model, weights_dir
     from llmcal.prompts import encode_questions
     from llmcal.scoring import ScoreOptions
 
-    spec = resolve_model(args.model)
-    model_dir = Path(gguf_to_hf_dir(spec.path, spec.gguf_file)) if spec.kind == "gguf" else Path(spec.path)
+    model_dir = Path(weights_dir(resolve_model(args.model)))
     questions = list(load_dataset(args.data, limit=200, seed=args.seed).questions)
-    opt = ScoreOptions(progress=False)
+    opt = ScoreOptions(progress=False, cpu_attention=args.sdpa == "default")
     result = {"started": dt.datetime.now().isoformat(timespec="seconds"), "n": args.n, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtypes": {}}
     if args.batching:
@@ -140,6 +141,7 @@ def main() -> int:
 
     backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}.get(args.sdpa)
     result["sdpa"] = args.sdpa
+    result["cpu_attention"] = opt.cpu_attention
     ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         profile_dtypes(args, result, model_dir, questions, opt)

@@ -35,8 +35,8 @@ import math
 NAME = "llmcal_cpu_causal"
 
 # Query positions per block: smaller blocks skip more of the masked triangle but
-# make smaller matmuls; 48-64 was fastest for MMLU-length prompts on 2 cores
-# (bench/RESULTS.md, v4).
+# make smaller matmuls. For MMLU-length prompts on 2 cores, 32, 48 and 64 were
+# within noise of each other and 128 was slower (bench/bench_attention.py; RESULTS.md, v4).
 QUERY_BLOCK = 48
 # float32 scores per chunk of batch rows, in bytes.
 SCORE_BYTES = 2 << 20
@@ -109,7 +109,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention function: ``causal_attention`` where it applies, ``sdpa`` otherwise."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (attention_mask is None and causal and not dropout and query.device.type == "cpu"
@@ -119,6 +118,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
              and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
              and not (torch.is_grad_enabled() and query.requires_grad))
     if not plain:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     return causal_attention(query, key, value, scaling), None

@@ -12,7 +12,8 @@ uninterrupted single-process run used and ends with identical predictions.
 Batches are right-padded, and a causal decoder's real positions never attend to
 positions after them, so the decoder runs without an attention mask (the fast
 causal path of scaled-dot-product attention, or on CPU attention.py's kernel);
-the padding rows' outputs are never read.  See bench/RESULTS.md for what each choice here bought.
+the padding rows' outputs are never read.  See bench/RESULTS.md for what each
+choice here bought.
 """
 from __future__ import annotations
 
