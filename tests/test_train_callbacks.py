@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from llmcal.metrics import bin_statistics
 from llmcal.train.callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, epoch_index
@@ -41,7 +42,7 @@ def test_epoch_index_is_exact_at_boundaries_and_after_resume():
 def test_estep_refreshes_once_per_epoch_and_not_after_a_mid_epoch_resume():
     probe = FakeProbe({"estep-heldout": _stats([0.95, 0.95, 0.55, 0.35], [1, 0, 1, 0])})
     ts = TrainState.initial("rcft", 1.0, 10)
-    cb = EStepCallback(ts, probe, encoded=[], every_steps=None)
+    cb = EStepCallback(ts, probe, encoded=[], every_steps=None, prior_strength=0.0)  # raw bin accuracies
     cb.on_train_begin(None, _trainer_state(None, 0), None)
     cb.on_epoch_begin(None, _trainer_state(None, 0), None)  # same epoch: no second E-step
     assert len(probe.calls) == 1 and ts.targets_tag == "epoch:0"
@@ -55,6 +56,41 @@ def test_estep_refreshes_once_per_epoch_and_not_after_a_mid_epoch_resume():
     cb2.on_train_begin(None, _trainer_state(1.5, 6), None)
     cb2.on_epoch_begin(None, _trainer_state(1.5, 6), None)
     assert len(probe.calls) == 2
+
+
+def test_estep_shrinks_logs_counts_and_warns_when_questions_are_few(caplog):
+    import logging
+
+    conf, correct = [0.95, 0.95, 0.55, 0.35], [1, 0, 1, 0]
+    probe = FakeProbe({"estep-heldout": _stats(conf, correct)})
+    ts = TrainState.initial("rcft", 1.0, 10)
+    cb = EStepCallback(ts, probe, encoded=[], prior_strength=4.0)
+    with caplog.at_level(logging.INFO, logger="llmcal.train.callbacks"):
+        cb.on_train_begin(None, _trainer_state(None, 0), None)
+        cb.on_epoch_begin(None, _trainer_state(1.0, 4), None)
+    gap = (2 - sum(conf)) / 4  # pooled accuracy minus pooled confidence
+    assert ts.targets[9] == pytest.approx((1 + 4 * (0.95 + gap)) / (2 + 4))
+    assert ts.targets[5] == pytest.approx((1 + 4 * (0.55 + gap)) / (1 + 4))
+    assert ts.targets[0] is None
+    rec = ts.estep_history[-1]
+    assert rec["n_questions"] == 4 and rec["count"] == [0, 0, 0, 1, 0, 1, 0, 0, 0, 2]
+    assert rec["raw_accuracy"][9] == 0.5 and rec["prior_strength"] == 4.0
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("4 heldout questions (per bin [0, 0, 0, 1, 0, 1, 0, 0, 0, 2])" in m for m in infos)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "4 heldout questions for 10 bins" in warnings[0]  # warned once, not per E-step
+
+
+def test_estep_with_enough_questions_does_not_warn(caplog):
+    import logging
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1.0, 60)
+    probe = FakeProbe({"estep-heldout": _stats(conf, (rng.random(60) < conf).astype(int))})
+    cb = EStepCallback(TrainState.initial("rcft", 1.0, 10), probe, encoded=[])
+    with caplog.at_level(logging.INFO, logger="llmcal.train.callbacks"):
+        cb.on_train_begin(None, _trainer_state(None, 0), None)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_estep_every_n_steps():

@@ -1,9 +1,12 @@
 """The EM loop and the bookkeeping around training, as Trainer callbacks.
 
 * ``EStepCallback``: the E-step.  Estimates the per-bin accuracies a_b with
-  the current model on the estimation set and stores them in the TrainState
-  the loss reads: when the RCFT term is on and there are no targets yet, then
-  at the start of every epoch (or every N optimizer steps).
+  the current model on the estimation set (``estimate_bin_accuracy``: each
+  bin's accuracy shrunk toward a prior, docs/estep.md) and stores them in the
+  TrainState the loss reads: when the RCFT term is on and there are no targets
+  yet, then at the start of every epoch (or every N optimizer steps).  Each
+  E-step logs how many questions it used, and warns when they are too few for
+  the number of bins.
 * ``AutoRegimeCallback`` (``--method auto``): at each epoch end, compares
   train and held-out accuracy; once ``left_calibratable`` says the model has
   left the calibratable regime, the RCFT term is on from then on.  Every check
@@ -32,7 +35,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..prompts import EncodedQuestion
 from ..regime import diagnose, left_calibratable
-from .estimate import Probe
+from .estimate import DEFAULT_PRIOR_STRENGTH, MIN_QUESTIONS_PER_BIN, Probe, estimate_bin_accuracy, too_few
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -57,19 +60,32 @@ def epoch_index(state) -> int:
 
 class EStepCallback(TrainerCallback):
     def __init__(self, train_state: TrainState, probe: Probe, encoded: Sequence[EncodedQuestion],
-                 every_steps: int | None = None, set_name: str = "heldout"):
+                 every_steps: int | None = None, set_name: str = "heldout",
+                 prior_strength: float = DEFAULT_PRIOR_STRENGTH):
         self.ts = train_state
         self.probe = probe
         self.encoded = encoded
         self.every_steps = every_steps  # None: every epoch
         self.set_name = set_name
+        self.prior_strength = float(prior_strength)
+        self._warned = False
 
     def _refresh(self, state, model, tag: str) -> None:
         stats = self.probe(f"estep-{self.set_name}", model, self.encoded, state.global_step)
-        self.ts.set_targets(stats.bins.accuracy, tag, {
+        est = estimate_bin_accuracy(stats.bins, self.prior_strength)
+        self.ts.set_targets(est.accuracy, tag, {
             "step": state.global_step, "epoch": state.epoch or 0.0, "set": self.set_name,
-            "count": [int(c) for c in stats.bins.count], **stats.summary()})
-        log.info("E-step at step %d (%s): bin accuracies %s", state.global_step, tag, self.ts.targets)
+            **est.to_dict(), **stats.summary()})
+        n_bins = len(est.count)
+        log.info("E-step at step %d (%s): %d %s questions (per bin %s); bin accuracies %s", state.global_step, tag,
+                 est.n, self.set_name, est.count, _rounded(self.ts.targets))
+        if too_few(est.n, n_bins) and not self._warned:
+            self._warned = True  # the set does not change during a run: once is enough
+            log.warning(
+                "RCFT E-step: %d %s questions for %d bins (fewer than %d per bin); the bin accuracies lean on the "
+                "prior (strength %g questions per bin, docs/estep.md). Use more training data, a larger "
+                "--heldout-fraction or fewer --n-bins.", est.n, self.set_name, n_bins, MIN_QUESTIONS_PER_BIN,
+                self.prior_strength)
 
     def _tag(self, state) -> str:
         return f"step:{state.global_step}" if self.every_steps else f"epoch:{epoch_index(state)}"
@@ -88,6 +104,10 @@ class EStepCallback(TrainerCallback):
         if self.ts.rcft_on and self.every_steps and state.global_step % self.every_steps == 0:
             if state.global_step < state.max_steps:
                 self._refresh(state, model, self._tag(state))
+
+
+def _rounded(values) -> list:
+    return [None if v is None else round(v, 3) for v in values or []]
 
 
 class AutoRegimeCallback(TrainerCallback):

@@ -8,9 +8,14 @@ summed NLL.  Each process scores its shard of the batches
 (``ScoreOptions.shard``) and the sums are all-reduced, so every rank gets
 identical statistics.  ``Probe`` caches the last result per set, so two
 callbacks asking at the same step score once.
+
+``estimate_bin_accuracy`` turns the E-step's statistics into the bin targets
+a_b: each bin's accuracy shrunk toward a prior built from the whole set
+(docs/estep.md states the estimator and why).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,6 +26,13 @@ from .. import distributed
 from ..metrics import BinStats, bin_statistics, ece_from_statistics
 from ..prompts import EncodedQuestion
 from ..scoring import ScoreOptions, score
+
+log = logging.getLogger(__name__)
+
+# The E-step's Beta prior weighs as much as this many questions in each bin (see estimate_bin_accuracy).
+DEFAULT_PRIOR_STRENGTH = 4.0
+# Fewer E-step questions than this many per bin: the estimate rests mostly on the prior; a warning says so.
+MIN_QUESTIONS_PER_BIN = 5
 
 
 @dataclass(frozen=True)
@@ -86,3 +98,66 @@ class Probe:
                             description=f"{name} (step {step})", progress=self.progress)
         self._cache[name] = (step, stats)
         return stats
+
+
+@dataclass(frozen=True)
+class BinEstimate:
+    """The E-step's per-bin accuracy estimates and what they were computed from."""
+
+    accuracy: list[float | None]  # a_b, the targets (None: empty bin, no estimate)
+    raw: list[float | None]  # sum_correct / count per bin (the estimate before shrinkage)
+    prior: list[float | None]  # the prior mean m_b per bin
+    count: list[int]  # questions per bin
+    n: int  # questions in all
+    prior_strength: float
+    gap: float  # pooled accuracy minus pooled mean confidence (negative: overconfident)
+
+    def to_dict(self) -> dict:
+        return {"n_questions": self.n, "count": self.count, "raw_accuracy": self.raw, "prior": self.prior,
+                "prior_strength": self.prior_strength, "pooled_gap": self.gap}
+
+
+def _listed(x: np.ndarray, keep: np.ndarray) -> list[float | None]:
+    return [float(v) if k else None for v, k in zip(x, keep)]
+
+
+def estimate_bin_accuracy(bins: BinStats, prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> BinEstimate:
+    """Per-bin accuracy a_b, shrunk toward the bin's confidence corrected by the set's overall calibration gap.
+
+    With n_b questions in bin b, S_b of them correct, mean confidence cbar_b in
+    the bin, and over the whole set accuracy A and mean confidence C::
+
+        m_b = clip(cbar_b + (A - C), 0, 1)                 (prior mean)
+        a_b = (S_b + kappa * m_b) / (n_b + kappa)          (posterior mean of Beta(kappa m_b, kappa (1 - m_b)))
+
+    Why this prior: the raw bin accuracy S_b / n_b has variance a(1 - a) / n_b,
+    so with a few questions per bin (10 held-out questions over 10 bins) the
+    targets are mostly 0 or 1 and RCFT fits noise.  The gap A - C is estimated
+    from all n questions, not n_b, and says how far the model's confidence sits
+    from its accuracy overall; the prior assumes each bin is off by that much
+    (exact when miscalibration is a uniform shift), and each bin's own questions
+    pull the estimate away from it as they accumulate (kappa pseudo-questions
+    against n_b real ones).  As n_b grows a_b tends to the raw accuracy, so large
+    estimation sets give the unshrunk E-step; ``prior_strength=0`` gives it
+    exactly.  Empty bins stay without an estimate, as before.
+    """
+    if prior_strength < 0 or not math.isfinite(prior_strength):
+        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength}")
+    count = np.asarray(bins.count, dtype=np.float64)
+    n = float(count.sum())
+    keep = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        raw = np.where(keep, bins.sum_correct / count, np.nan)
+        conf = np.where(keep, bins.sum_conf / count, np.nan)
+    gap = float((bins.sum_correct.sum() - bins.sum_conf.sum()) / n) if n > 0 else 0.0
+    prior = np.clip(conf + gap, 0.0, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        post = np.where(keep, (bins.sum_correct + prior_strength * prior) / (count + prior_strength), np.nan)
+    return BinEstimate(accuracy=_listed(post, keep), raw=_listed(raw, keep), prior=_listed(prior, keep),
+                       count=[int(round(c)) for c in count], n=int(round(n)), prior_strength=float(prior_strength),
+                       gap=gap)
+
+
+def too_few(n: int, n_bins: int) -> bool:
+    """Fewer than MIN_QUESTIONS_PER_BIN questions per bin on average."""
+    return n < MIN_QUESTIONS_PER_BIN * n_bins
