@@ -326,16 +326,20 @@ def test_compute_metrics_keys_types_and_json():
     subjects = ["math", None, "bio", "math"] * 50
     r = compute_metrics(p, a, n_bootstrap=100, subjects=subjects)
     assert set(r) == {"n", "accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc",
-                      "mean_conf", "ci", "reliability", "per_subject", "n_bins"}
+                      "mean_conf", "ci", "reliability", "per_subject", "n_bins", "smece", "smece_sigma",
+                      "l2_ce_debiased", "aurc", "acc_at_80", "acc_at_50", "estimators"}
     assert r["n"] == 200 and r["n_bins"] == 10
-    for key in ("accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf"):
+    for key in ("accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf",
+                "smece", "smece_sigma", "l2_ce_debiased", "aurc", "acc_at_80", "acc_at_50"):
         assert type(r[key]) is float
     assert r["accuracy"] == accuracy(p, a) and r["conf_ece"] == conf_ece(p, a)
-    assert set(r["ci"]) == {"accuracy", "conf_ece"}
+    assert set(r["ci"]) == {"accuracy", "conf_ece", "aurc"}
     assert all(len(v) == 2 and all(type(x) is float for x in v) for v in r["ci"].values())
     assert set(r["per_subject"]) == {"(none)", "bio", "math"}
     assert r["per_subject"]["math"]["n"] == 100
     assert set(r["per_subject"]["bio"]) == {"n", "accuracy", "conf_ece"}
+    assert set(r["estimators"]) >= set(r) - {"n", "reliability", "per_subject", "n_bins", "estimators",
+                                             "smece_sigma"}
     json.loads(json.dumps(r))
     assert compute_metrics(p, a, n_bootstrap=0)["per_subject"] == {}
 

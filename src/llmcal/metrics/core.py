@@ -1,4 +1,4 @@
-"""Calibration metrics for multiple-choice predictions (pure numpy).
+"""Core calibration metrics: validation, per-bin sufficient statistics, the binned ECEs, Brier, NLL.
 
 Every function takes ``probs`` (N x K, rows summing to 1, possibly zero-padded
 for questions with fewer than K options) and ``answers`` (N integer indices).
@@ -15,15 +15,11 @@ in bin ``min(floor(c * M), M - 1)``.
 """
 from __future__ import annotations
 
-import functools
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import LlmcalError
-from .predictions import Prediction, stack_probs
+from ..errors import LlmcalError
 
 __all__ = [
     "BinStats",
@@ -34,15 +30,13 @@ __all__ = [
     "conf_ece",
     "classwise_ece",
     "equal_mass_ece",
+    "equal_mass_bins",
     "mce",
     "brier",
     "nll",
     "auroc",
     "mean_confidence",
     "reliability_bins",
-    "bootstrap_ci",
-    "compute_metrics",
-    "metrics_from_predictions",
 ]
 
 _ROW_SUM_TOL = 1e-3
@@ -242,23 +236,32 @@ def classwise_ece(probs, answers, n_bins: int = 10) -> float:
     return float(total / k)
 
 
+def equal_mass_bins(conf, correct, n_bins: int = 10) -> list[np.ndarray]:
+    """Row indices of the M equal-mass bins of confidences ``conf`` (non-empty bins only).
+
+    Rows are sorted by confidence (ties by correctness, so the bins do not depend
+    on row order) and cut with ``np.array_split`` into M runs whose sizes differ
+    by at most one; with N < M the empty runs are dropped.
+    """
+    m = _check_n_bins(n_bins)
+    order = np.lexsort((np.asarray(correct), np.asarray(conf)))
+    return [chunk for chunk in np.array_split(order, m) if len(chunk)]
+
+
 def equal_mass_ece(probs, answers, n_bins: int = 10) -> float:
     """Equal-mass ECE = sum_m |B_m|/N * |acc(B_m) - mean conf(B_m)|, bins of equal size.
 
-    Questions are sorted by confidence (ties by correctness, so the result does
-    not depend on row order) and split with ``np.array_split`` into M bins of
-    sizes differing by at most one; empty bins (N < M) are skipped.
+    The bins are :func:`equal_mass_bins`: questions sorted by confidence (ties
+    by correctness) and split into M bins of sizes differing by at most one;
+    empty bins (N < M) are skipped.
     """
     m = _check_n_bins(n_bins)
     p, a = _check_inputs(probs, answers)
     conf, correct = _conf_correct(p, a)
-    order = np.lexsort((correct, conf))
-    n = len(conf)
     total = 0.0
-    for chunk in np.array_split(order, m):
-        if len(chunk):
-            total += abs(float(correct[chunk].sum()) - float(conf[chunk].sum()))
-    return float(total / n)
+    for chunk in equal_mass_bins(conf, correct, m):
+        total += abs(float(correct[chunk].sum()) - float(conf[chunk].sum()))
+    return float(total / len(conf))
 
 
 def mce(probs, answers, n_bins: int = 10) -> float:
@@ -338,148 +341,3 @@ def reliability_bins(probs, answers, n_bins: int = 10) -> dict:
         "accuracy": _opt(stats.accuracy),
         "confidence": _opt(stats.confidence),
     }
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # resample indices held in memory at once
-
-
-def _resample_batches(rng: np.random.Generator, n: int, n_resamples: int):
-    """Yield (B, n) arrays of bootstrap indices, n_resamples rows in all."""
-    per_chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
-    done = 0
-    while done < n_resamples:
-        b = min(per_chunk, n_resamples - done)
-        yield rng.integers(0, n, size=(b, n))
-        done += b
-
-
-def _fast_bootstrap_kind(metric_fn) -> tuple[str, int] | None:
-    """Recognise metrics with a vectorised bootstrap: ('accuracy', 0) or ('conf_ece', n_bins)."""
-    if metric_fn is accuracy:
-        return ("accuracy", 0)
-    if metric_fn is conf_ece:
-        return ("conf_ece", 10)
-    if (isinstance(metric_fn, functools.partial) and metric_fn.func is conf_ece and not metric_fn.args
-            and set(metric_fn.keywords) <= {"n_bins"}):
-        return ("conf_ece", _check_n_bins(metric_fn.keywords.get("n_bins", 10)))
-    return None
-
-
-def bootstrap_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], probs, answers,
-                 n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric_fn(probs, answers)``.
-
-    Draws ``n_resamples`` resamples of the N questions with replacement from
-    ``np.random.default_rng(seed)`` and returns the (1-level)/2 and (1+level)/2
-    percentiles of the metric over them (NaN resample values are ignored).
-    ``accuracy`` and ``conf_ece`` (also as ``functools.partial(conf_ece,
-    n_bins=...)``) are computed vectorised from per-question statistics; any
-    other metric is called once per resample. Both paths use the same resamples.
-    """
-    p, a = _check_inputs(probs, answers)
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise LlmcalError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not 0.0 < float(level) < 1.0:
-        raise LlmcalError(f"level must be in (0, 1), got {level!r}")
-    n = p.shape[0]
-    rng = np.random.default_rng(seed)
-    kind = _fast_bootstrap_kind(metric_fn)
-    values = np.empty(int(n_resamples), dtype=np.float64)
-    pos = 0
-    if kind is not None:
-        conf, correct = _conf_correct(p, a)
-        correct = correct.astype(np.float64)
-        m = kind[1]
-        bins = bin_index(conf, m) if kind[0] == "conf_ece" else None
-        for idx in _resample_batches(rng, n, int(n_resamples)):
-            b = idx.shape[0]
-            if kind[0] == "accuracy":
-                values[pos:pos + b] = correct[idx].mean(axis=1)
-            else:
-                # one flat bincount over (resample, bin) pairs gives every resample's bin sums
-                flat = (np.arange(b)[:, None] * m + bins[idx]).ravel()
-                diff = np.bincount(flat, weights=(correct - conf)[idx].ravel(), minlength=b * m)
-                values[pos:pos + b] = np.abs(diff.reshape(b, m)).sum(axis=1) / n
-            pos += b
-    else:
-        for idx in _resample_batches(rng, n, int(n_resamples)):
-            for row in idx:
-                values[pos] = float(metric_fn(p[row], a[row]))
-                pos += 1
-    finite = values[~np.isnan(values)]
-    if finite.size == 0:
-        return (float("nan"), float("nan"))
-    alpha = (1.0 - float(level)) / 2.0
-    lo, hi = np.percentile(finite, [100.0 * alpha, 100.0 * (1.0 - alpha)])
-    return (float(lo), float(hi))
-
-
-# --------------------------------------------------------------------------- summaries
-
-def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, seed: int = 0,
-                    subjects: Sequence[str | None] | None = None) -> dict:
-    """Every metric of DESIGN.md as a JSON-serialisable dict of plain Python values.
-
-    Keys: n, accuracy, conf_ece, cw_ece, em_ece, mce, brier, nll, auroc (NaN
-    when all answers are right or all wrong), mean_conf, ci ({"accuracy": [lo,
-    hi], "conf_ece": [lo, hi]}, percentile bootstrap with ``n_bootstrap``
-    resamples; values None when ``n_bootstrap`` is 0), reliability
-    (:func:`reliability_bins`), per_subject (subject -> {n, accuracy, conf_ece};
-    None subjects under "(none)"; {} when ``subjects`` is None), n_bins.
-    """
-    m = _check_n_bins(n_bins)
-    p, a = _check_inputs(probs, answers)
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise LlmcalError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
-    conf, correct = _conf_correct(p, a)
-
-    if n_bootstrap > 0:
-        ci = {
-            "accuracy": list(bootstrap_ci(accuracy, p, a, n_resamples=int(n_bootstrap), seed=seed)),
-            "conf_ece": list(bootstrap_ci(functools.partial(conf_ece, n_bins=m), p, a,
-                                          n_resamples=int(n_bootstrap), seed=seed)),
-        }
-    else:
-        ci = {"accuracy": None, "conf_ece": None}
-
-    per_subject: dict = {}
-    if subjects is not None:
-        subj = list(subjects)
-        if len(subj) != len(a):
-            raise LlmcalError(f"subjects has {len(subj)} entries but there are {len(a)} questions")
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(subj):
-            groups["(none)" if s is None else str(s)].append(i)
-        for name in sorted(groups):
-            rows = np.asarray(groups[name])
-            per_subject[name] = {
-                "n": int(len(rows)),
-                "accuracy": accuracy(p[rows], a[rows]),
-                "conf_ece": conf_ece(p[rows], a[rows], m),
-            }
-
-    return {
-        "n": int(len(a)),
-        "accuracy": accuracy(p, a),
-        "conf_ece": conf_ece(p, a, m),
-        "cw_ece": classwise_ece(p, a, m),
-        "em_ece": equal_mass_ece(p, a, m),
-        "mce": mce(p, a, m),
-        "brier": brier(p, a),
-        "nll": nll(p, a),
-        "auroc": auroc(conf, correct),
-        "mean_conf": mean_confidence(p),
-        "ci": ci,
-        "reliability": reliability_bins(p, a, m),
-        "per_subject": per_subject,
-        "n_bins": m,
-    }
-
-
-def metrics_from_predictions(preds: Sequence[Prediction], **kw) -> dict:
-    """:func:`compute_metrics` on predictions (zero-padded probs, their answers and subjects)."""
-    probs, answers = stack_probs(preds)
-    kw.setdefault("subjects", [p.subject for p in preds])
-    return compute_metrics(probs, answers, **kw)
