@@ -155,3 +155,99 @@ def test_plain_text_fallback_without_chat_template(tiny, prompts):
     assert r["n_tokens"] > 0 and r["mean_kl"] > 0
     assert alignment_drift(model, model, plain, prompts=prompts[:3], max_new_tokens=3,
                            progress=False)["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- the original's responses are generated once and cached ------------------------------------------------------
+def test_responses_are_cached_and_reused(tiny, prompts, tmp_path):
+    model, tok = tiny
+    other = _perturbed(model)
+    kw = dict(prompts=prompts[:4], max_new_tokens=NEW, progress=False, batch_size=2, cache=tmp_path)
+    first = alignment_drift(model, other, tok, **kw)
+    assert not first["responses_cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    second = alignment_drift(model, _perturbed(model, seed=5), tok, **kw)  # another tuned model, same original
+    assert second["responses_cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    again = alignment_drift(model, other, tok, **kw)
+    assert again["responses_cached"] and again == {**first, "responses_cached": True}
+
+
+def test_cache_key_changes_with_what_changes_the_responses(tiny, prompts, tmp_path):
+    from llmcal.drift import _encode, _normalise_prompts, responses_key
+
+    model, tok = tiny
+    enc = _encode(_normalise_prompts(prompts[:3]), tok)
+    base = dict(max_new_tokens=NEW, eos={tok.eos_token_id}, pad_id=tok.pad_token_id, batch_size=2)
+    k = responses_key(model, False, enc, **base)
+    assert responses_key(model, False, enc, **base) == k
+    assert responses_key(_perturbed(model, scale=1e-3), False, enc, **base) != k  # weights
+    assert responses_key(copy.deepcopy(model).to(torch.bfloat16), False, enc, **base) != k  # dtype
+    assert responses_key(model, False, enc[:2], **base) != k  # prompts
+    assert responses_key(model, False, _encode(_normalise_prompts(prompts[:3]), _plain(tok)), **base) != k  # template
+    for change in ({"max_new_tokens": NEW + 1}, {"eos": {tok.eos_token_id, 5}}, {"batch_size": 3}):
+        assert responses_key(model, False, enc, **{**base, **change}) != k
+
+
+def _plain(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
+
+
+def test_cache_key_from_the_model_spec_follows_the_weight_files(tiny, prompts, tmp_path, tiny_model_dir):
+    import os
+    import shutil
+
+    from llmcal.drift import _encode, _normalise_prompts, responses_key
+    from llmcal.models import resolve_model
+
+    model, tok = tiny
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, d)
+    enc = _encode(_normalise_prompts(prompts[:2]), tok)
+    kw = dict(max_new_tokens=NEW, eos={tok.eos_token_id}, pad_id=tok.pad_token_id, batch_size=2)
+    k = responses_key(model, False, enc, original_spec=resolve_model(str(d)), **kw)
+    assert k != responses_key(model, False, enc, **kw)
+    weights = d / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten weights
+    assert responses_key(model, False, enc, original_spec=resolve_model(str(d)), **kw) != k
+
+
+@pytest.mark.parametrize("damage", ["token", "truncate", "checksum"])
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(tiny, prompts, tmp_path, damage, caplog):
+    import json
+    import logging
+
+    model, tok = tiny
+    other = _perturbed(model)
+    kw = dict(prompts=prompts[:4], max_new_tokens=NEW, progress=False, batch_size=2, cache=tmp_path)
+    want = alignment_drift(model, other, tok, **kw)
+    (entry,) = tmp_path.glob("*.json")
+    doc = json.loads(entry.read_text())
+    if damage == "token":  # valid JSON, a plausible token id: only the checksum catches it
+        doc["responses"][0][0] = (doc["responses"][0][0] + 1) % len(tok)
+        entry.write_text(json.dumps(doc))
+    elif damage == "truncate":
+        entry.write_text(entry.read_text()[:40])
+    else:
+        doc["checksum"] = "0" * 64
+        entry.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="llmcal.drift"):
+        got = alignment_drift(model, other, tok, **kw)
+    assert not got["responses_cached"] and got == want
+    assert any("damaged drift response cache entry" in r.getMessage() for r in caplog.records)
+    assert alignment_drift(model, other, tok, **kw)["responses_cached"]  # rewritten, good again
+
+
+def test_generation_ignores_the_models_own_generation_defaults(tiny, prompts):
+    model, tok = tiny
+    other = _perturbed(model)
+    kw = dict(prompts=prompts[:4], max_new_tokens=6, progress=False, cache=False)
+    plain = alignment_drift(model, other, tok, **kw)
+    assert plain["n_tokens"] > plain["n_prompts"]
+    penalised = copy.deepcopy(model)
+    # if generate() took the model's own defaults, every response would be the eos token alone
+    penalised.generation_config.suppress_tokens = [t for t in range(len(tok)) if t != tok.eos_token_id]
+    penalised.generation_config.repetition_penalty = 50.0
+    got = alignment_drift(penalised, other, tok, **kw)
+    assert got == plain
+    assert penalised.generation_config.repetition_penalty == 50.0  # the model's config is restored

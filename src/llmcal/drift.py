@@ -15,28 +15,45 @@ token), ``T_i = |y_i|`` and ``T = sum_i T_i``: the mean per-token KL divergence
 on the original model's own responses, in nats.  0 means the tuned model
 predicts the original's responses exactly as the original does.
 
-Generation is batched with left padding; the teacher-forced pass reuses that
-layout (left-padded prompt, response, right padding after the end of each
-response) with position ids taken from the attention mask, so padding changes
-nothing.  Log-probabilities are computed in float32 whatever dtype the models
-run in.  A peft model whose base *is* the original is handled without a second
-copy: ``original_model=None`` means "``tuned_model`` with its adapter disabled".
+The responses come from transformers' ``generate()`` (greedy: ``do_sample=False``,
+one beam, none of the model's own generation defaults such as a repetition
+penalty), batched with left padding; the teacher-forced pass reuses that layout
+(left-padded prompt, response, right padding after the end of each response)
+with position ids taken from the attention mask, so padding changes nothing.
+Log-probabilities are computed in float32 whatever dtype the models run in.  A
+peft model whose base *is* the original is handled without a second copy:
+``original_model=None`` means "``tuned_model`` with its adapter disabled".
+
+The original's responses depend only on the original model, so they are
+generated once and kept in the llmcal cache (``<cache>/drift/``, see
+``llmcal.models.cache_dir``), keyed by a sha256 of everything that decides
+them: the original's weights (a fingerprint of its files when the caller names
+its ``ModelSpec``, else a hash of the parameters themselves), their dtype and
+device type, the exact prompt token ids (prompt text, chat template and
+tokenizer act through these), the end-of-sequence and padding ids, the batch
+size (it decides the padding, which can move bfloat16 arithmetic),
+``max_new_tokens`` and the transformers version.  An entry carries a sha256 of
+its contents; one that fails any check is deleted and generated again, never
+trusted.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
+import hashlib
 import json
 import logging
 from importlib import resources
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import LlmcalError
+from .io import atomic_write_json
 from .progress import bar
 
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS = "instructions.jsonl"
+CACHE_VERSION = 1  # bump when what a cached response means changes
 
 
 def load_instructions() -> list[dict]:
@@ -124,54 +141,49 @@ def _positions(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _greedy(model: Any, ids, mask, max_new_tokens: int, eos: set[int], pad_id: int):
-    """Greedy continuation of a left-padded batch with the KV cache; returns (tokens [B,T], lengths [B]).
+@contextlib.contextmanager
+def _plain_generation(model: Any) -> Iterator[None]:
+    """Hide the model's own generation defaults (sampling, repetition penalty, ...) for the duration.
 
-    Each row's response runs up to and including its first eos token (or
-    ``max_new_tokens`` tokens); positions after it hold ``pad_id``.
+    ``generate()`` fills every option the call leaves unset from the model's
+    ``generation_config``; the drift responses are defined as plain greedy
+    decoding, so that config is a default one while they are generated.
     """
-    import torch
+    from transformers import GenerationConfig
 
-    b = ids.shape[0]
-    dev = ids.device
-    eos_t = torch.tensor(sorted(eos) or [-1], device=dev)
-    kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, **kw)
-    cache_kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
-    cache = _cache_of(out)
-    nxt_pos = mask.long().sum(-1, keepdim=True)  # next position per row (prompt length)
-    tokens, done = [], torch.zeros(b, dtype=torch.bool, device=dev)
-    lengths = torch.zeros(b, dtype=torch.long, device=dev)
-    for t in range(max_new_tokens):
-        tok = out.logits[:, -1].float().argmax(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        lengths += (~done).long()
-        done = done | torch.isin(tok, eos_t)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=dev)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt_pos + t,
-                    use_cache=True, **{cache_kw: cache})
-        cache = _cache_of(out)
-    return torch.stack(tokens, dim=1), lengths
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = core.generation_config
+    core.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        core.generation_config = saved
+
+
+def _greedy(model: Any, ids, mask, max_new_tokens: int, eos: set[int], pad_id: int) -> list[list[int]]:
+    """Greedy responses of a left-padded batch with ``generate()``: each up to and including its first eos."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(eos) or None, pad_token_id=pad_id)
+    with _plain_generation(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    responses = []
+    for row in out[:, ids.shape[1]:].tolist():
+        stop = next((j for j, t in enumerate(row) if t in eos), None)
+        responses.append(row[:stop + 1] if stop is not None else row[:max_new_tokens])
+    return responses
 
 
 def _forward_params(model: Any) -> set[str]:
+    import inspect
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 
 
 def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in _forward_params(model)
-
-
-def _cache_of(out: Any):
-    """The KV cache of a forward's output (``cache`` in transformers 5, ``past_key_values`` before)."""
-    for name in ("cache", "past_key_values"):
-        if name in out.keys():
-            return out[name]
-    raise LlmcalError(f"{type(out).__name__}: the model returned no KV cache; it cannot generate incrementally")
 
 
 def _response_logprobs(model: Any, ids, mask, n_resp: int):
@@ -198,30 +210,158 @@ def _kl(lp_p, lp_q):
     return torch.where(p > 0, p * (lp_p - lp_q), torch.zeros_like(p)).sum(-1).clamp(min=0.0)
 
 
+# ---- the original's responses, cached -------------------------------------------------------
+def _weights_digest(model: Any, disable: bool) -> str:
+    """sha256 of the original's parameters (names and bytes); an adapter's own weights are left out when disabled.
+
+    Used when the caller does not name the model's files.  Names are
+    normalised (peft's ``base_model.model.`` prefix and ``.base_layer``) so a
+    base model hashes the same inside and outside a peft wrapper.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if disable and ("lora_" in name or "modules_to_save" in name):
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_fingerprint(spec: Any) -> list:
+    """(name, size, mtime_ns) of the files of a ModelSpec's weights, its base's for an adapter, a hub revision."""
+    out: list = [spec.kind, spec.path, spec.gguf_file]
+    path = Path(spec.path)
+    if spec.kind == "gguf" and path.is_dir():
+        files = [path / spec.gguf_file]
+    elif spec.kind in ("local", "lora") and path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file())
+    else:
+        files = []
+        if spec.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(spec.path, "config.json")
+            out.append(Path(hit).parent.name if isinstance(hit, str) else None)  # the snapshot's commit
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    if getattr(spec, "base", None) is not None:
+        out.append(_file_fingerprint(spec.base))
+    return out
+
+
+def responses_key(original: Any, disable: bool, encoded: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  eos: set[int], pad_id: int, batch_size: int, original_spec: Any = None) -> str:
+    """The cache key of the original's greedy responses (see the module docstring)."""
+    import torch
+    import transformers
+
+    p = next(original.parameters())
+    weights = (["files", _file_fingerprint(original_spec)] if original_spec is not None
+               else ["params", _weights_digest(original, disable)])
+    head = {"version": CACHE_VERSION, "weights": weights, "dtype": str(p.dtype), "device": p.device.type,
+            "max_new_tokens": max_new_tokens, "eos": sorted(eos), "pad": pad_id, "batch_size": batch_size,
+            "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    for ids in encoded:
+        h.update(json.dumps(list(ids)).encode())
+    return h.hexdigest()
+
+
+def _checksum(key: str, responses: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps([key, responses]).encode()).hexdigest()
+
+
+def _cache_path(root: Path, key: str) -> Path:
+    return root / f"{key}.json"
+
+
+def read_responses(root: Path, key: str, n: int, max_new_tokens: int) -> list[list[int]] | None:
+    """The cached responses for ``key``; None when absent, or when damaged (then the entry is deleted)."""
+    path = _cache_path(root, key)
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        responses = doc["responses"]
+        ok = (doc.get("key") == key and doc.get("checksum") == _checksum(key, responses) and len(responses) == n
+              and all(isinstance(r, list) and 1 <= len(r) <= max_new_tokens
+                      and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in r)
+                      for r in responses))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "its checksum, key or contents do not match"
+    if not ok:
+        log.warning("%s: damaged drift response cache entry (%s); generating the responses again", path, why)
+        path.unlink(missing_ok=True)
+        return None
+    return responses
+
+
+def write_responses(root: Path, key: str, responses: list[list[int]], ids: list[str]) -> Path:
+    return atomic_write_json(_cache_path(root, key), {"key": key, "ids": ids, "responses": responses,
+                                                      "checksum": _checksum(key, responses)})
+
+
+def _default_cache_root() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "drift"
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    return ids, mask
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
 # ---- the measurement ---------------------------------------------------------------
 def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any, *,
                     prompts: Sequence[dict | str] | None = None, max_new_tokens: int = 32,
-                    progress: bool = True, batch_size: int = 8) -> dict:
+                    progress: bool = True, batch_size: int = 8, original_spec: Any = None,
+                    cache: bool | str | Path = True) -> dict:
     """Mean per-token KL(p_original || p_tuned) on the original model's own greedy responses.
 
     For each prompt (default: :func:`load_instructions`), rendered with the
     tokenizer's chat template and a generation prompt (the plain prompt text
     when the tokenizer has no chat template), the original model generates its
-    greedy response (argmax of its own logits, no sampling and no logits
-    processors, at most ``max_new_tokens`` tokens, stopping after the first eos
-    token).  Both models are then run teacher-forced on prompt + that response,
-    and at each response position the KL divergence from the original's
-    next-token distribution to the tuned model's is taken over the full
-    vocabulary, in float32, in nats.
+    greedy response (``generate()`` with ``do_sample=False``, one beam and no
+    logits processors, at most ``max_new_tokens`` tokens, stopping after the
+    first eos token).  Both models are then run teacher-forced on prompt + that
+    response, and at each response position the KL divergence from the
+    original's next-token distribution to the tuned model's is taken over the
+    full vocabulary, in float32, in nats.
 
     ``original_model=None`` means ``tuned_model`` is a peft model whose base is
     the original: the original's numbers are computed inside
     ``tuned_model.disable_adapter()``.  Models are put in eval mode for the
     measurement and returned in the mode they were in.
 
+    The responses are cached (module docstring): ``cache=True`` uses the
+    llmcal cache, a path uses that folder, ``False`` generates them without
+    caching.  ``original_spec`` (the ``ModelSpec`` of the original's weights:
+    for ``original_model=None``, the base the adapter was put on) keys the
+    cache by the weight files instead of by hashing every parameter.
+
     Returns ``{"mean_kl": mean over all response tokens, "per_prompt": [{"id",
     "n_tokens", "mean_kl"}, ...] in prompt order, "n_prompts", "n_tokens",
-    "max_new_tokens"}``.
+    "max_new_tokens", "responses_cached"}``.
     """
     import torch
 
@@ -241,29 +381,48 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
     order = sorted(range(len(items)), key=lambda i: (-len(encoded[i]), i))  # similar lengths share a batch
     sums = [0.0] * len(items)
     counts = [0] * len(items)
+    dev = _device(original)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(_eval(tuned_model))
         if not disable:
             stack.enter_context(_eval(original_model))
+
+        root = None if cache is False else (_default_cache_root() if cache is True else Path(cache))
+        key = None
+        responses = None
+        if root is not None:
+            key = responses_key(original, disable, encoded, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                                batch_size=batch_size, original_spec=original_spec)
+            responses = read_responses(root, key, len(items), max_new_tokens)
+        cached = responses is not None
+        if responses is None:
+            responses = [[] for _ in items]
+            with bar("drift: original responses", total=len(items), show=progress) as task:
+                for rows in _batches(order, batch_size):
+                    ids, mask = _left_pad([encoded[i] for i in rows], pad_id)
+                    with _as_original(original, disable):
+                        for i, r in zip(rows, _greedy(original, ids.to(dev), mask.to(dev), max_new_tokens, eos,
+                                                       pad_id)):
+                            responses[i] = r
+                    task.advance(len(rows))
+            if root is not None:
+                write_responses(root, key, responses, [it["id"] for it in items])
+        else:
+            log.info("alignment drift: the original's responses from the cache (%s)", _cache_path(root, key))
+
         task = stack.enter_context(bar("alignment drift", total=len(items), show=progress))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding
-                n = len(encoded[i])
-                ids[r, width - n:] = torch.tensor(encoded[i])
-                mask[r, width - n:] = 1
-            dev = _device(original)
-            with _as_original(original, disable):
-                resp, lengths = _greedy(original, ids.to(dev), mask.to(dev), max_new_tokens, eos, pad_id)
-            n_resp = resp.shape[1]
-            resp_mask = (torch.arange(n_resp, device=lengths.device)[None, :] < lengths[:, None]).long()
-            full_ids = torch.cat([ids, resp.cpu()], dim=1)
-            full_mask = torch.cat([mask, resp_mask.cpu()], dim=1)
+        for rows in _batches(order, batch_size):
+            ids, mask = _left_pad([encoded[i] for i in rows], pad_id)
+            lengths = torch.tensor([len(responses[i]) for i in rows])
+            n_resp = int(lengths.max())
+            resp = torch.full((len(rows), n_resp), pad_id, dtype=torch.long)
+            for r, i in enumerate(rows):
+                resp[r, :len(responses[i])] = torch.tensor(responses[i])
+            resp_mask = (torch.arange(n_resp)[None, :] < lengths[:, None]).long()
+            full_ids = torch.cat([ids, resp], dim=1)
+            full_mask = torch.cat([mask, resp_mask], dim=1)
             with _as_original(original, disable):
                 lp_o = _response_logprobs(original, full_ids, full_mask, n_resp)
             lp_t = _response_logprobs(tuned_model, full_ids, full_mask, n_resp).to(lp_o.device)
@@ -274,7 +433,7 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
             kl = torch.where(resp_mask.to(kl.device).bool(), kl, torch.zeros_like(kl))
             for r, i in enumerate(rows):
                 sums[i] = float(kl[r].double().sum())
-                counts[i] = int(lengths[r])
+                counts[i] = len(responses[i])
             task.advance(len(rows))
 
     n_tokens = sum(counts)
@@ -285,6 +444,7 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
         "n_prompts": len(items),
         "n_tokens": n_tokens,
         "max_new_tokens": max_new_tokens,
+        "responses_cached": cached,
     }
     log.info("alignment drift: mean KL %.6f nats/token over %d tokens of %d prompts",
              result["mean_kl"], n_tokens, len(items))
