@@ -1,4 +1,4 @@
-"""Figures: reliability diagrams, grids of them, and the accuracy / conf-ECE plane.
+"""Figures: reliability diagrams, grids of them, the accuracy / conf-ECE plane, risk-coverage curves.
 
 Everything is drawn on ``matplotlib.figure.Figure`` objects with an Agg canvas;
 pyplot (and with it any display backend or global figure registry) is never
@@ -314,3 +314,91 @@ def _err(center: float, ci: object) -> list[list[float]] | None:
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci):
         return None
     return [[max(0.0, center - float(ci[0]))], [max(0.0, float(ci[1]) - center)]]
+
+
+# ---- post-hoc comparison ---------------------------------------------------
+def risk_coverage_plot(curves: Sequence[tuple[str, dict]], path: str | os.PathLike, *,
+                       title: str | None = None) -> Path:
+    """Risk-coverage curves, one line per ``(label, curve)``, in one image.
+
+    ``curve`` holds ``coverage`` and ``risk`` (equal-length lists, coverage
+    increasing, as :meth:`llmcal.metrics.RiskCoverage.to_dict` gives) and
+    optionally ``aurc`` (shown in the legend). Selective risk is the error rate
+    on the answered questions when the least confident are left out; lower
+    curves rank the right answers first. The dotted line at the right end of
+    each curve is the overall error rate (coverage 1).
+    """
+    if not curves:
+        raise LlmcalError("risk-coverage plot: no curves to plot")
+    fig = Figure(figsize=(6, 4.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    top = 0.0
+    for n, (label, curve) in enumerate(curves):
+        if not isinstance(curve, dict) or "coverage" not in curve or "risk" not in curve:
+            raise LlmcalError(f"risk-coverage plot: curve {label!r} needs coverage and risk")
+        xs = [float(x) for x in curve["coverage"]]
+        ys = [float(y) for y in curve["risk"]]
+        if len(xs) != len(ys) or not xs:
+            raise LlmcalError(f"risk-coverage plot: curve {label!r} has {len(xs)} coverages and {len(ys)} risks")
+        name = str(label) if curve.get("aurc") is None else f"{label} (AURC {float(curve['aurc']):.3f})"
+        ax.plot(xs, ys, color=f"C{n % 10}", lw=1.4, ls="-" if n < 10 else "--", label=name)
+        top = max(top, max(ys))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, min(1.0, max(0.05, top * 1.1)))
+    ax.set_xlabel("coverage (share of questions answered, most confident first)")
+    ax.set_ylabel("selective risk (error rate on answered)")
+    ax.grid(True, ls=":", lw=0.5, color="0.8")
+    ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return atomic_savefig(fig, path, dpi=DPI)
+
+
+def method_reliability_grid(items: Sequence[tuple[str, dict, float | None]], path: str | os.PathLike,
+                            ncols: int = 4, *, title: str | None = None) -> Path:
+    """One small reliability diagram per post-hoc method, with its accuracy change.
+
+    ``items`` are ``(label, metrics, accuracy_change)``: ``metrics`` a metrics
+    dict with a ``reliability`` entry (``aurc`` is shown when present) and
+    ``accuracy_change`` the method's accuracy minus the uncalibrated one (None
+    to leave it out). Panels are laid out row by row, ``ncols`` per row.
+    """
+    if not items:
+        raise LlmcalError("method reliability grid: nothing to plot")
+    if ncols < 1:
+        raise LlmcalError(f"method reliability grid: ncols must be at least 1, got {ncols}")
+    nc = min(ncols, len(items))
+    nr = math.ceil(len(items) / nc)
+    fig = Figure(figsize=(2.7 * nc, 2.8 * nr + (0.4 if title else 0)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nr, nc, squeeze=False)
+    for idx in range(nr * nc):
+        ax = axes[idx // nc][idx % nc]
+        if idx >= len(items):
+            ax.set_axis_off()
+            continue
+        label, metrics, change = items[idx]
+        rel, full = _split_cell(metrics)
+        bins = _bins(rel)
+        s = _summary(bins, full)
+        _draw_bars(ax, bins, small=True)
+        acc = _fmt(s["accuracy"])
+        if change is not None and not _isnan(change):
+            acc += f" ({float(change):+.3f})"
+        lines = [f"acc {acc}", f"ECE {_fmt(s['conf_ece'])}"]
+        if full and full.get("aurc") is not None:
+            lines.append(f"AURC {_fmt(full['aurc'])}")
+        ax.text(0.04, 0.96, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=6.5,
+                family="monospace",
+                bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "0.6", "alpha": 0.9},
+                zorder=10)
+        ax.set_title(str(label), fontsize=8.5)
+        ax.tick_params(labelsize=7)
+        if idx // nc == nr - 1 or idx + nc >= len(items):
+            ax.set_xlabel("confidence", fontsize=8)
+        if idx % nc == 0:
+            ax.set_ylabel("accuracy", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return atomic_savefig(fig, path, dpi=DPI)

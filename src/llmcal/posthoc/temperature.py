@@ -1,4 +1,4 @@
-"""Post-hoc calibration: temperature scaling (scikit-learn style estimator).
+"""Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017).
 
 One temperature T > 0 is fitted by minimising the NLL of softmax(z / T) on a
 calibration split and then applied to logits. Dividing by a positive number
@@ -15,66 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LlmcalError
-from .predictions import Prediction
+from ..errors import LlmcalError
+from ..predictions import Prediction
+from ._common import _as_padded, _check_temperature, _masked_softmax
 
 __all__ = ["TemperatureScaler", "temperature_scale_predictions"]
 
 log = logging.getLogger(__name__)
-
-
-def _as_padded(logits) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(N, Kmax) float64 logits (pads -inf), mask of real options, and whether the input was ragged."""
-    if isinstance(logits, np.ndarray) and logits.dtype != object:
-        z = np.asarray(logits, dtype=np.float64)
-        if z.ndim != 2:
-            raise LlmcalError(f"logits must be an (N, K) array or a list of 1-D arrays, got shape {z.shape}")
-        rows, ragged = None, False
-    else:
-        try:
-            rows = [np.asarray(r, dtype=np.float64) for r in logits]
-        except (TypeError, ValueError) as e:
-            raise LlmcalError(f"logits must be numeric: {e}") from e
-        for i, r in enumerate(rows):
-            if r.ndim != 1 or r.size == 0:
-                raise LlmcalError(f"logits row {i} must be a non-empty 1-D array, got shape {r.shape}")
-        ragged = True
-    if rows is None:
-        n, k = z.shape
-        if n == 0 or k == 0:
-            raise LlmcalError(f"logits are empty (shape {z.shape})")
-        mask = np.ones((n, k), dtype=bool)
-    else:
-        if not rows:
-            raise LlmcalError("logits are empty")
-        kmax = max(r.size for r in rows)
-        z = np.full((len(rows), kmax), -np.inf)
-        mask = np.zeros((len(rows), kmax), dtype=bool)
-        for i, r in enumerate(rows):
-            z[i, : r.size] = r
-            mask[i, : r.size] = True
-    finite = np.isfinite(z) | ~mask
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise LlmcalError(f"logits row {bad} has a non-finite value")
-    return z, mask, ragged
-
-
-def _masked_softmax(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    s = np.where(mask, z, -np.inf)
-    s = s - s.max(axis=1, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _check_temperature(t) -> float:
-    try:
-        t = float(t)
-    except (TypeError, ValueError) as e:
-        raise LlmcalError(f"temperature must be a number, got {t!r}") from e
-    if not (math.isfinite(t) and t > 0):
-        raise LlmcalError(f"temperature must be a finite number > 0, got {t!r}")
-    return t
 
 
 class TemperatureScaler:
@@ -186,6 +133,11 @@ class TemperatureScaler:
 
     def fit_transform(self, logits, answers):
         return self.fit(logits, answers).transform(logits)
+
+    def params(self) -> dict:
+        """The fitted state as JSON-friendly values (for reports)."""
+        self._fitted_temperature()
+        return {"temperature_": self.temperature_, "nll_before_": self.nll_before_, "nll_after_": self.nll_after_}
 
     def __repr__(self) -> str:
         fitted = f", temperature_={self.temperature_:.4g}" if hasattr(self, "temperature_") else ""
