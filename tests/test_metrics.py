@@ -430,3 +430,190 @@ def test_metrics_invariant_to_row_permutation(data, seed):
     x, y = auroc(conf[perm], correct[perm]), auroc(conf, correct)
     assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, abs=1e-12)
     assert reliability_bins(p[perm], a[perm])["count"] == reliability_bins(p, a)["count"]
+
+
+# --------------------------------------------------------------------------- smooth ECE, debiased L2, bin sweep
+
+from llmcal.metrics import (  # noqa: E402  (the newer metrics, tested below)
+    accuracy_at_coverage_80,
+    aurc,
+    bootstrap_diff_ci,
+    debiased_l2_ce,
+    debiased_l2_ce_squared,
+    ece_bin_sweep,
+    risk_coverage_curve,
+    selective_accuracy,
+    smooth_ece,
+    smooth_ece_at,
+    smooth_ece_fixed_point,
+)
+
+
+def reflected_kernel_smece(f, y, sigma, points=20001):
+    """smECE_sigma straight from the paper's definition: reflected Gaussian, dense trapezoid integral."""
+    from scipy.stats import norm
+
+    t = np.linspace(0.0, 1.0, points)[:, None]
+    k = sum(norm.pdf(t - f[None, :] - 2 * j, scale=sigma) + norm.pdf(t + f[None, :] - 2 * j, scale=sigma)
+            for j in range(-3, 4))
+    return float(np.trapezoid(np.abs((k * (y - f)[None, :]).mean(axis=1)), t[:, 0]))
+
+
+def miscalibrated(rng, n):
+    """Confidences with under- and overconfident regions (so the smoothed residual changes sign)."""
+    f = rng.uniform(size=n)
+    y = (rng.uniform(size=n) < np.clip(0.5 + (f - 0.5) * 2.5, 0, 1)).astype(float)
+    return f, y
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.1, 0.3])
+def test_smooth_ece_at_matches_the_definition(sigma):
+    f, y = miscalibrated(np.random.default_rng(1), 120)
+    assert smooth_ece_at(f, y, sigma) == pytest.approx(reflected_kernel_smece(f, y, sigma), abs=2e-6)
+
+
+def test_smooth_ece_fixed_point_and_relplot():
+    relplot = pytest.importorskip("relplot")  # the authors' package: in the test extra
+    for seed, n in ((0, 300), (1, 3000)):
+        f, y = miscalibrated(np.random.default_rng(seed), n)
+        value, sigma = smooth_ece_fixed_point(f, y)
+        assert sigma == pytest.approx(value, abs=1e-6)  # the fixed point sigma = smECE_sigma
+        assert smooth_ece_at(f, y, sigma) == pytest.approx(value, abs=1e-12)
+        assert value == pytest.approx(float(relplot.smECE(f, y)), abs=1e-3)
+
+
+def test_smooth_ece_one_sided_gap_is_the_mean_gap():
+    # when every smoothed residual has one sign, the integral is |mean(y - f)| at any bandwidth
+    f = np.full(50, 0.9)
+    y = np.r_[np.ones(30), np.zeros(20)]
+    assert smooth_ece_at(f, y, 0.05) == pytest.approx(0.3, abs=1e-9)
+    p = np.stack([f, 1 - f], axis=1)
+    assert smooth_ece(p, np.where(y == 1, 0, 1)) == pytest.approx(0.3, abs=1e-9)
+
+
+def test_smooth_ece_rejects_bad_input():
+    with pytest.raises(LlmcalError):
+        smooth_ece_at([0.5], [1.0], 0.0)
+    with pytest.raises(LlmcalError):
+        smooth_ece_at([1.5], [1.0], 0.1)
+    with pytest.raises(LlmcalError):
+        smooth_ece_at([0.5, 0.6], [1.0], 0.1)
+
+
+def test_debiased_l2_hand_case():
+    # one bin of 8 at confidence 0.8 with 3 right: (3/8 - 0.8)^2 - (3/8)(5/8)/7
+    p = two_column([0.8] * 8)
+    a = np.r_[0, 0, 0, 1, 1, 1, 1, 1]
+    est = debiased_l2_ce_squared(p, a, n_bins=1)
+    assert est == pytest.approx((3 / 8 - 0.8) ** 2 - (3 / 8) * (5 / 8) / 7)
+    assert debiased_l2_ce(p, a, n_bins=1) == pytest.approx(np.sqrt(est))
+    # two bins of 4 with distinct confidences
+    p2 = np.stack([np.r_[[0.6] * 4, [0.9] * 4], np.r_[[0.4] * 4, [0.1] * 4]], axis=1)
+    a2 = np.r_[0, 1, 1, 1, 0, 0, 1, 1]
+    want = 0.5 * ((0.25 - 0.6) ** 2 - 0.25 * 0.75 / 3) + 0.5 * ((0.5 - 0.9) ** 2 - 0.25 / 3)
+    assert debiased_l2_ce_squared(p2, a2, n_bins=2) == pytest.approx(want)
+
+
+def test_debiased_l2_matches_kumar_et_al_package():
+    calibration = pytest.importorskip("calibration")  # uncertainty-calibration (the authors' code)
+    rng = np.random.default_rng(3)
+    p, a = random_probs(rng, 1500, 4, scale=1.5)
+    ref = calibration.lower_bound_scaling_ce(p, a, p=2, debias=True, num_bins=15,
+                                             binning_scheme=calibration.get_equal_bins, mode="top-label")
+    assert debiased_l2_ce(p, a) == pytest.approx(ref, abs=1e-10)
+
+
+def test_debiased_l2_is_near_zero_for_a_calibrated_model_where_ece_is_not():
+    rng = np.random.default_rng(0)
+    vals, eces = [], []
+    for _ in range(20):
+        p, _ = random_probs(rng, 400, 4, scale=1.0)
+        a = (np.cumsum(p, axis=1) < rng.uniform(size=(400, 1))).sum(axis=1).clip(0, 3)  # y ~ p: calibrated
+        vals.append(debiased_l2_ce_squared(p, a))
+        eces.append(conf_ece(p, a))
+    assert abs(np.mean(vals)) < 5e-4
+    assert np.mean(eces) > 0.02  # the plug-in estimate is biased upwards
+
+
+def test_ece_bin_sweep():
+    rng = np.random.default_rng(0)
+    p, a = random_probs(rng, 300, 4)
+    s = ece_bin_sweep(p, a, bins=(5, 10, 20))
+    assert s["bins"] == [5, 10, 20]
+    assert s["equal_width"] == [conf_ece(p, a, m) for m in (5, 10, 20)]
+    assert s["equal_mass"] == [equal_mass_ece(p, a, m) for m in (5, 10, 20)]
+    assert s["spread"]["equal_width"] == pytest.approx(max(s["equal_width"]) - min(s["equal_width"]))
+    with pytest.raises(LlmcalError):
+        ece_bin_sweep(p, a, bins=())
+
+
+# --------------------------------------------------------------------------- selective prediction
+
+def brute_aurc(conf, correct):
+    order = np.argsort(-conf, kind="stable")
+    errors = np.cumsum(1 - correct[order])
+    return float(np.mean(errors / np.arange(1, len(conf) + 1)))
+
+
+def two_column(conf):
+    conf = np.asarray(conf, dtype=float)
+    return np.stack([conf, 1 - conf], axis=1)
+
+
+def test_aurc_without_ties_is_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    p, a = random_probs(rng, 500, 4)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == a).astype(float)
+    assert aurc(p, a) == pytest.approx(brute_aurc(conf, correct), abs=1e-12)
+    curve = risk_coverage_curve(p, a)
+    assert curve.aurc == pytest.approx(aurc(p, a), abs=1e-12)
+    assert curve.risk[-1] == pytest.approx(1 - accuracy(p, a))
+    perm = rng.permutation(500)
+    assert aurc(p[perm], a[perm]) == pytest.approx(aurc(p, a), abs=1e-12)
+
+
+def test_aurc_ties_are_the_expectation_over_their_order():
+    # conf 0.9 (right), 0.9 (wrong), 0.6 (right): risks 1/2, 1/2, 1/3 in expectation -> AURC 4/9
+    p = two_column([0.9, 0.9, 0.6])
+    a = np.array([0, 1, 0])
+    assert aurc(p, a) == pytest.approx(4 / 9)
+    # the same as averaging the textbook formula over both orders of the tie
+    conf, correct = np.array([0.9, 0.9, 0.6]), np.array([1.0, 0.0, 1.0])
+    both = (brute_aurc(conf, correct) + brute_aurc(conf[[1, 0, 2]], correct[[1, 0, 2]])) / 2
+    assert aurc(p, a) == pytest.approx(both)
+
+
+def test_selective_accuracy_hand_cases():
+    conf = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.52]
+    right = [1, 1, 0, 1, 1, 0, 1, 0, 0, 0]
+    p = two_column(conf)
+    a = np.array([0 if r else 1 for r in right])
+    assert accuracy_at_coverage_80(p, a) == pytest.approx(5 / 8)
+    assert selective_accuracy(p, a, 0.5) == pytest.approx(4 / 5)
+    assert selective_accuracy(p, a, 1.0) == pytest.approx(0.5)
+    assert selective_accuracy(p, a, 0.05) == 1.0  # ceil(0.5) = 1 question
+    with pytest.raises(LlmcalError):
+        selective_accuracy(p, a, 0.0)
+
+
+@pytest.mark.parametrize("name", ["brier", "nll", "cw_ece", "aurc"])
+def test_bootstrap_fast_paths_match_the_slow_path(name):
+    rng = np.random.default_rng(0)
+    p, a = random_probs(rng, 150, 4)
+    fn = {"brier": brier, "nll": nll, "cw_ece": functools.partial(classwise_ece, n_bins=7), "aurc": aurc}[name]
+    fast = bootstrap_ci(fn, p, a, n_resamples=200, seed=3)
+    slow = bootstrap_ci(lambda pp, aa: fn(pp, aa), p, a, n_resamples=200, seed=3)
+    assert fast == pytest.approx(slow, abs=1e-12)
+
+
+def test_bootstrap_diff_ci_is_paired():
+    rng = np.random.default_rng(0)
+    p, a = random_probs(rng, 300, 4)
+    assert bootstrap_diff_ci(accuracy, p, p, a, n_resamples=200) == (0.0, 0.0)
+    # flipping one right answer to wrong changes accuracy by exactly -1/300 in every resample that holds it
+    q = p.copy()
+    i = int(np.flatnonzero(p.argmax(axis=1) == a)[0])
+    q[i] = np.roll(q[i], 1) if q[i].argmax() != (np.roll(q[i], 1)).argmax() else q[i][::-1]
+    lo, hi = bootstrap_diff_ci(accuracy, p, q, a, n_resamples=500)
+    assert -4 / 300 <= lo <= hi <= 0.0
