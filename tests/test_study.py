@@ -302,7 +302,7 @@ def test_training_study_with_regime_diagnosis(tmp_path, tiny_model_dir, score_ca
     assert d["recommended"] in ("cft", "rcft") and "cft" in d["measured"]
     assert "plane" in written  # one model: the plane of every run carries its boundary
     md = (out / "report.md").read_text()
-    assert "regime boundary of DESIGN.md for tiny" in md and "SFT fixed point" in md and d["regime"] in md
+    assert "regime boundary for tiny" in md and "SFT fixed point" in md and d["regime"] in md
     # rerun: nothing is scored or trained again
     score_calls.clear()
     run_study(cfg, out, progress=False)

@@ -1,0 +1,332 @@
+"""A study's report: report.md and a self-contained report.html from study.json's numbers, and the figures.
+
+``write_report`` lays the report out as blocks (headings, paragraphs, lists, tables, figures); the
+templates in ``templates/`` render the blocks as Markdown and as HTML.  Paragraphs use Markdown's
+**bold**, *italic* and `code`, which the HTML template turns into tags.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import re
+from pathlib import Path
+from typing import Sequence
+
+from ..io import atomic_write_json, atomic_write_text
+from .collect import method_rows
+from .grid import DOMAIN, EVAL_ROLES
+from .util import fmt_time, group_label, rel
+
+COLUMNS_PAPER = [("id_accuracy", "ID acc"), ("id_conf_ece", "ID conf-ECE"), ("id_cw_ece", "ID cw-ECE"),
+                 ("ood_accuracy", "OOD acc"), ("ood_conf_ece", "OOD conf-ECE"), ("ood_cw_ece", "OOD cw-ECE"),
+                 ("drift", "drift (KL)")]
+COLUMNS_DOMAIN = [("n", "N"), ("accuracy", "accuracy"), ("conf_ece", "conf-ECE"), ("cw_ece", "cw-ECE"),
+                  ("brier", "Brier"), ("nll", "NLL"), ("mean_conf", "mean conf")]
+
+
+@functools.lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    from ..report.tables import html_table, markdown_table
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("llmcal.study", "templates"),
+                             autoescape=jinja2.select_autoescape(["html.j2"], default=False),
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["inline"] = _inline_html
+    env.globals.update(md_table=markdown_table, html_table=html_table)
+    return env
+
+
+def _inline_html(text: str):
+    """Markdown's **bold**, *italic* and `code` of a paragraph as HTML, the rest escaped."""
+    from markupsafe import Markup, escape
+
+    s = str(escape(text))
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    return Markup(re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", s))
+
+
+class _Doc:
+    """The report as blocks, rendered by the Markdown and the HTML template."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.blocks: list[dict] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append({"kind": "h", "level": level, "text": text})
+
+    def p(self, text: str) -> None:
+        self.blocks.append({"kind": "p", "text": text})
+
+    def ul(self, items: Sequence[str]) -> None:
+        if items:
+            self.blocks.append({"kind": "ul", "items": list(items)})
+
+    def table(self, rows: list[dict], columns: list) -> None:
+        if rows:
+            self.blocks.append({"kind": "table", "rows": rows, "columns": columns})
+
+    def img(self, src: str, alt: str, caption: str = "") -> None:
+        self.blocks.append({"kind": "img", "src": src, "alt": alt, "caption": caption})
+
+    def markdown(self) -> str:
+        return _templates().get_template("report.md.j2").render(blocks=self.blocks)
+
+    def html(self, title: str) -> str:
+        def embed(src: str) -> str:
+            return base64.b64encode((self.root / src).read_bytes()).decode("ascii")
+
+        return _templates().get_template("report.html.j2").render(blocks=self.blocks, title=title, embed=embed)
+
+
+def _domain_rows(rows: list[dict], role: str) -> list[dict]:
+    out = []
+    for r in rows:
+        res = r["results"].get(role)
+        if not res:
+            continue
+        d = {"model": r["model"], "point": r["point"], "method": r["method"]}
+        for k, _ in COLUMNS_DOMAIN:
+            d[k] = res.get(k)
+            if (res.get("ci") or {}).get(k) is not None:
+                d[f"{k}_ci"] = res["ci"][k]
+        out.append(d)
+    return out
+
+
+def _groups(doc: dict) -> list[tuple[str, str]]:
+    return [(m, p) for m in doc["models"] for p in doc["points"]
+            if any(e["model"] == m and e["point"] == p for e in doc["cells"])]
+
+
+# ---- figures -------------------------------------------------------------------------------
+def _figures(doc: dict, rows: list[dict], root: Path) -> dict[str, Path]:
+    from ..report.plots import reliability_grid
+
+    written: dict[str, Path] = {}
+    for old in [*root.glob("plane*.png"), *root.glob("reliability-*.png")]:
+        old.unlink()  # figures of an earlier version of the study must not linger
+    groups = _groups(doc)
+    method_cols: list[str] = []
+    for r in rows:
+        if r["method"] not in method_cols and r["status"] == "complete":
+            method_cols.append(r["method"])
+    for role in EVAL_ROLES:
+        grid, labels = [], []
+        for m, p in groups:
+            line = []
+            for col in method_cols:
+                r = next((r for r in rows if (r["model"], r["point"], r["method"]) == (m, p, col)), None)
+                res = (r or {}).get("results", {}).get(role)
+                line.append((col, {**res, "ci": res.get("ci")}) if res and res.get("reliability") else None)
+            if any(c is not None for c in line):
+                grid.append(line)
+                labels.append(group_label(m, p))
+        if grid:
+            name = f"reliability-{DOMAIN[role]}.png"
+            written[f"grid:{role}"] = reliability_grid(None, root / name, grid=grid, row_labels=labels,
+                                                       title=f"{doc['name']}: {DOMAIN[role]} ({role})")
+    diag = {(d["model"], d["point"]): d for d in doc["diagnoses"]}
+    # One plane with every run (in-domain and OOD), then one per model and point with its regime boundary.
+    points = []
+    for r in rows:
+        for role in EVAL_ROLES:
+            res = r["results"].get(role)
+            if res and res.get("accuracy") is not None:
+                points.append({"label": r["method"], "accuracy": res["accuracy"], "conf_ece": res["conf_ece"],
+                               "group": f"{group_label(r['model'], r['point'])}, {DOMAIN[role]}",
+                               "ci": res.get("ci"), "_key": (r["model"], r["point"])})
+    if points:
+        only = list(diag.values())[0] if len(diag) == 1 else None
+        written["plane"] = _plane(points, root / "plane.png", only, f"{doc['name']}: every run")
+        for m, p in groups if len(groups) > 1 else []:
+            pts = [x for x in points if x["_key"] == (m, p)]
+            if pts and (m, p) in diag:
+                name = "plane-" + re.sub(r"[^A-Za-z0-9._-]+", "-", group_label(m, p).replace(" · ", "-")) + ".png"
+                written[f"plane:{m}:{p}"] = _plane(pts, root / name, diag[(m, p)],
+                                                   f"{group_label(m, p)}: accuracy vs conf-ECE")
+    return written
+
+
+def _plane(points: list[dict], path: Path, d: dict | None, title: str) -> Path:
+    from ..report.plots import accuracy_ece_plane
+
+    pts = [{k: v for k, v in x.items() if k != "_key"} for x in points]
+    if d is None:
+        return accuracy_ece_plane(pts, path, title=title)
+    a = float(d["train_accuracy"])
+    return accuracy_ece_plane(pts, path, boundary=lambda x: max(a - x, 0.0),
+                              boundary_label=f"SFT bound: train acc {a:.2f} − accuracy", title=title)
+
+
+# ---- the report ----------------------------------------------------------------------------
+def write_report(doc: dict, root: Path) -> dict[str, Path]:
+    """DIR/report.md, DIR/report.html (self-contained), the figures and DIR/study.json from ``collect``'s dict."""
+    root = Path(root)
+    rows = method_rows(doc)
+    figs = _figures(doc, rows, root)
+    doc = {**doc, "figures": {k: rel(v, root) for k, v in figs.items()}}
+    atomic_write_json(root / "study.json", doc)
+    has_point = any(doc["points"])
+    has_ood = any(r["results"].get("ood") for r in rows)
+    ident = [("model", "model")] + ([("point", "point")] if has_point else []) + [("method", "method")]
+
+    r = _Doc(root)
+    r.h(1, f"llmcal study `{doc['name']}`")
+    if doc["description"]:
+        r.p(doc["description"])
+    done = sum(e["status"] == "complete" for e in doc["cells"])
+    cfg_name = Path(doc["config_file"]).name
+    r.ul([f"**config**: `{cfg_name}`" + (" (copied to `study.yaml`)" if cfg_name != "study.yaml" else ""),
+          "**models**: " + "; ".join(f"{k} = `{v['model']}`" for k, v in doc["models"].items()),
+          "**methods**: " + ", ".join(f"{k} ({v['method']})" if k != v["method"] else k
+                                      for k, v in doc["methods"].items()),
+          f"**cells**: {done} of {len(doc['cells'])} complete; total wall time {fmt_time(doc['wall_s_total'])}",
+          f"**llmcal** {doc['llmcal_version']}; updated {doc['updated']}"])
+    missing = [e for e in doc["cells"] if e["status"] != "complete"]
+    if missing:
+        r.p("**Not complete**: " + "; ".join(f"{e['name']} ({e['status']}"
+                                               + (f": {e['error']}" if e.get("error") else "") + ")"
+                                               for e in missing))
+
+    r.h(2, "Results (the paper's layout)")
+    r.p("Per model and method: in-domain (ID, `data.test`) and out-of-domain (OOD, `data.ood`) accuracy, "
+        "conf-ECE and cw-ECE with 95% bootstrap intervals, and the alignment drift of the fine-tuned models "
+        "(mean per-token KL between the original and the calibrated model on the original's greedy answers "
+        "to the shipped instruction prompts; none and ts do not change the model's generations).")
+    cols = ident + [c for c in COLUMNS_PAPER if has_ood or not c[0].startswith("ood")]
+    r.table([x for x in rows if x["status"] == "complete"], cols)
+    for role in EVAL_ROLES:
+        drows = _domain_rows(rows, role)
+        if drows:
+            r.h(3, f"{DOMAIN[role].capitalize()} ({role}): all metrics")
+            r.table(drows, ident + COLUMNS_DOMAIN)
+
+    r.h(2, "Reliability diagrams")
+    for role in EVAL_ROLES:
+        if f"grid:{role}" in figs:
+            r.img(rel(figs[f"grid:{role}"], root), f"reliability grid {DOMAIN[role]}",
+                  f"{DOMAIN[role].capitalize()}: rows are models"
+                  + (" and sweep points" if has_point else "") + ", columns methods. Bars: accuracy per "
+                  "confidence bin; dashed: perfect calibration; red: overconfidence; green: underconfidence.")
+
+    r.h(2, "Accuracy vs conf-ECE")
+    if "plane" in figs:
+        diags = doc["diagnoses"]
+        if len(diags) == 1:
+            text = _boundary_caption(diags[0])
+        elif diags:
+            text = "Each model's regime boundary is drawn in its own plane below."
+        else:
+            text = "No regime boundary: nothing was diagnosed (see Regime diagnosis)."
+        r.img(rel(figs["plane"], root), "accuracy-ECE plane",
+              f"Every run, in-domain and OOD, with 95% intervals. {text}")
+    for key, p in figs.items():
+        if key.startswith("plane:"):
+            _, m, pt = key.split(":", 2)
+            d = next(x for x in doc["diagnoses"] if x["model"] == m and x["point"] == pt)
+            r.img(rel(p, root), f"accuracy-ECE plane {group_label(m, pt)}",
+                  f"{group_label(m, pt)}. {_boundary_caption(d)}")
+
+    r.h(2, "Regime diagnosis")
+    _diagnosis_section(r, doc, has_point)
+    r.h(2, "Sizes and time")
+    _sizes_section(r, doc, has_point)
+
+    from ..report.runreport import DEFINITIONS
+
+    r.h(2, "Definitions")
+    r.p(DEFINITIONS)
+    written = dict(figs)
+    written["md"] = atomic_write_text(root / "report.md", r.markdown())
+    written["html"] = atomic_write_text(root / "report.html", r.html(f"llmcal study {doc['name']}"))
+    written["json"] = root / "study.json"
+    return written
+
+
+def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:
+    if doc["diagnoses"]:
+        r.p("For each model, the fine-tuned model (the `regime.from` cell) is scored on the questions it was "
+            "trained on; train accuracy − in-domain test accuracy is the gap. Within the tolerance the model is "
+            "*calibratable* (CFT suffices); above it *non-calibratable* (RCFT recommended). The last columns "
+            "are what the fine-tuning cells actually measured on the in-domain test set.")
+        drows = []
+        for d in doc["diagnoses"]:
+            row = {"model": d["model"], "point": d["point"], "from": d["source"].split("/")[-1],
+                   "train acc": d["train_accuracy"], "held-out acc": d["heldout_accuracy"],
+                   "held-out ECE": d["heldout_ece"], "gap": d["gap"], "ECE bound": d["ece_lower_bound"],
+                   "tolerance": d["tolerance"], "regime": d["regime"], "recommended": d["recommended"]}
+            for meth, v in d["measured"].items():
+                row[f"{meth} ECE"] = v.get("conf_ece")
+            drows.append(row)
+        keys = []
+        for row in drows:
+            keys += [k for k in row if k not in keys]
+        if not has_point:
+            keys.remove("point")
+        r.table(drows, keys)
+        r.ul([f"**{group_label(d['model'], d['point'])}**: {d['reason']}" for d in doc["diagnoses"]])
+    else:
+        r.p("No diagnosis: the study has no fine-tuning cell to diagnose (add cft, or set `regime.from`).")
+    if doc["auto"]:
+        items = []
+        for a in doc["auto"]:
+            sw = a["switched"]
+            what = (f"RCFT term switched on at epoch {sw['epoch']:.2f} (step {sw['step']}): {sw['reason']}" if sw
+                    else "stayed in the calibratable regime; CFT throughout")
+            items.append(f"**{group_label(a['model'], a['point'])}** ({a['method']}): {what}; "
+                         f"{len(a['checks'])} regime check(s)")
+        r.p("Auto mode:")
+        r.ul(items)
+
+
+def _sizes_section(r: _Doc, doc: dict, has_point: bool) -> None:
+    srows = []
+    for pname, roles in doc["data"].items():
+        for role, info in roles.items():
+            subj = info["subjects"]
+            srows.append({"point": pname, "role": role, "questions": info["n"], "subjects": len(subj),
+                          "data": "; ".join(_entry_text(e) for e in info["entries"]), "file": info["path"]})
+    scols = ([("point", "point")] if has_point else []) + [("role", "role"), ("questions", "questions"),
+                                                           ("subjects", "subjects"), ("data", "selection"),
+                                                           ("file", "file")]
+    r.table(srows, scols)
+    crows = []
+    for e in doc["cells"]:
+        t = e.get("training") or {}
+        crows.append({"cell": e["name"], "status": e["status"], "wall time": fmt_time(e.get("wall_s")),
+                      "train q": t.get("n_train"), "held-out q": t.get("n_heldout"), "epochs": t.get("epochs"),
+                      "steps": t.get("global_step"), "T": e.get("temperature"), "template": e.get("template"),
+                      "dtype": e.get("dtype")})
+    r.table(crows, ["cell", "status", "wall time", "train q", "held-out q", "epochs", "steps", "T", "template",
+                    "dtype"])
+    for pname, roles in doc["data"].items():
+        for role, info in roles.items():
+            if len(info["subjects"]) > 1:
+                lst = ", ".join(f"{s} ({n})" for s, n in sorted(info["subjects"].items()))
+                r.p(f"Subjects of {role}" + (f" ({pname})" if pname else "") + f": {lst}.")
+
+
+def _boundary_caption(d: dict) -> str:
+    return (f"The dashed line is the regime boundary for {group_label(d['model'], d['point'])}: "
+            f"conf-ECE = max(a_train − accuracy, 0) with a_train = {d['train_accuracy']:.3f}, the accuracy its "
+            f"{d['source'].split('/')[-1]} model reached on its own training questions. ECE ≥ |mean confidence − "
+            f"accuracy| always, and a model fine-tuned to its SFT fixed point has mean confidence ≈ its training "
+            f"accuracy, so such a model cannot sit below the line on unseen questions; RCFT's ECE term is what "
+            f"can take a fine-tuned model below it. A gap above the tolerance ({d['tolerance']:.2f}) is the "
+            f"non-calibratable regime.")
+
+
+def _entry_text(e: dict) -> str:
+    s = e["spec"]
+    bits = []
+    if e.get("subjects"):
+        bits.append(f"{len(e['subjects'])} subjects")
+    if e.get("split"):
+        bits.append(f"split {e['split']}")
+    if e.get("limit"):
+        bits.append(f"limit {e['limit']}")
+    return s + (f" ({', '.join(bits)})" if bits else "")

@@ -1,0 +1,245 @@
+"""Running a study: choose the cells, skip the complete ones, run the rest (one model in memory at a
+time), time them, then collect the numbers and write the report."""
+from __future__ import annotations
+
+import fnmatch
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import LlmcalError
+from ..io import atomic_write_json, atomic_write_text
+from .cells import PointData, cell_config, materialise, run_cell, run_dir
+from .collect import collect
+from .grid import EVAL_ROLES, IGNORED_KEYS, REGIME, TRAINING, Cell, Point, Study
+from .load import load_study
+from .report import write_report
+from .util import fmt_time, norm, read_json
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """What the cells of one run_study call share: the output dir, point data, one loaded model, timings."""
+
+    def __init__(self, study: Study, out: Path, progress: bool):
+        self.study, self.out, self.progress = study, out, progress
+        self.data: dict[str, PointData] = {}
+        self._loaded: tuple[tuple, Any] | None = None
+        self._tokenizers: dict[tuple, Any] = {}
+        self.timings_path = out / "timings.json"
+        self.timings = read_json(self.timings_path)
+
+    def point(self, point: Point) -> PointData:
+        if point.name not in self.data:
+            self.data[point.name] = materialise(self.study, point, self.out)
+        return self.data[point.name]
+
+    def tokenizer(self, spec):
+        from ..models import load_tokenizer
+
+        key = spec.identity
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(spec)
+        return self._tokenizers[key]
+
+    def loaded(self, spec, backend: str, dtype: str, device: str):
+        """One model in memory at a time; reused by every cell that scores with the same weights."""
+        key = (spec.identity, backend, dtype, device)
+        if self._loaded is not None and self._loaded[0] == key:
+            return self._loaded[1]
+        self.release()
+        log.info("loading %s (%s, %s, %s)", spec.name, backend, dtype, device)
+        try:
+            from ..backends import load_for_backend
+        except ImportError:
+            from ..models import load_model
+
+            lm = load_model(spec, dtype=dtype, device=device)
+        else:
+            lm = load_for_backend(spec, backend=backend, dtype=dtype, device=device)
+        self._loaded = (key, lm)
+        return lm
+
+    def release(self) -> None:
+        if self._loaded is not None:
+            self._loaded = None
+            gc.collect()
+
+    def add_time(self, cell: Cell, seconds: float) -> None:
+        self.timings[cell.rel] = round(float(self.timings.get(cell.rel, 0.0)) + seconds, 3)
+        atomic_write_json(self.timings_path, self.timings)
+
+
+def select(cells: list[Cell], only: Sequence[str] | str | None, study: Study) -> list[Cell]:
+    """The cells ``--only`` names (glob patterns of ``model/method[-point]``, or model keys), in study order."""
+    if only is None:
+        return cells
+    patterns = [only] if isinstance(only, str) else list(only)
+    chosen = []
+    used = set()
+    for c in cells:
+        for pat in patterns:
+            if fnmatch.fnmatchcase(c.name, pat) or pat == c.model.key:
+                chosen.append(c)
+                used.add(pat)
+                break
+    # A regime cell follows its source cell.
+    names = {c.name for c in chosen}
+    for c in cells:
+        if c.kind == REGIME and c not in chosen:
+            src = f"{c.model.key}/{study.regime_from}" + (f"-{c.point.name}" if c.point.name else "")
+            if src in names:
+                chosen.append(c)
+    missing = [p for p in patterns if p not in used]
+    if missing:
+        raise LlmcalError(f"{study.path}: --only {', '.join(missing)} matches no cell; the cells are "
+                          f"{', '.join(c.name for c in cells)}")
+    return [c for c in cells if c in chosen]
+
+
+def _units(study: Study, cell: Cell, pd: PointData) -> float:
+    """A rough cost in question scorings (a training step on a question costs about 3), for the overall ETA."""
+    n = {r: len(q) for r, q in pd.questions.items()}
+    evals = sum(n.get(r, 0) for r in EVAL_ROLES)
+    opts = study.options(cell)
+    if cell.kind == "none":
+        return evals
+    if cell.kind == "ts":
+        return evals + n.get("calib", n.get("train", 0))
+    frac = float(opts.get("heldout_fraction", 0.2))
+    n_train = n.get("train", 0) * (1 - frac)
+    if cell.kind == REGIME:
+        return n_train
+    held = n.get("train", 0) * frac
+    epochs = float(opts.get("epochs", 3))
+    if int(opts.get("max_steps", -1) or -1) > 0:
+        steps_q = opts["max_steps"] * int(opts.get("batch_size", 4)) * int(opts.get("grad_accum", 1))
+        epochs = steps_q / max(n_train, 1)
+    estep = held * epochs if cell.kind in ("rcft", "auto") else 0
+    drift = 200 if opts.get("drift", True) else 0
+    return 2 * evals + 3 * n_train * epochs + held * (epochs + 1) + estep + drift
+
+
+def run_study(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+              progress: bool = True, only: Sequence[str] | str | None = None) -> dict[str, Path]:
+    """Run (or resume) every cell of a study and write its report; returns the written files.
+
+    ``overwrite``: rerun the selected cells from scratch.  ``only``: run just the
+    cells whose name (``model/method[-point]``) matches one of these glob
+    patterns, or whose model key is given (the report still covers every
+    complete cell).  Keys of the result: ``md``, ``html``, ``json`` and one per
+    figure.  Raises LlmcalError after writing the report when a cell failed.
+    """
+    from ..progress import bar
+
+    study = load_study(config_path)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LlmcalError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "study.yaml").exists() and not (out / "runs").exists():
+        raise LlmcalError(f"{out}: directory is not empty and holds no llmcal study; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(study, out.resolve(), progress)
+
+    cells = select(study.cells(), only, study)
+    for point in {c.point.name: c.point for c in cells}.values():
+        ctx.point(point)  # every data problem shows before any model loads
+    units = {c.name: _units(study, c, ctx.point(c.point)) for c in cells}
+    todo = []
+    for c in cells:
+        rd = run_dir(ctx, c)
+        if overwrite and rd.path.exists():
+            shutil.rmtree(rd.path)
+        if not (rd.is_complete and _complete_matches(ctx, c)):
+            todo.append(c)
+    atomic_write_text(out / "study.yaml", Path(config_path).read_text(encoding="utf-8"))
+    done_units = sum(units[c.name] for c in cells if c not in todo)
+    log.info("study %s: %d cells, %d complete, %d to run", study.name, len(cells), len(cells) - len(todo), len(todo))
+
+    failures: list[tuple[Cell, str]] = []
+    ran_units, ran_s, left = 0.0, 0.0, sum(units[c.name] for c in todo)
+    with bar(f"study {study.name}", total=sum(units.values()) or None, show=progress, completed=done_units) as task:
+        for i, cell in enumerate(todo, 1):
+            task.update(description=f"study {study.name} [{i}/{len(todo)}] {cell.name}")
+            eta = ""
+            if ran_units > 0 and ran_s > 0:  # the rate so far in this session
+                rate = ran_units / ran_s
+                eta = f"; ~{fmt_time(units[cell.name] / rate)} for it, ~{fmt_time(left / rate)} left in all"
+            log.info("[%d/%d] %s: running (about %d question scorings%s)", i, len(todo), cell.name,
+                     units[cell.name], eta)
+            t0 = time.monotonic()
+            ok = False
+            try:
+                run_cell(ctx, cell)
+                ok = True
+            except LlmcalError as e:
+                failures.append((cell, str(e)))
+                log.error("%s failed: %s", cell.name, e)
+            except (KeyboardInterrupt, SystemExit):
+                ctx.add_time(cell, time.monotonic() - t0)
+                raise
+            except Exception as e:  # a bug or a crash in one cell must not lose the others
+                failures.append((cell, f"{type(e).__name__}: {e}"))
+                log.exception("%s crashed", cell.name)
+            finally:
+                if cell.kind in TRAINING or cell.kind == REGIME:
+                    ctx.release()
+            spent = time.monotonic() - t0
+            ctx.add_time(cell, spent)
+            left -= units[cell.name]
+            if ok:  # a cell that failed early says nothing about the rate
+                ran_units, ran_s = ran_units + units[cell.name], ran_s + spent
+            task.advance(units[cell.name])
+    ctx.release()
+
+    doc = collect(ctx, failures)
+    written = write_report(doc, ctx.out)
+    if failures:
+        lines = "; ".join(f"{c.name}: {msg}" for c, msg in failures)
+        raise LlmcalError(f"{len(failures)} cell(s) of study {study.name} failed ({lines}); the report in {out} "
+                          f"shows the complete cells; rerun the same command to resume")
+    return written
+
+
+def _config_diff(stored: dict, wanted: dict) -> list[str]:
+    keys = [k for k in wanted if k not in IGNORED_KEYS and k in stored]
+    return sorted(k for k in keys if norm(json.loads(json.dumps(stored[k], default=str)))
+                  != norm(json.loads(json.dumps(wanted[k], default=str))))
+
+
+def _complete_matches(ctx: Context, cell: Cell) -> bool:
+    """True for a complete run of this cell's config; an error for a complete run of another config."""
+    rd = run_dir(ctx, cell)
+    stored = read_json(rd.file("config.json"))
+    try:
+        wanted = cell_config(ctx, cell)
+    except LlmcalError:
+        if cell.kind == REGIME:
+            return False  # its source is not complete: it reruns after it
+        raise
+    diff = _config_diff(stored, wanted)
+    if not diff:
+        return True
+    if cell.kind == REGIME:  # derived from its source cell: redo it quietly
+        shutil.rmtree(rd.path)
+        return False
+    raise LlmcalError(f"{rd.path}: cell {cell.name} holds a complete run of another configuration "
+                      f"({', '.join(diff)} differ); pass --overwrite to rerun it, or use another --out")
+
+
+def report_from_dir(out: str | os.PathLike) -> dict[str, Path]:
+    """Rewrite a study's report from its directory (its study.yaml and runs), running nothing."""
+    out = Path(out)
+    if not (out / "study.yaml").exists():
+        raise LlmcalError(f"{out}: not a study directory (no study.yaml)")
+    study = load_study(out / "study.yaml")
+    ctx = Context(study, out.resolve(), progress=False)
+    doc = collect(ctx)
+    doc["config_file"] = read_json(out / "study.json").get("config_file", doc["config_file"])
+    return write_report(doc, ctx.out)
