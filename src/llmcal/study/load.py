@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import LlmcalError
 from .grid import (METHODS, REGIME, ROLES, TOP_KEYS, TRAINING, DataEntry, MethodEntry, ModelEntry, Point, Study, bad,
                    eval_config, finetune_config, option_key)
-from .schema import Entries, DataEntryModel, PartialEntryModel, Schema, ConfigModel, option_fields, schema_for
+from .schema import EMPTY_ROLE, Entries, DataEntryModel, PartialEntryModel, Schema, ConfigModel, option_fields, schema_for
 
 
 # ---- where an error is ---------------------------------------------------------------------
@@ -53,9 +53,9 @@ def _message(err: dict, owner: Any, fld: Any, tp: Any) -> str:
     if kind == "extra_forbidden" and owner is not None:
         return owner.unknown(str(err["loc"][-1]))
     desc = fld.description if fld is not None else None
-    if kind == "missing" or (kind == "too_short" and desc):
-        if desc and desc.startswith("an empty"):
-            return desc
+    if kind == "too_short" and (desc == EMPTY_ROLE or value == []):
+        return EMPTY_ROLE
+    if kind in ("missing", "too_short"):
         return f"missing: {desc}" if desc else "missing"
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
@@ -112,12 +112,13 @@ class _Where:
                 return cls.model_validate(value)
             return TypeAdapter(cls).validate_python(value)
         except ValidationError as e:
-            lines = []
+            found = {}
             for err in e.errors():
                 sub = tuple(x for x in err["loc"] if x != "[key]")  # a bad dict key: the key itself
-                msg = _message(err, *_walk(cls, sub))
-                lines.append(str(self.error(loc + sub, msg, label=label)))
-            raise LlmcalError("\n".join(dict.fromkeys(lines))) from None
+                msg = str(self.error(loc + sub, _message(err, *_walk(cls, sub)), label=label))
+                found.setdefault(msg, self.locate(loc + sub)[1])
+            # in the order of the file, so that the first line printed is the first problem in it
+            raise LlmcalError("\n".join(sorted(found, key=lambda m: found[m] or float("inf")))) from None
 
 
 # ---- loading -------------------------------------------------------------------------------

@@ -158,16 +158,16 @@ class PartialEntryModel(DataEntryModel):
         return v
 
 
-Entries = typing.Annotated[list[DataEntryModel], BeforeValidator(_one_or_many),
-                           Field(min_length=1, description="an empty list; give at least one data entry")]
+EMPTY_ROLE = "an empty list; give at least one data entry"
+Entries = typing.Annotated[list[DataEntryModel], BeforeValidator(_one_or_many), Field(min_length=1)]
 
 
 class _Roles(ConfigModel):
     WHAT: ClassVar[str] = f"a mapping of roles ({', '.join(ROLES)}) to data entries"
-    train: Optional[Entries] = None
-    test: Optional[Entries] = None
-    ood: Optional[Entries] = None
-    calib: Optional[Entries] = None
+    train: Optional[Entries] = Field(None, description=EMPTY_ROLE)
+    test: Optional[Entries] = Field(None, description=EMPTY_ROLE)
+    ood: Optional[Entries] = Field(None, description=EMPTY_ROLE)
+    calib: Optional[Entries] = Field(None, description=EMPTY_ROLE)
 
     @classmethod
     def unknown(cls, key: str) -> str:
