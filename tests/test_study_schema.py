@@ -1,14 +1,20 @@
 """The study config's schema: unknown keys, wrong types and unknown options are errors naming the file, the
-key path as written and its YAML line; cell options follow the config classes' fields."""
+key path as written and its YAML line; cell options follow the config classes' fields; the shipped studies
+load."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 
 from llmcal.errors import LlmcalError
-from llmcal.study import load_study
+from llmcal.study import Study, load_study
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+HAS_TRAIN = importlib.util.find_spec("llmcal.train.run") is not None
 
 HEAD = "models: {m: x}\ndata:\n  test: mmlu\n"  # lines 1-3 of every config below
 
@@ -103,3 +109,98 @@ def test_every_config_field_is_an_option(tmp_path):
     path.write_text(yaml.safe_dump({"models": {"m": "x"}, "data": {"test": "mmlu"}, "methods": {"none": given}}))
     (m,) = load_study(path).methods
     assert m.options == given
+
+
+# ---- the shipped studies ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["offline", "regimes", "paper"])
+def test_shipped_studies_load(name):
+    s = load_study(STUDIES / f"{name}.yaml")
+    assert isinstance(s, Study) and s.name == name
+    cells = [c.name for c in s.cells()]
+    assert len(cells) == len(set(cells))
+    kinds = {c.kind for c in s.cells()}
+    if name == "offline":
+        assert {m.key for m in s.models} == {"smol", "gemma"}
+        assert kinds == {"none", "ts", "cft", "rcft", "regime"}
+        train, test, ood = (s.data[r][0] for r in ("train", "test", "ood"))
+        assert train.subjects == test.subjects and not set(train.subjects) & set(ood.subjects)
+        assert (train.split, test.split) == ("train", "test")
+    if name == "regimes":
+        assert kinds >= {"cft", "rcft", "auto"}
+        assert {p.name for p in s.points} == {f"{d}-{b}" for d in ("easy", "hard") for b in ("wide", "broad", "narrow")}
+        specs = {p.name: s.point_data(p)["train"][0] for p in s.points}
+        assert "difficulty=4" in specs["hard-narrow"].spec and specs["hard-narrow"].limit == 48
+        # the budgets order the training questions per pass: wide > broad > narrow
+        assert specs["easy-wide"].limit > specs["easy-broad"].limit > specs["easy-narrow"].limit
+    if name == "paper":
+        assert len(s.data["train"]) == 3 and s.data["ood"][0].spec == "arc-challenge"
+        assert all(m.options.get("preset") == "paper" for m in s.methods if m.training)
+        assert {c.name for c in s.cells() if c.model.key == "tulu-sft"} == {"tulu-sft/none", "tulu-sft/ts"}
+
+
+def test_offline_subject_split_is_disjoint_and_sized():
+    from llmcal.data import load_dataset
+
+    s = load_study(STUDIES / "offline.yaml")
+    assert len(load_dataset("mmlu", subjects=list(s.data["test"][0].subjects))) > 1000
+    assert len(load_dataset("mmlu", subjects=list(s.data["ood"][0].subjects))) > 1000
+
+
+# ---- bad configs ---------------------------------------------------------------------------
+BAD = [
+    ("methods: {none: {}, bogus: {}}", "methods.bogus", "unknown method"),
+    ("methods: {x: {method: sft}}", "methods.x.method", "unknown method"),
+    ("methods: {ts: {epochs: 2}}", "methods.ts.epochs", "unknown option"),
+    ("methods: {none: {temprature: 2}}", "methods.none.temprature", "unknown option"),
+    ("methods: {none: {subjects: [a]}}", "methods.none.subjects", "set by the study"),
+    ("defaults: {limit: 3}", "defaults.limit", "set by the study"),
+    ("models: {}", "models", "missing"),
+    ("models: {m: {template: plain}}", "models.m.model", "missing"),
+    ("data: {train: {spec: mmlu}}", "data.test", "missing"),
+    ("data: {test: {subjects: [a]}}", "data.test.spec", "missing"),
+    ("data: {test: mmlu, valid: mmlu}", "data.valid", "unknown role"),
+    ("data: {test: {spec: mmlu, split: dev}}", "data.test.split", "not a split"),
+    ("data: {test: {spec: mmlu, limit: 0}}", "data.test.limit", "positive integer"),
+    ("data: {test: {spec: mmlu, subjct: [a]}}", "data.test.subjct", "unknown data key"),
+    ("bogus: 1", "bogus", "unknown key"),
+    ("data: {test: 'synthetic:arithmetic?difficulty={d}'}", "data.test.spec", "variable"),
+    ("sweep: {a: {p: {optons: {}}}}", "sweep.a.p.optons", "unknown key"),
+    ("regime: {from: none}", "regime.from", "not a fine-tuning method"),
+    ("data: {test: [mmlu, arc-easy]}\nsweep: {a: {p: {data: {test: {limit: 3}}}}}", "sweep point p: data.test",
+     "list of entries"),
+    ("data: {test: mmlu}\nsweep: {a: {p: {data: {test: {limt: 3}}}}}", "sweep.a.p.data.test.limt", "unknown"),
+    ("models: {m: {model: x, methods: [cft]}}", "models.m.methods", "not a key"),
+]
+
+
+@pytest.mark.parametrize("override,key,words", BAD)
+def test_bad_config_names_file_and_key(tmp_path, override, key, words):
+    base = {"models": "models: {m: x}", "data": "data: {test: mmlu}", "methods": "methods: {none: {}}"}
+    head = override.split(":", 1)[0]
+    lines = [v for k, v in base.items() if k != head] + [override]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(LlmcalError) as e:
+        load_study(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and words in msg, msg
+
+
+def test_training_config_problems_are_caught_at_load(tmp_path):
+    if not HAS_TRAIN:
+        pytest.skip("llmcal.train is not available")
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: {m: x}\ndata: {test: mmlu}\nmethods: {cft: {}}\n", encoding="utf-8")
+    with pytest.raises(LlmcalError, match=r"bad\.yaml: data\.train: missing"):
+        load_study(path)
+    path.write_text("models: {m: x}\ndata: {train: mmlu, test: mmlu}\nmethods: {cft: {epochs: -1}}\n",
+                    encoding="utf-8")
+    with pytest.raises(LlmcalError, match=r"bad\.yaml: methods\.cft.*epochs"):
+        load_study(path)
+
+
+def test_not_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("models: [unclosed\n", encoding="utf-8")
+    with pytest.raises(LlmcalError, match="x.yaml: not valid YAML"):
+        load_study(p)
