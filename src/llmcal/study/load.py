@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 from ..errors import LlmcalError
 from .grid import (METHODS, REGIME, ROLES, TOP_KEYS, TRAINING, DataEntry, MethodEntry, ModelEntry, Point, Study, bad,
                    eval_config, finetune_config, option_key)
-from .schema import EMPTY_ROLE, Entries, DataEntryModel, PartialEntryModel, Schema, ConfigModel, option_fields, schema_for
+from .schema import (EMPTY_ROLE, ConfigModel, DataEntryModel, Entries, PartialEntryModel, Schema, option_fields,
+                     schema_for)
 
 
 # ---- where an error is ---------------------------------------------------------------------
