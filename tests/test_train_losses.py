@@ -149,3 +149,99 @@ def test_training_forward_matches_the_scoring_engine(encoded, tiny_tokenizer, ti
     last = mask.sum(1) - 1
     want = answer_ce_loss(full[torch.arange(len(encoded)), last], batch["targets"][torch.arange(len(encoded)), last])
     assert out.sft_loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_right_padded_batches_run_without_an_attention_mask(encoded, tiny_tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmcal.train.collator import McqCollator, build_examples
+    from llmcal.train.trainer import answer_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    batch = McqCollator(0)(build_examples(encoded, tiny_tokenizer))
+    assert (batch["attention_mask"] == 0).any()  # there is padding, on the right
+    with torch.no_grad():
+        answer_forward(model, batch)
+        left = dict(batch, attention_mask=batch["attention_mask"].flip(1))  # not right-padded: the mask is kept
+        answer_forward(model, left)
+    assert seen[0] is None and seen[1] is not None
+
+
+def _bf16_lora(tiny_model_dir, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM", init_lora_weights=False))
+    return model.train()
+
+
+def test_cpu_bf16_step_runs_the_adapters_in_bf16_and_matches_float32(encoded, tiny_tokenizer, tiny_model_dir):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from llmcal.train.collator import McqCollator, build_examples
+    from llmcal.train.trainer import answer_forward, training_precision
+
+    batch = McqCollator(0)(build_examples(encoded, tiny_tokenizer))
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _bf16_lora(tiny_model_dir, dtype)
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
+        out_dtypes = []
+        layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+        layer.lora_A["default"].register_forward_hook(lambda m, a, o: out_dtypes.append(o.dtype))
+        with training_precision(model):
+            casting = [m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            loss = answer_forward(model, batch).sft_loss
+        loss.backward()
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))  # restored
+        if dtype == torch.bfloat16:
+            assert not any(casting) and out_dtypes == [torch.bfloat16]  # the adapter ran in bf16 on bf16 inputs
+        else:
+            assert all(casting) and out_dtypes == [torch.float32]  # nothing changes for a float32 model
+        grads[dtype] = torch.cat([p.grad.float().reshape(-1) for n, p in sorted(model.named_parameters())
+                                  if p.requires_grad])
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    a, b = grads[torch.float32], grads[torch.bfloat16]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert (a - b).norm() / a.norm() < 0.1
+
+
+def test_default_batches_are_grouped_by_length(encoded, tiny_tokenizer, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from llmcal.train.collator import ExampleDataset, LengthBucketSampler, McqCollator, build_examples
+    from llmcal.train.losses import RcftLoss
+    from llmcal.train.state import TrainState
+    from llmcal.train.trainer import CalibrationTrainer
+
+    examples = build_examples(encoded, tiny_tokenizer)
+    # many examples of very different lengths
+    examples = [dict(e, input_ids=e["input_ids"] * (1 + i % 5), targets=e["targets"] * (1 + i % 5))
+                for i in range(40) for e in examples[:1]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def trainer(**kw):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True,
+                                 report_to=[], remove_unused_columns=False, seed=0, **kw)
+        return CalibrationTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                                  data_collator=McqCollator(0), train_state=TrainState.initial("cft", 1.0, 10),
+                                  rcft_loss=RcftLoss(10))
+
+    def padding(order):
+        lengths = [len(examples[i]["input_ids"]) for i in order]
+        return sum(max(lengths[s:s + 4]) * len(lengths[s:s + 4]) - sum(lengths[s:s + 4]) for s in range(0, 40, 4))
+
+    torch.manual_seed(0)
+    sampler = trainer()._get_train_sampler()
+    assert isinstance(sampler, LengthBucketSampler)
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert sorted(epoch1) == list(range(40)) and epoch1 != epoch2  # every example once; epochs differ
+    torch.manual_seed(0)
+    shuffled = padding(torch.randperm(40).tolist())
+    assert padding(epoch1) < shuffled / 2 and padding(epoch2) < shuffled / 2
+    assert not isinstance(trainer(train_sampling_strategy="sequential")._get_train_sampler(), LengthBucketSampler)

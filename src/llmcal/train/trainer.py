@@ -1,4 +1,4 @@
-"""``CalibrationTrainer``: transformers' Trainer with the CFT / RCFT loss, and nothing else changed.
+"""``CalibrationTrainer``: transformers' Trainer with the CFT / RCFT loss and a faster CPU training step.
 
 Logging, checkpointing, resume, mixed precision, gradient accumulation and
 multi-process training all stay the base class's.  The loss is
@@ -14,9 +14,30 @@ that have a target (``logits_to_keep`` with a tensor of positions): one (B x V)
 projection per batch instead of (B x L x V).  The K-letter logits are read
 from the same vocabulary logits at the answer position, so they equal the
 scoring engine's ``option_logits`` for the same weights.
+
+What makes the step fast (bench/RESULTS.md, "Training", measures each):
+
+* no attention mask: batches are right-padded, and in a causal decoder a real
+  position never attends to a later one, so padding cannot reach a position
+  with a target; without a mask, scaled-dot-product attention takes its causal
+  path instead of building and applying a (B, 1, L, L) mask;
+* length-bucketed batches (``collator.LengthBucketSampler``, unless the
+  arguments ask for another ``train_sampling_strategy``): questions of
+  similar length share a batch, so little of each batch is padding, and the
+  batches still change from epoch to epoch;
+* bfloat16 LoRA compute on CPU: with the base model in bfloat16 and the LoRA
+  weights in float32 (peft's default), peft casts every adapted layer's input
+  to float32 and its output back, and its dropout runs in float32: copies of
+  every activation, twice per layer, forward and backward.  The forward
+  instead runs under CPU autocast (bfloat16) with peft's input cast off: the
+  adapter matmuls run in bfloat16 on bfloat16 activations, the small adapter
+  weights are cast instead of the large activations, and the weights, their
+  gradients and the optimizer state stay float32 (bfloat16 mixed precision, as
+  ``bf16=True`` does on a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -24,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from .collator import IGNORE
+from .collator import IGNORE, LengthBucketSampler
 from .losses import RcftLoss, answer_ce_loss
 from .state import TrainState
 
@@ -48,9 +69,16 @@ def _takes_logits_to_keep(model_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (the collator's layout): the mask changes nothing in a causal decoder."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def answer_forward(model, batch: dict) -> AnswerOutput:
     """The training forward: SFT loss on the targets and the K-letter logits at the answer position."""
     ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
+    if _right_padded(mask):
+        mask = None  # see the module docstring: padding comes after every real position
     cols = torch.nonzero((targets != IGNORE).any(dim=0)).squeeze(1)  # positions with a target in some row
     if _takes_logits_to_keep(type(_core(model))):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=cols).logits
@@ -64,6 +92,29 @@ def answer_forward(model, batch: dict) -> AnswerOutput:
     return AnswerOutput(sft_loss=sft, letter_logits=letters)
 
 
+def _cpu_bf16_mixed(model) -> bool:
+    """A CPU model whose base runs in bfloat16 while its trainable (LoRA) weights are float32."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    return (frozen is not None and frozen.device.type == "cpu" and frozen.dtype == torch.bfloat16
+            and any(p.dtype == torch.float32 for p in trainable) and not torch.is_autocast_enabled("cpu"))
+
+
+def training_precision(model):
+    """The context the training forward runs in: bfloat16 autocast without peft's input casts on a CPU
+    bfloat16 base with float32 adapters (module docstring), else nothing."""
+    if not _cpu_bf16_mixed(model):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # an older peft: its casts stay (slower, same arithmetic class)
+        return stack
+    stack.enter_context(disable_input_dtype_casting(model))
+    return stack
+
+
 class CalibrationTrainer(Trainer):
     """Trainer whose loss is the answer SFT loss plus, when ``state.rcft_on``, lambda * L_ECE."""
 
@@ -74,8 +125,17 @@ class CalibrationTrainer(Trainer):
         self.train_state = train_state
         self.rcft_loss = rcft_loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-bucketed batches by default (module docstring); any other ``train_sampling_strategy`` as asked."""
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "random" or ds is None or not hasattr(ds, "examples"):
+            return super()._get_train_sampler(train_dataset)
+        # one batch per process and step; under several processes accelerate deals consecutive batches out
+        return LengthBucketSampler([len(e["input_ids"]) for e in ds.examples], self.args.train_batch_size)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = answer_forward(model, inputs)
+        with training_precision(model):
+            out = answer_forward(model, inputs)
         loss = out.sft_loss
         st = self.train_state
         if st.rcft_on and st.targets is not None:
