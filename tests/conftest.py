@@ -83,9 +83,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache(tmp_path_factory, tmp_path, monkeypatch):
     # GGUF conversions are cached per machine; tests share one cache for the session.
     monkeypatch.setenv("LLMCAL_CACHE", str(tmp_path_factory.getbasetemp() / "llmcal-cache"))
+    # The scoring cache is per test: a test sees only the scores it made itself.
+    import llmcal.cache
+
+    monkeypatch.setattr(llmcal.cache, "default_cache_dir", lambda: tmp_path / "score-cache")
 
 
 def write_jsonl(path: Path, records) -> Path:

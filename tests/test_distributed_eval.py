@@ -117,7 +117,8 @@ def test_two_processes_write_one_run_equal_to_a_single_process_run(tiny_model_di
     assert r0["world"] == [0, 2] and r1["world"] == [1, 2]
 
 
-def test_single_process_resumes_from_partial_files_of_a_sharded_run(tiny_model_dir, tmp_path):
+def test_single_process_resumes_from_partial_files_of_a_sharded_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCAL_SCORE_CACHE", "0")  # about resuming from partial files, not about the cache
     cfg = EvalConfig(model=str(tiny_model_dir), data=DATA, template="plain", dtype="float32", device="cpu",
                      batch_tokens=200, n_bootstrap=50)
     ref = tmp_path / "ref"
@@ -125,7 +126,7 @@ def test_single_process_resumes_from_partial_files_of_a_sharded_run(tiny_model_d
     lines = (ref / "predictions.jsonl").read_text().splitlines(keepends=True)
 
     out = tmp_path / "resumed"
-    from llmcal.evaluate import _config_doc
+    from llmcal.evaluate import config_doc as _config_doc
     from llmcal.models import resolve_model
     from llmcal.runs import RunDir
 

@@ -30,6 +30,7 @@ def test_interrupted_eval_resumes_to_identical_predictions(tiny_model_dir, tmp_p
         real_write(self, record)
 
     out = tmp_path / "resumed"
+    monkeypatch.setenv("LLMCAL_SCORE_CACHE", "0")  # this test is about resuming, not about the cache
     monkeypatch.setattr(io.JsonlAppender, "write", dying_write)
     with pytest.raises(Boom):
         run_eval(cfg, out, progress=False)

@@ -115,7 +115,7 @@ def test_compare_run_writes_the_comparison(tmp_path):
         assert (out / name).exists()
     doc = json.loads((out / "posthoc.json").read_text())
     assert [m["method"] for m in doc["methods"]] == ["none", "ts", "vector", "isotonic"]
-    assert doc["source"]["calib_file"] is None and "hash_unit(id, seed + 1)" in doc["source"]["split"]
+    assert doc["source"]["calib_file"] is None and "hash_unit(id, seed) >= 0.8" in doc["source"]["split"]
     assert doc["n_bootstrap"] == 200  # from the run's config
     assert doc["n_calib"] + doc["n_test"] == 400
     md = (out / "posthoc.md").read_text()

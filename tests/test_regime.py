@@ -8,7 +8,7 @@ import pytest
 from llmcal.errors import LlmcalError
 from llmcal.predictions import Prediction
 from llmcal.regime import (CALIBRATABLE, DEFAULT_TOLERANCE, NON_CALIBRATABLE, Diagnosis, RegimeConfig, diagnose,
-                           diagnose_predictions, format_diagnosis, left_calibratable, run_regime, split_heldout)
+                           diagnose_predictions, format_diagnosis, left_calibratable, run_regime)
 from llmcal.runs import load_run
 
 TASK = "synthetic:arithmetic?n=40&k=4"
@@ -66,18 +66,6 @@ def test_format_diagnosis_lines():
         assert s in text
     assert len(text.splitlines()) == 6
     assert "conf-ECE" not in format_diagnosis(diagnose(0.6, 0.6))
-
-
-def test_split_heldout_is_a_partition(tiny_tokenizer):
-    from llmcal.data import load_dataset
-
-    qs = load_dataset(TASK).questions
-    tr, he = split_heldout(qs, 0.25, seed=3)
-    assert {q.id for q in tr} | {q.id for q in he} == {q.id for q in qs}
-    assert not {q.id for q in tr} & {q.id for q in he} and he
-    assert split_heldout(qs, 0.25, seed=3) == (tr, he)
-    with pytest.raises(LlmcalError, match="between 0 and 1"):
-        split_heldout(qs, 1.0)
 
 
 # ---- the run ---------------------------------------------------------------------

@@ -36,17 +36,17 @@ methods:
 
 @pytest.fixture
 def score_calls(monkeypatch):
-    """Counts the questions the scoring engine is asked to score (through the study's entry point)."""
-    import llmcal.evaluate as ev
+    """Counts the questions the scoring engine is asked to score (the pipeline's scoring pass, after the cache)."""
+    import llmcal.pipeline as pl
 
     calls = []
-    real = ev.score_questions_into
+    real = pl._score_into
 
     def counting(run, filename, loaded, questions, *a, **kw):
         calls.append((Path(run.path).name, filename, len(questions)))
         return real(run, filename, loaded, questions, *a, **kw)
 
-    monkeypatch.setattr(ev, "score_questions_into", counting)
+    monkeypatch.setattr(pl, "_score_into", counting)
     return calls
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LlmcalError
+from .options import parse_mapping
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Measure and restore the calibration of aligned language models on multiple-choice QA.")
@@ -42,26 +43,6 @@ def handle_errors(fn):
     return wrapper
 
 
-def _mapping(mapping: Optional[str]) -> Optional[dict]:
-    if not mapping:
-        return None
-    try:
-        m = json.loads(mapping)
-    except json.JSONDecodeError:
-        # also accept field=column,field=column
-        m = {}
-        for part in mapping.split(","):
-            if "=" not in part:
-                raise LlmcalError(f"--mapping {mapping!r}: expected JSON or field=column pairs")
-            k, v = part.split("=", 1)
-            v = v.strip()
-            # "choices=A|B|C|D": the options spread over several columns
-            m[k.strip()] = [c.strip() for c in v.split("|")] if "|" in v else v
-    if not isinstance(m, dict):
-        raise LlmcalError(f"--mapping {mapping!r}: expected an object")
-    return m
-
-
 def _print_results(record, title: str) -> None:
     t = Table(title=title)
     for col in ("method", "split", "n", "accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "mean conf"):
@@ -75,148 +56,217 @@ def _print_results(record, title: str) -> None:
     out_console.print(t)
 
 
-# Options shared by eval and calibrate.
-ModelOpt = typer.Option(..., "--model", "-m", help="Hub id, local dir, .gguf file, LoRA adapter dir, or alias "
-                        "(smollm2-135m-instruct, gemma3-270m).")
-DataOpt = typer.Option(..., "--data", "-d", help="mmlu, arc-challenge, arc-easy, openbookqa, medmcqa, a "
-                       ".jsonl/.json/.csv/.parquet file, or synthetic:<task>?difficulty=..")
+OutOpt = typer.Option(..., "--out", "-o", help="Run directory to write (an interrupted run there resumes).")
+OverwriteOpt = typer.Option(False, "--overwrite/--no-overwrite", help="Replace the run in --out (complete, or "
+                            "interrupted with another configuration) instead of refusing.")
 
 
-def _eval_config(model, data, gguf_file, base, split, subject, limit, seed, template, dtype, device,
-                 batch_tokens, mapping, n_bins, method="none", calib_fraction=0.2, backend="hf"):
+def _register(name: str, params: list, impl, *, extra_args: bool = False) -> None:
+    from .options import command
+
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True} if extra_args else {}
+    app.command(name, context_settings=settings)(handle_errors(command(params, impl)))
+
+
+def _build(cls, ctx, values: dict, *, from_file: dict | None = None, where: str = ""):
+    """The config ``cls`` from the flags the user typed (and a --config file), defaults from the class."""
+    from .options import from_mapping, given, to_field_values
+
+    typed = to_field_values(cls, given(ctx, values))
+    base = {k: v for k, v in (from_file or {}).items()}
+    return from_mapping(cls, {**base, **typed}, where or "command line")
+
+
+def _eval_params():
+    import inspect
+
     from .evaluate import EvalConfig
+    from .options import cli_parameters
 
-    return EvalConfig(model=model, data=data, gguf_file=gguf_file, base=base, split=split,
-                      subjects=list(subject) or None, limit=limit, seed=seed, template=template, dtype=dtype,
-                      device=device, batch_tokens=batch_tokens, mapping=_mapping(mapping), n_bins=n_bins,
-                      method=method, calib_fraction=calib_fraction, backend=backend)
+    return cli_parameters(EvalConfig, exclude={"calib_fraction"}, required={"model", "data"}) + [
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=OutOpt, annotation=Path),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool)]
 
 
-@app.command("eval")
-@handle_errors
-def eval_cmd(
-    model: str = ModelOpt,
-    data: str = DataOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (resumed if interrupted)."),
-    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside --model's directory or hub repo."),
-    base: Optional[str] = typer.Option(None, help="Base model for a LoRA adapter (default: the one it records)."),
-    split: str = typer.Option("all", help="all, calib or test (deterministic, by a hash of id and seed)."),
-    subject: List[str] = typer.Option([], "--subject", help="Keep only these subjects (repeatable)."),
-    limit: Optional[int] = typer.Option(None, help="Use a fixed, seeded subset of this many questions."),
-    seed: int = typer.Option(0),
-    template: str = typer.Option("auto", help="plain, chat, or auto (chat when the tokenizer has a template)."),
-    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    batch_tokens: int = typer.Option(2048, help="Token budget per batch (batch size x longest prompt)."),
-    mapping: Optional[str] = typer.Option(None, help='Column mapping for files: JSON or "question=q,answer=label".'),
-    n_bins: int = typer.Option(10, help="Bins for ECE and the reliability diagram."),
-    overwrite: bool = typer.Option(False, help="Replace a complete run in --out."),
-    backend: str = typer.Option("hf", help="hf (transformers, default) or vllm (GPU, needs vllm installed)."),
-):
+def eval_cmd(ctx, out: Path, overwrite: bool, **values):
     """Evaluate a model's accuracy and calibration on a multiple-choice dataset."""
-    from .evaluate import run_eval
+    from .evaluate import EvalConfig, run_eval
 
-    cfg = _eval_config(model, data, gguf_file, base, split, subject, limit, seed, template, dtype, device,
-                       batch_tokens, mapping, n_bins, backend=backend)
+    cfg = _build(EvalConfig, ctx, values)
     rec = run_eval(cfg, out, overwrite=overwrite)
-    _print_results(rec, f"{rec.model} on {data}")
+    _print_results(rec, f"{rec.model} on {cfg.data}")
     out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
+
+
+_register("eval", _eval_params(), eval_cmd)
 
 
 FT_METHODS = ("cft", "rcft", "auto")
 
 
-@app.command("calibrate")
-@handle_errors
-def calibrate_cmd(
-    method: str = typer.Option("ts", help="ts (temperature scaling), cft, rcft, or auto (CFT that switches "
-                               "the RCFT term on once the model leaves the calibratable regime)."),
-    model: str = ModelOpt,
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="ts: dataset to split into calibration and test."),
-    train: Optional[str] = typer.Option(None, "--train", help="cft/rcft/auto: in-domain training dataset."),
-    eval_sets: List[str] = typer.Option([], "--eval", help="cft/rcft/auto: evaluation dataset (repeatable; "
-                                        "in-domain and out-of-domain)."),
-    out: Path = typer.Option(..., "--out", "-o"),
-    gguf_file: Optional[str] = typer.Option(None),
-    base: Optional[str] = typer.Option(None),
-    subject: List[str] = typer.Option([], "--subject", help="Subjects of --data / --train."),
-    eval_subject: List[str] = typer.Option([], "--eval-subject", help="Subjects kept in the --eval sets."),
-    limit: Optional[int] = typer.Option(None, help="Questions of --data / --train (fixed seeded subset)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Questions per --eval set."),
-    train_split: Optional[str] = typer.Option(None, help="Train and evaluate on one dataset: its hash split "
-                                              "train (60%), with --eval-split test (20%)."),
-    eval_split: Optional[str] = typer.Option(None, help="The hash split of the training dataset to evaluate on."),
-    seed: int = typer.Option(0),
-    template: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
-    batch_tokens: int = typer.Option(2048),
-    mapping: Optional[str] = typer.Option(None),
-    n_bins: int = typer.Option(10),
-    calib_fraction: float = typer.Option(0.2, help="ts: share of the questions used to fit the temperature."),
-    # training options (cft, rcft, auto)
-    preset: str = typer.Option("default", help="default (small models) or paper (r=128, alpha=64, lr 5e-4, "
-                               "5 epochs, batch 2, bf16, 4-bit base where bitsandbytes and a GPU are present)."),
-    epochs: Optional[float] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
-    lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None),
-    lora_r: Optional[int] = typer.Option(None),
-    lora_alpha: Optional[int] = typer.Option(None),
-    heldout_fraction: Optional[float] = typer.Option(None, help="Slice of --train kept out of training for the "
-                                                     "E-step and the regime check."),
-    rcft_lambda: Optional[float] = typer.Option(None, "--lambda", help="Weight of the ECE term (RCFT)."),
-    estep_every: Optional[str] = typer.Option(None, help="E-step frequency: 'epoch' or a number of steps."),
-    estep_set: Optional[str] = typer.Option(None, help="E-step estimation set: heldout (default) or train."),
-    nonmax_rule: Optional[str] = typer.Option(None, help="Targets of non-max options: proportional or tanh."),
-    tolerance: Optional[float] = typer.Option(None, help="Regime tolerance on train minus held-out accuracy."),
-    include_explanation: bool = typer.Option(False, help="Also train on the explanation text when present."),
-    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    merge: bool = typer.Option(False, help="Also write the merged model (base + adapter)."),
-    drift: bool = typer.Option(True, help="Measure alignment drift on the shipped instruction prompts."),
-    resume: bool = typer.Option(False, help="Continue an interrupted training run from its last checkpoint."),
-    overwrite: bool = typer.Option(False),
-):
-    """Calibrate a model: post-hoc temperature scaling, or calibration-aware fine-tuning (CFT/RCFT/auto)."""
+def _calibrate_params():
+    import inspect
+
+    from .evaluate import EvalConfig
+    from .options import cli_parameters
+    from .train.config import FinetuneConfig
+
+    P = inspect.Parameter
+    return [
+        P("method", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "ts", help="ts (temperature scaling, post-hoc), cft, rcft, or auto (CFT that switches the RCFT term "
+                       "on once the model leaves the calibratable regime).")),
+        P("from_run", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--from", help="A finished run directory: fit the post-hoc calibrators named by --method "
+                                 "(comma-separated: ts,vector,matrix,bias,contextual,batch,platt,isotonic,histogram, "
+                                 "or all) on its stored predictions and compare them, without loading the model "
+                                 "(contextual calibration loads it for its content-free inputs).")),
+        P("config", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--config", help="YAML file of options (keys: these options' names with underscores, and any "
+                                   "transformers TrainingArguments field); flags given here win.")),
+        *cli_parameters(FinetuneConfig, EvalConfig, optional={"model", "train", "data"}),
+        P("out", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--out", "-o", help="Run directory to write (an interrupted run there resumes); with --from, "
+                                      "where the comparison goes (default RUN/posthoc).")),
+        P("overwrite", P.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool),
+    ]
+
+
+def _training_args_from(tokens: list[str]) -> dict:
+    """Extra ``--name value`` flags: transformers TrainingArguments fields, parsed by its own parser."""
+    if not tokens:
+        return {}
+    from transformers import HfArgumentParser, TrainingArguments
+
+    names = [t[2:].split("=", 1)[0].replace("-", "_") for t in tokens if t.startswith("--")]
+    known = {f.name for f in __import__("dataclasses").fields(TrainingArguments)}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise LlmcalError(f"no such option: {tokens[0] if not names else '--' + unknown[0].replace('_', '-')} "
+                          f"(not an llmcal calibrate option nor a transformers TrainingArguments field; see "
+                          f"llmcal calibrate --help)")
+    try:
+        args, rest = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            args=["--output_dir", "unused", *tokens], return_remaining_strings=True)
+    except SystemExit:
+        raise LlmcalError(f"bad training arguments: {' '.join(tokens)}") from None
+    if rest:
+        raise LlmcalError(f"cannot read training arguments {' '.join(rest)}")
+    out = {}
+    for n in names:
+        v = getattr(args, n)
+        out[n] = getattr(v, "value", v)
+    return out
+
+
+def _posthoc_from(ctx, run_dir: Path, method: str, values: dict, out: Optional[Path]) -> None:
+    """``calibrate --from RUN``: every named post-hoc method on the run's stored predictions."""
+    from .options import given
+    from .posthoc import resolve_methods
+    from .posthoc.compare import compare_run, select_predictions
+
+    allowed = {"calib_fraction", "n_bins", "n_bootstrap", "seed", "batch_tokens", "dtype", "device"}
+    extra = [k for k in given(ctx, values) if k not in allowed]
+    if extra or ctx.args:
+        name = "--" + extra[0].replace("_", "-") if extra else ctx.args[0]
+        raise LlmcalError(f"{name} does not apply to calibrate --from (it works on the run's stored predictions)")
+    names, want_all = resolve_methods(method)
+    if want_all and "contextual" not in method.split(","):
+        names = [n for n in names if n != "contextual"]  # "all" means what runs without the model
+        out_console.print("contextual calibration needs the model: name it (--method all,contextual) to include it")
+    priors = None
+    if "contextual" in names:  # the one method that needs the model: its content-free inputs
+        from .models import load_model
+        from .posthoc import content_free_distribution
+        from .runs import load_run, recorded_model_spec
+
+        rec = load_run(run_dir)
+        spec_doc = rec.config.get("model_spec")
+        if not spec_doc:
+            raise LlmcalError(f"{run_dir}: its config.json records no model_spec; contextual calibration needs it")
+        _, test, source = select_predictions(run_dir, calib_fraction=values.get("calib_fraction") or 0.2)
+        loaded = load_model(recorded_model_spec(spec_doc, run_dir), dtype=values.get("dtype") or "auto",
+                            device=values.get("device") or "auto")
+        priors = content_free_distribution(loaded, source["template"], sorted({len(p.probs) for p in test}),
+                                           cache_dir=run_dir / "posthoc")
+    typed = given(ctx, values)
+    report = compare_run(run_dir, names, out, calib_fraction=typed.get("calib_fraction", 0.2), contextual_priors=priors,
+                         n_bins=typed.get("n_bins"), n_bootstrap=typed.get("n_bootstrap"), seed=typed.get("seed"))
+    t = Table(title=f"post-hoc calibration of {run_dir} ({report.source.get('split', '')})")
+    for col in ("method", "accuracy", "Δ accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "AURC"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for row in report.comparison.rows:
+        sc, ci = row.scores, row.ci
+
+        def cell(k):
+            lo_hi = ci.get(k)
+            return f"{sc[k]:.4f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
+        t.add_row(row.method, cell("accuracy"), f"{row.accuracy_change:+.4f}", cell("conf_ece"), cell("cw_ece"),
+                  cell("brier"), cell("nll"), cell("aurc"))
+    out_console.print(t)
+    for name, why in report.comparison.skipped.items():
+        out_console.print(f"[yellow]skipped {name}[/]: {why}")
+    out_console.print(f"comparison written to [bold]{report.out_dir}[/] (posthoc.md, posthoc.json, plots)")
+
+
+def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[Path], out: Optional[Path],
+                  overwrite: bool, **values):
+    """Calibrate a model: post-hoc methods (temperature scaling; with --from, every post-hoc method on a finished
+    run), or calibration-aware fine-tuning (CFT/RCFT/auto)."""
+    import dataclasses
+
+    if from_run is not None:
+        return _posthoc_from(ctx, from_run, method, values, out)
+    if out is None:
+        raise LlmcalError("missing option --out (the run directory to write)")
+
+    from .evaluate import EvalConfig
+    from .options import fields_of, flag_of, given, read_yaml_mapping
+    from .train.config import FinetuneConfig, check_training_args
+
+    from_file = read_yaml_mapping(config) if config else {}
+    method = from_file.pop("method", method) if "method" not in given(ctx, {"method": method}) else method
+    from_file.pop("method", None)
+    typed = given(ctx, values)
     if method == "ts":
-        if not data:
-            raise LlmcalError("--method ts needs --data (the dataset to split into calibration and test)")
-        if not 0 < calib_fraction < 1:
-            raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {calib_fraction})")
+        cls, other = EvalConfig, FinetuneConfig
+    elif method in FT_METHODS:
+        cls, other = FinetuneConfig, EvalConfig
+    else:
+        raise LlmcalError(f"unknown --method {method!r}; choose ts, cft, rcft or auto")
+    mine = fields_of(cls)
+    wrong = [k for k in typed if k not in mine]
+    if wrong:
+        applies = "ts" if other is EvalConfig else "cft, rcft and auto"
+        raise LlmcalError(f"{flag_of(other, wrong[0])} applies to --method {applies}, not to --method {method}")
+    if cls is FinetuneConfig:
+        ta_file = {k: from_file.pop(k) for k in list(from_file) if k not in mine}
+        check_training_args(ta_file)
+        extra = check_training_args({**ta_file, **_training_args_from(list(ctx.args))})
+        from_file["training_args"] = {**from_file.get("training_args", {}), **extra}
+        from_file["method"] = method
+    elif ctx.args:
+        raise LlmcalError(f"no such option: {ctx.args[0]} (training arguments apply to --method cft, rcft, auto)")
+    else:
+        from_file["method"] = "ts"
+    cfg = _build(cls, ctx, values, from_file=from_file, where=str(config) if config else "command line")
+    for need, flag in (("model", "--model"), ("data", "--data"), ("train", "--train")):
+        if need in mine and not getattr(cfg, need, None):
+            raise LlmcalError(f"--method {method} needs {flag}")
+    if cls is EvalConfig:
         from .evaluate import run_calibrate_ts
 
-        cfg = _eval_config(model, data, gguf_file, base, "all", subject, limit, seed, template, dtype, device,
-                           batch_tokens, mapping, n_bins, method="ts", calib_fraction=calib_fraction)
         rec = run_calibrate_ts(cfg, out, overwrite=overwrite)
         _print_results(rec, f"{rec.model}: temperature scaling (T={rec.meta['temperature']:.3f})")
         out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
         return
-    if method not in FT_METHODS:
-        raise LlmcalError(f"unknown --method {method!r}; choose ts, cft, rcft or auto")
-    if not train:
-        raise LlmcalError(f"--method {method} needs --train (in-domain training data)")
-    if not eval_sets:
+    if not cfg.evals:
         raise LlmcalError(f"--method {method} needs at least one --eval dataset")
-    from .train.config import FinetuneConfig
+    from .distributed import current_world
     from .train.run import run_finetune
 
-    overrides = {k: v for k, v in dict(
-        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, lora_r=lora_r,
-        lora_alpha=lora_alpha, heldout_fraction=heldout_fraction, rcft_lambda=rcft_lambda,
-        estep_every=(int(estep_every) if estep_every and estep_every.isdigit() else estep_every),
-        estep_set=estep_set, nonmax_rule=nonmax_rule, tolerance=tolerance, save_steps=save_steps,
-    ).items() if v is not None}
-    cfg = FinetuneConfig(model=model, train=train, evals=list(eval_sets), gguf_file=gguf_file, base=base,
-                         method=method, seed=seed, dtype=dtype, device=device, template=template,
-                         train_limit=limit, eval_limit=eval_limit, subjects=list(subject) or None,
-                         eval_subjects=list(eval_subject) or None, n_bins=n_bins, preset=preset, merge=merge,
-                         include_explanation=include_explanation, resume=resume, drift=drift,
-                         batch_tokens=batch_tokens, mapping=_mapping(mapping), train_split=train_split,
-                         eval_split=eval_split, **overrides)
-    rec = run_finetune(cfg, out, overwrite=overwrite)
-    from .distributed import current_world
-
+    rec = run_finetune(dataclasses.replace(cfg), out, overwrite=overwrite)
     if not current_world().is_main:  # under torchrun every rank returns the record; one prints it
         return
     _print_results(rec, f"{rec.model}: {method.upper()}")
@@ -227,37 +277,31 @@ def calibrate_cmd(
     out_console.print(f"run written to [bold]{out}[/] (adapter: {out / 'adapter'}; report: {out / 'report.md'})")
 
 
-@app.command("regime")
-@handle_errors
-def regime_cmd(
-    model: str = ModelOpt,
-    train: str = typer.Option(..., "--train", help="Training data (what fine-tuning can fit)."),
-    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out data (default: a slice of --train)."),
-    out: Path = typer.Option(..., "--out", "-o"),
-    gguf_file: Optional[str] = typer.Option(None),
-    base: Optional[str] = typer.Option(None),
-    heldout_fraction: float = typer.Option(0.2),
-    limit: Optional[int] = typer.Option(None, help="Training questions (fixed seeded subset)."),
-    heldout_limit: Optional[int] = typer.Option(None),
-    seed: int = typer.Option(0),
-    template: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
-    batch_tokens: int = typer.Option(2048),
-    tolerance: float = typer.Option(0.05, help="Largest train minus held-out accuracy still calibratable."),
-    mapping: Optional[str] = typer.Option(None),
-    overwrite: bool = typer.Option(False),
-):
+_register("calibrate", _calibrate_params(), calibrate_cmd, extra_args=True)
+
+
+def _regime_params():
+    import inspect
+
+    from .options import cli_parameters
+    from .regime import RegimeConfig
+
+    return cli_parameters(RegimeConfig, required={"model", "train"}) + [
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=OutOpt, annotation=Path),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool)]
+
+
+def regime_cmd(ctx, out: Path, overwrite: bool, **values):
     """Diagnose the regime: can CFT calibrate this model on this domain, or does it need RCFT?"""
     from .regime import RegimeConfig, format_diagnosis, run_regime
 
-    cfg = RegimeConfig(model=model, train=train, heldout=heldout, gguf_file=gguf_file, base=base,
-                       heldout_fraction=heldout_fraction, train_limit=limit, heldout_limit=heldout_limit, seed=seed,
-                       template=template, dtype=dtype, device=device, batch_tokens=batch_tokens, tolerance=tolerance,
-                       mapping=_mapping(mapping))
+    cfg = _build(RegimeConfig, ctx, values)
     rec, diagnosis = run_regime(cfg, out, overwrite=overwrite)
     out_console.print(format_diagnosis(diagnosis), highlight=False)
     out_console.print(f"run written to [bold]{out}[/] (diagnosis: {out / 'diagnosis.json'})")
+
+
+_register("regime", _regime_params(), regime_cmd)
 
 
 @app.command("study")
@@ -329,12 +373,15 @@ def data_show(
     n: int = typer.Option(3, "-n", help="How many questions to show."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Render with this model's tokenizer "
                                         "(needed for the chat template and to show the letter tokens)."),
-    gguf_file: Optional[str] = typer.Option(None),
-    template: str = typer.Option("plain", help="plain, chat or auto."),
-    subject: List[str] = typer.Option([], "--subject"),
-    split: str = typer.Option("all"),
-    seed: int = typer.Option(0),
-    mapping: Optional[str] = typer.Option(None),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside --model's directory or hub "
+                                            "repository."),
+    template: str = typer.Option("auto", help="plain, chat, or auto (chat when --model's tokenizer has a chat "
+                                 "template; plain without --model)."),
+    subject: List[str] = typer.Option([], "--subject", help="Keep only this subject (repeatable)."),
+    split: str = typer.Option("all", help="Named split: all, train, calib or test."),
+    seed: int = typer.Option(0, help="Seed of the split and of the subset shown."),
+    mapping: Optional[str] = typer.Option(None, help='Column mapping of a data file: JSON, or '
+                                          '"question=q,choices=A|B|C|D,answer=label".'),
 ):
     """Show a few prompts exactly as the model will see them, with the answer continuation."""
     from .data import load_dataset
@@ -342,15 +389,17 @@ def data_show(
     from .prompts import continuation, encode_questions, format_prompt, resolve_template
 
     ds = load_dataset(data, split=None if split == "all" else split, subjects=list(subject) or None,
-                      limit=n, seed=seed, mapping=_mapping(mapping))
+                      limit=n, seed=seed, mapping=parse_mapping(mapping))
     tok = None
     if model:
         from .models import load_tokenizer, resolve_model
 
         tok = load_tokenizer(resolve_model(model, gguf_file=gguf_file))
         template = resolve_template(template, tok)
+    elif template == "auto":
+        template = "plain"  # no tokenizer, no chat template
     elif template != "plain":
-        raise LlmcalError("--template chat/auto needs --model (the chat template belongs to the tokenizer)")
+        raise LlmcalError("--template chat needs --model (the chat template belongs to the tokenizer)")
     out_console.print(f"[bold]{ds.name}[/]: {len(ds.questions)} question(s) shown, template {template}")
     encoded = encode_questions(ds.questions, tok, template) if tok is not None else None
     for i, q in enumerate(ds.questions):

@@ -67,6 +67,10 @@ def world_from_env() -> World:
 
 
 def is_initialized() -> bool:
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # nothing imported it, so no group is up (and importing torch
+        return False                            # at interpreter exit, from the atexit hook, is slow and noisy)
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()

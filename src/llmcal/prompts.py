@@ -1,4 +1,4 @@
-"""Prompt templates and the answer position (DESIGN.md "Prompts and the answer position").
+"""Prompt templates and the answer position (docs/reference.md, "Prompt templates").
 
 ``plain`` is lm-evaluation-harness's zero-shot MMLU format byte for byte; its
 answer continuation is " A", " B", ...  ``chat`` puts the same question and

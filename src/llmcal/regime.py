@@ -1,4 +1,4 @@
-"""Regime diagnosis (DESIGN.md "Regime diagnosis").
+"""Regime diagnosis (docs/reference.md, "Regime diagnosis").
 
 ECE >= |mean confidence - accuracy| always, and an SFT fixed point has mean
 confidence close to its training accuracy, so after fine-tuning the held-out
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import LlmcalError
+from .options import option, shared
 
 log = logging.getLogger(__name__)
 
@@ -110,55 +111,44 @@ def format_diagnosis(d: Diagnosis) -> str:
 # ---- the regime run (``llmcal regime``) ---------------------------------------------
 @dataclass
 class RegimeConfig:
-    """Everything that decides a regime run's numbers (stored as the run's config.json).
+    """Everything that decides a regime run's numbers (stored as the run's config.json)."""
 
-    ``train``: the dataset spec fine-tuning would train on.  ``heldout``: a
-    dataset spec of unseen questions, or None for a held-out slice of ``train``
-    (``heldout_fraction`` of it, chosen by a hash of each question id and
-    ``seed``, see :func:`split_heldout`).  ``train_limit``/``heldout_limit``
-    subsample each side deterministically.
-    """
-
-    model: str
-    train: str
-    heldout: str | None = None
-    gguf_file: str | None = None
-    base: str | None = None
-    heldout_fraction: float = 0.2
-    train_limit: int | None = None
-    heldout_limit: int | None = None
-    seed: int = 0
-    template: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int = 2048
-    tolerance: float = DEFAULT_TOLERANCE
-    n_bins: int = 10
-    n_bootstrap: int = 1000
-    mapping: dict | None = None
+    # pydantic validates YAML and study options against these fields: unknown keys are errors.
+    __pydantic_config__ = {"extra": "forbid"}
 
 
-def split_heldout(questions: Sequence, fraction: float, seed: int = 0) -> tuple[tuple, tuple]:
-    """(train, held-out) slices of ``questions``, in their order.
-
-    A question is held out when ``hash_unit(id, seed) >= 1 - fraction`` (see
-    ``llmcal.data.splits``), so the slice depends only on its id and the seed.
-    """
-    from .data.splits import apply_split
-
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise LlmcalError(f"heldout fraction must be a number strictly between 0 and 1, got {fraction!r}")
-    fractions = {"train": 1.0 - float(fraction), "heldout": float(fraction)}
-    return apply_split(questions, "train", seed, fractions), apply_split(questions, "heldout", seed, fractions)
+    model: str = shared("model")
+    train: str = option(help="Training data: the dataset fine-tuning would train on (any --data spec).")
+    heldout: str | None = option(None, help="Held-out data: unseen questions (default: a held-out slice of "
+                                            "--train, see --heldout-fraction).")
+    gguf_file: str | None = shared("gguf_file")
+    base: str | None = shared("base")
+    heldout_fraction: float = option(0.2, help="Share of --train held out when --heldout is not given (a hash "
+                                               "of each id and the seed).")
+    train_limit: int | None = option(None, help="Use a fixed, seeded subset of this many training questions.")
+    heldout_limit: int | None = option(None, help="Use a fixed, seeded subset of this many held-out questions.")
+    seed: int = shared("seed")
+    template: str = shared("template")
+    dtype: str = shared("dtype")
+    device: str = shared("device")
+    batch_tokens: int = shared("batch_tokens")
+    tolerance: float = option(DEFAULT_TOLERANCE, help="Largest train minus held-out accuracy that is still "
+                                                      "calibratable.")
+    n_bins: int = shared("n_bins")
+    n_bootstrap: int = shared("n_bootstrap")
+    mapping: dict | None = shared("mapping")
 
 
 def regime_questions(cfg: RegimeConfig) -> tuple[tuple, tuple]:
     """The training and held-out questions of a regime run; raises LlmcalError on overlap or an empty side."""
     from .data import load_dataset
     from .data.loaders import take_limit
+    from .data.splits import split_heldout
 
     if cfg.heldout is None:
         ds = load_dataset(cfg.train, seed=cfg.seed, mapping=cfg.mapping)
+        if not 0 < cfg.heldout_fraction < 1:
+            raise LlmcalError(f"--heldout-fraction must be between 0 and 1 (got {cfg.heldout_fraction!r})")
         train, held = split_heldout(ds.questions, cfg.heldout_fraction, cfg.seed)
         if cfg.train_limit is not None:
             train = take_limit(train, cfg.train_limit, cfg.seed)
@@ -195,34 +185,26 @@ def run_regime(cfg: RegimeConfig, out: str | Path, *, overwrite: bool = False, p
     model as given: for a fine-tuned model (an adapter) it is what fine-tuning
     fitted, and the diagnosis says whether that model can still be calibrated on
     unseen data.  For a model that has not been fine-tuned on ``train`` it is the
-    starting point (the training questions are as unseen as the held-out ones,
-    so the gap is small unless the two sets differ), and the diagnosis says
-    where fine-tuning starts; fine-tuning raises train accuracy, and
-    ``llmcal calibrate --method auto`` repeats exactly this check
-    (:func:`diagnose_predictions`, :func:`left_calibratable`) after each epoch.
+    starting point, and ``llmcal calibrate --method auto`` repeats exactly this
+    check (:func:`diagnose_predictions`, :func:`left_calibratable`) after each epoch.
 
     Writes a run directory: config.json, predictions-train.jsonl,
     predictions-heldout.jsonl, reliability-train.png, reliability-heldout.png,
-    diagnosis.json (``Diagnosis.to_dict()``), report.md (with a "Regime
-    diagnosis" section) and metrics.json (``meta["diagnosis"]``).  An
-    interrupted run resumes from the predictions on disk.
+    diagnosis.json, report.md (with a "Regime diagnosis" section) and
+    metrics.json (``meta["diagnosis"]``).  An interrupted run resumes.
     """
-    from .evaluate import score_questions_into
-    from .io import atomic_write_json, atomic_write_text
-    from .metrics import metrics_from_predictions
-    from .models import load_model, resolve_model
+    from .evaluate import config_doc, load_for, run_meta
+    from .io import atomic_write_json
+    from .models import resolve_model
+    from .pipeline import Run
     from .prompts import resolve_template
-    from .report.plots import save_reliability
-    from .report.runreport import REPORT, write_run_report
-    from .runs import RunDir, RunResult, load_run
 
     _check_config(cfg)
     spec = loaded.spec if loaded else resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
     train, held = regime_questions(cfg)  # bad input fails before the run directory is touched
-    config = {**asdict(cfg), "kind": "regime", "model_spec": spec.to_dict()}
-    run = RunDir(out)
-    run.start(config, overwrite=overwrite)
-    loaded = loaded or load_model(spec, dtype=cfg.dtype, device=cfg.device)
+    run = Run.start(out, config_doc(cfg, spec, "regime"), device=cfg.device, overwrite=overwrite,
+                    progress=progress)
+    loaded = loaded or load_for(cfg, spec)
     template = resolve_template(cfg.template, loaded.tokenizer)
 
     sliced = cfg.heldout is None
@@ -230,30 +212,24 @@ def run_regime(cfg: RegimeConfig, out: str | Path, *, overwrite: bool = False, p
              ("heldout", cfg.heldout or cfg.train, "heldout" if sliced else "all", held, "held-out data")]
     preds, results = {}, []
     for label, data, split, questions, what in sides:
-        pred_file, png = f"predictions-{label}.jsonl", f"reliability-{label}.png"
-        preds[label] = score_questions_into(run, pred_file, loaded, questions, template,
-                                            batch_tokens=cfg.batch_tokens, progress=progress,
-                                            description=f"regime: {what}")
-        m = metrics_from_predictions(preds[label], n_bins=cfg.n_bins, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-        save_reliability(m["reliability"], run.file(png), f"{spec.name} on {what} ({data})", metrics=m)
-        results.append(RunResult(label=label, method="none", dataset=data, split=split, predictions=pred_file,
-                                 metrics=m, reliability=png))
+        pred_file = f"predictions-{label}.jsonl"
+        preds[label] = run.score(pred_file, loaded, questions, template, cache=True,
+                                 description=f"regime: {what}")
+        results.append(run.result(label, preds[label], method="none", dataset=data, split=split,
+                                  pred_file=pred_file, title=f"{spec.name} on {what} ({data})"))
 
     d = diagnose_predictions(preds["train"], preds["heldout"], tolerance=cfg.tolerance, n_bins=cfg.n_bins)
     log.info("regime diagnosis: %s", d.reason)
-    atomic_write_json(run.file("diagnosis.json"), d.to_dict())
-    meta = {"template": template, "dtype": loaded.dtype, "device": loaded.device, "n_train": len(train),
-            "n_heldout": len(held),
-            "heldout_source": f"slice of train (fraction {cfg.heldout_fraction})" if sliced else cfg.heldout,
-            "regime": d.regime, "recommended": d.recommended, "diagnosis": d.to_dict()}
-    report = write_run_report(run.path, config, results, meta)
-    text = report.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + _report_section(d, results) + "\n"
-    atomic_write_text(run.file(REPORT), text)
-    run.finish(kind="regime", model=spec.name, results=results, meta=meta)
-    return load_run(run.path), d
+    run.on_main(lambda: atomic_write_json(run.file("diagnosis.json"), d.to_dict()), what="writing diagnosis.json")
+    run.section("Regime diagnosis", report_section(d, results))
+    meta = run_meta(loaded, template, n_train=len(train), n_heldout=len(held),
+                    heldout_source=f"slice of train (fraction {cfg.heldout_fraction})" if sliced else cfg.heldout,
+                    regime=d.regime, recommended=d.recommended, diagnosis=d.to_dict())
+    return run.finish(model=spec.name, results=results, meta=meta), d
 
 
-def _report_section(d: Diagnosis, results) -> str:
+def report_section(d: Diagnosis, results) -> str:
+    """The "Regime diagnosis" section of a report: the numbers behind the regime and the advice."""
     def cell(v):
         return "–" if v is None else f"{v:.4f}"
 
@@ -263,7 +239,6 @@ def _report_section(d: Diagnosis, results) -> str:
         rows.append(f"| {r.label} ({r.dataset}) | {m['n']} | {cell(m['accuracy'])} | {cell(m['conf_ece'])} | "
                     f"{cell(m['mean_conf'])} |")
     return "\n".join([
-        "## Regime diagnosis", "",
         *rows, "",
         f"- **gap** (train accuracy − held-out accuracy): {d.gap:+.4f}; tolerance {d.tolerance:.4f}",
         f"- **held-out ECE lower bound** (max(gap, 0)): {d.ece_lower_bound:.4f}",

@@ -13,12 +13,18 @@ Layout (every file written atomically through ``llmcal.io``)::
 A run is complete when ``metrics.json`` exists and ``INCOMPLETE`` does not.
 Starting a run on a directory that holds an incomplete run of the same config
 resumes it; a complete run is only replaced with ``overwrite=True``.
+
+Recorded paths are portable (:func:`portable`): config.json and metrics.json
+hold no absolute path of the machine that wrote them, so a run directory can
+be committed, moved or copied to another machine and still resume and compare.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,66 @@ METRICS = "metrics.json"
 
 # Keys of config.json that must match for a run to be resumed.
 RESUME_KEYS_IGNORED = {"created", "resume", "overwrite", "out", "progress"}
+
+
+def _roots() -> list[tuple[Path, str]]:
+    from .models import cache_dir
+
+    roots = [(cache_dir(), "<llmcal-cache>"), (Path(sysconfig.get_paths()["purelib"]), "<site-packages>")]
+    return [(r.expanduser().resolve(), tag) for r, tag in roots]
+
+
+def portable(obj: Any, base: str | Path) -> Any:
+    """``obj`` (JSON-like) with every absolute path made portable.
+
+    A path under the llmcal cache becomes ``<llmcal-cache>/...``, one under the
+    Python environment's site-packages ``<site-packages>/...`` (where the asset
+    packages put their files); any other absolute path becomes relative to
+    ``base`` (the run folder).  Relative paths and other strings are kept.
+    """
+    base = Path(base).resolve()
+    roots = _roots()
+
+    def one(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: one(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [one(x) for x in v]
+        if not isinstance(v, str) or not v.startswith(("/", "\\")) or "\n" in v or not os.path.isabs(v):
+            return v
+        p = Path(v).resolve()
+        for root, tag in roots:
+            if p == root or root in p.parents:
+                return f"{tag}/{p.relative_to(root).as_posix()}".rstrip("/")
+        return Path(os.path.relpath(p, base)).as_posix()
+
+    return one(obj)
+
+
+def recorded_path(value: str, base: str | Path) -> Path:
+    """The path a :func:`portable` string names, read back on this machine."""
+    for root, tag in _roots():
+        if value == tag or value.startswith(tag + "/"):
+            return root / value[len(tag) + 1:]
+    return (Path(base) / value).resolve() if not os.path.isabs(value) else Path(value)
+
+
+def recorded_model_spec(spec_doc: dict, base: str | Path):
+    """The ``ModelSpec`` a run recorded (``config.json``'s ``model_spec``), with its paths read back here.
+
+    An alias is resolved again (its files live in this machine's cache); a
+    recorded relative path is taken relative to the run folder ``base``.
+    """
+    from .models import ModelSpec, resolve_model
+
+    if spec_doc.get("alias"):
+        return resolve_model(spec_doc["alias"])
+    d = dict(spec_doc)
+    if d.get("kind") != "hub" and d.get("path"):
+        d["path"] = str(recorded_path(d["path"], base))
+    if d.get("base"):
+        d["base"] = recorded_model_spec(d["base"], base).to_dict()
+    return ModelSpec.from_dict(d)
 
 
 def version() -> str:
@@ -95,10 +161,11 @@ class RunDir:
                 )
             shutil.rmtree(self.path)
         resumed = False
+        config = portable(_jsonable(config), self.path)
         if self.is_started:
             old = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
             a = {k: v for k, v in old.items() if k not in RESUME_KEYS_IGNORED}
-            b = {k: v for k, v in _jsonable(config).items() if k not in RESUME_KEYS_IGNORED}
+            b = {k: v for k, v in config.items() if k not in RESUME_KEYS_IGNORED}
             if a == b:
                 resumed = True
             elif overwrite:  # a different run was interrupted here: start this one from nothing
@@ -125,10 +192,10 @@ class RunDir:
         doc = {
             "llmcal_version": version(),
             "kind": kind,
-            "model": model,
+            "model": portable(model, self.path),
             "finished": _now(),
-            "meta": meta or {},
-            "results": [r.__dict__ for r in results],
+            "meta": portable(_jsonable(meta or {}), self.path),
+            "results": [portable(_jsonable(r.__dict__), self.path) for r in results],
         }
         atomic_write_json(self.path / METRICS, doc)
         (self.path / MARKER).unlink(missing_ok=True)

@@ -9,17 +9,16 @@ from .files import EXTENSIONS, load_file
 from .loaders import Dataset, filter_subjects, load_dataset, take_limit
 from .registry import DatasetInfo, list_datasets
 from .schema import LETTERS, MAX_CHOICES, MIN_CHOICES, Question
-from .splits import DEFAULT_SPLITS, TRAINING_SPLITS, apply_split, hash_unit, split_of
+from .splits import SPLITS, apply_split, hash_unit, split_heldout, split_of
 from .synthetic import generate as generate_synthetic
 from .validate import to_question
 
 __all__ = [
-    "DEFAULT_SPLITS",
     "EXTENSIONS",
     "LETTERS",
     "MAX_CHOICES",
     "MIN_CHOICES",
-    "TRAINING_SPLITS",
+    "SPLITS",
     "Dataset",
     "DatasetInfo",
     "Question",
@@ -30,6 +29,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "load_file",
+    "split_heldout",
     "split_of",
     "take_limit",
     "to_question",

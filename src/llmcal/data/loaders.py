@@ -183,8 +183,8 @@ def load_dataset(
 ) -> Dataset:
     """Load, validate and subset a dataset (see the module docstring for ``spec``).
 
-    ``split``: a hash split name (``calib``/``test`` from DEFAULT_SPLITS,
-    ``train``/``heldout`` from TRAINING_SPLITS, or any name of ``fractions``);
+    ``split``: a named split (``train``/``calib``/``test`` of ``splits.SPLITS``,
+    or any name of ``fractions``);
     None or "all": no split.  ``seed`` drives the split, the limit subset and,
     when the spec gives none, the synthetic generator.  Raises ``LlmcalError``
     for anything a user can fix.

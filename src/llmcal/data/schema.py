@@ -1,4 +1,4 @@
-"""The MCQ schema (DESIGN.md): one frozen dataclass per question."""
+"""The MCQ schema (docs/reference.md, "Data schema"): one frozen dataclass per question."""
 from __future__ import annotations
 
 import string

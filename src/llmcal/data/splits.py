@@ -1,47 +1,55 @@
-"""Deterministic splits: a question's split is a function of its id and the seed only.
+"""Deterministic splits: which questions a split or a held-out slice holds depends on ids and the seed only.
 
-Each question id gets a number u in [0, 1): the first 8 bytes of
-``sha256(f"{seed}:{qid}")`` read as a big-endian integer, divided by 2**64.
-The split fractions are taken *in their dict order* as consecutive intervals
-of [0, 1): with ``{"calib": 0.2, "test": 0.8}`` a question is in ``calib`` when
-u < 0.2 and in ``test`` otherwise.  So:
+Every question id gets a number in [0, 1)::
 
-- the same (id, seed) always lands in the same split, whatever else is in the
-  dataset, in whatever order, and whatever ``limit`` or subject filter is used;
-- splits are disjoint and together cover every question;
-- each split holds about its fraction of the questions (exactly in expectation;
-  a binomial spread around it for a finite dataset);
-- fractions must be >= 0 and sum to 1; a zero fraction is an empty split.
+    H(key, id) = int.from_bytes(sha256(f"{key}:{id}")[:8], "big") / 2**64
 
-``DEFAULT_SPLITS`` is for evaluation (a calibration split for post-hoc
-calibrators, a test split for the numbers); ``TRAINING_SPLITS`` is for
-fine-tuning (train, a held-out slice for the regime diagnosis and RCFT's
-E-step, and test).  Because ``test`` is the last interval in both, the training
-``test`` split (u >= 0.8) is a subset of the evaluation ``test`` split (u >= 0.2).
+Two uses, two keys, so that they are independent of each other:
+
+**Named splits** (``train``, ``calib``, ``test``): consecutive intervals of
+``u = H(seed + SPLIT_SALT, id)`` in the order of ``SPLITS``: ``train`` is
+u < 0.6, ``calib`` 0.6 <= u < 0.8, ``test`` u >= 0.8.  The same name means the
+same questions everywhere: ``llmcal eval --split``, ``llmcal calibrate
+--train-split/--eval-split`` and a study's ``split:``.  A study may give its own
+``fractions`` (same key, intervals in the order given).
+
+**Held-out slice** (:func:`split_heldout`): the questions fine-tuning keeps out
+of training (RCFT's E-step, the ``auto`` regime check, the training curve),
+the questions temperature scaling is fitted on in ``calibrate --method ts``,
+and the held-out side of ``llmcal regime``.  A question is held out when
+``H(seed, id) >= 1 - fraction``.
+
+Properties: the same (id, seed) always lands on the same side, whatever else is
+in the dataset and in whatever order (so subject filters and ``limit`` never
+move a question between splits); splits are disjoint and cover every question;
+each holds about its fraction (a binomial spread around it).
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from ..errors import LlmcalError
 from .schema import Question
 
-DEFAULT_SPLITS: dict[str, float] = {"calib": 0.2, "test": 0.8}
-TRAINING_SPLITS: dict[str, float] = {"train": 0.6, "heldout": 0.2, "test": 0.2}
+T = TypeVar("T")
+
+SPLITS: dict[str, float] = {"train": 0.6, "calib": 0.2, "test": 0.2}
+# Added to the seed for named splits, so that they are independent of held-out slices (keyed by the seed).
+SPLIT_SALT = 7919
 NO_SPLIT = ("all",)
 
 
-def hash_unit(qid: str, seed: int) -> float:
-    """u in [0, 1) from ``sha256(f"{seed}:{qid}")`` (first 8 bytes, big-endian, / 2**64)."""
-    digest = hashlib.sha256(f"{seed}:{qid}".encode("utf-8")).digest()
+def hash_unit(qid: str, key: int | str) -> float:
+    """H(key, id) in [0, 1): ``sha256(f"{key}:{qid}")``, first 8 bytes big-endian, / 2**64."""
+    digest = hashlib.sha256(f"{key}:{qid}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def check_fractions(fractions: Mapping[str, float]) -> None:
     if not fractions:
-        raise LlmcalError("split fractions are empty; give e.g. {'calib': 0.2, 'test': 0.8}")
+        raise LlmcalError("split fractions are empty; give e.g. {'train': 0.6, 'calib': 0.2, 'test': 0.2}")
     for name, f in fractions.items():
         if not isinstance(name, str) or not name or name in NO_SPLIT:
             raise LlmcalError(f"split name {name!r} is not allowed")
@@ -53,11 +61,7 @@ def check_fractions(fractions: Mapping[str, float]) -> None:
 
 
 def _bounds(fractions: Mapping[str, float]) -> list[tuple[str, float]]:
-    """(name, upper end of its interval) in dict order.
-
-    The last non-empty split's interval is extended to +inf so that rounding in
-    the cumulative sum never leaves a question without a split.
-    """
+    """(name, upper end of its interval) in dict order; the last non-empty one reaches +inf (no rounding gap)."""
     out, cum = [], 0.0
     for name, f in fractions.items():
         cum += f
@@ -74,39 +78,44 @@ def _lookup(u: float, bounds: list[tuple[str, float]]) -> str:
     raise AssertionError("unreachable: the last bound is +inf")
 
 
-def split_of(qid: str, seed: int, fractions: Mapping[str, float] = DEFAULT_SPLITS) -> str:
-    """The split of question ``qid``: the interval of ``fractions`` that ``hash_unit(qid, seed)`` falls in."""
+def split_of(qid: str, seed: int, fractions: Mapping[str, float] = SPLITS) -> str:
+    """The named split of question ``qid`` (see the module docstring)."""
     check_fractions(fractions)
-    return _lookup(hash_unit(qid, seed), _bounds(fractions))
-
-
-def fractions_for(split: str) -> dict[str, float]:
-    """The default fraction set that defines ``split``: DEFAULT_SPLITS first, then TRAINING_SPLITS."""
-    for fractions in (DEFAULT_SPLITS, TRAINING_SPLITS):
-        if split in fractions:
-            return dict(fractions)
-    known = sorted(set(DEFAULT_SPLITS) | set(TRAINING_SPLITS) | set(NO_SPLIT))
-    raise LlmcalError(f"unknown split {split!r}; choose one of {', '.join(known)}")
+    return _lookup(hash_unit(qid, seed + SPLIT_SALT), _bounds(fractions))
 
 
 def apply_split(
     questions: Iterable[Question],
     split: str | None,
     seed: int = 0,
-    fractions: Mapping[str, float] | None = DEFAULT_SPLITS,
+    fractions: Mapping[str, float] | None = None,
 ) -> tuple[Question, ...]:
-    """The questions of ``split`` (in their original order); ``None`` or ``"all"`` keeps every question.
+    """The questions of named split ``split`` (in their original order); None or "all" keeps every question.
 
-    ``fractions`` None means ``fractions_for(split)``: ``calib``/``test`` from
-    DEFAULT_SPLITS, ``train``/``heldout`` from TRAINING_SPLITS.
+    ``fractions`` defaults to ``SPLITS``.
     """
     questions = tuple(questions)
     if split is None or split in NO_SPLIT:
         return questions
-    if fractions is None:
-        fractions = fractions_for(split)
+    fractions = SPLITS if fractions is None else fractions
     check_fractions(fractions)
     if split not in fractions:
-        raise LlmcalError(f"unknown split {split!r}; the fractions define {', '.join(fractions)} (or 'all')")
+        raise LlmcalError(f"unknown split {split!r}; choose one of {', '.join((*fractions, 'all'))}")
     bounds = _bounds(fractions)
-    return tuple(q for q in questions if _lookup(hash_unit(q.id, seed), bounds) == split)
+    return tuple(q for q in questions if _lookup(hash_unit(q.id, seed + SPLIT_SALT), bounds) == split)
+
+
+def split_heldout(items: Sequence[T], fraction: float, seed: int = 0, *,
+                  id_of: Callable[[T], str] = lambda q: q.id) -> tuple[tuple[T, ...], tuple[T, ...]]:
+    """(kept, held out): ``items`` split by ``H(seed, id) >= 1 - fraction``, each side in the original order.
+
+    ``fraction`` 0 holds nothing out.  ``id_of`` reads an item's id (questions and
+    predictions both have ``.id``).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise LlmcalError(f"held-out fraction must be a number in [0, 1), got {fraction!r}")
+    items = tuple(items)
+    if fraction == 0:
+        return items, ()
+    held = [hash_unit(id_of(x), seed) >= 1.0 - float(fraction) for x in items]
+    return (tuple(x for x, h in zip(items, held) if not h), tuple(x for x, h in zip(items, held) if h))

@@ -7,7 +7,7 @@ message starts with the file and position and then names the problem, e.g.::
 
     data/mcq.jsonl line 7: answer 4 is out of range for 4 choices (0..3 or A..D)
 
-Field rules (DESIGN.md "MCQ schema"):
+Field rules (docs/reference.md, "Data schema"):
 
 - ``id``: non-empty string (an integer is accepted and turned into a string);
   when the id column is absent from the whole file the loader generates one.

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 CALIB_FILE = "predictions-calib.jsonl"
 DEFAULT_CALIB_FRACTION = 0.2
-SPLIT_SEED_OFFSET = 1  # see posthoc_split
 CI_METRICS = ("accuracy", "conf_ece", "cw_ece", "brier", "nll", "aurc")
 SCALARS = ("accuracy", "conf_ece", "cw_ece", "em_ece", "brier", "nll", "aurc", "smece", "l2_ce_debiased",
            "acc_at_80", "acc_at_50", "mean_conf", "auroc", "mce")
@@ -255,24 +254,22 @@ def compare_methods(calib: Sequence[Prediction], test: Sequence[Prediction], met
 
 def posthoc_split(preds: Sequence[Prediction], seed: int, calib_fraction: float = DEFAULT_CALIB_FRACTION,
                   ) -> tuple[list[Prediction], list[Prediction]]:
-    """(calibration slice, test part) of one predictions list, by a hash of each id.
+    """(calibration slice, test part) of one predictions list: llmcal's held-out slice.
 
-    A prediction goes to the calibration slice when
-    ``hash_unit(id, seed + 1) < calib_fraction`` (``llmcal.data.splits``). The
-    seed is shifted by one because llmcal's data splits use
-    ``hash_unit(id, seed)`` themselves: a run on the ``test`` split holds only
-    questions with hash_unit(id, seed) >= 0.2, so the same hash would find no
-    calibration question among them. Deterministic, independent of row order.
+    The calibration slice is ``llmcal.data.splits.split_heldout(preds,
+    calib_fraction, seed)``'s held-out side (``hash_unit(id, seed) >= 1 -
+    calib_fraction``), the same questions ``llmcal calibrate --method ts`` fits
+    its temperature on for the same data and seed.  Named splits (``--split
+    test``) hash with another key, so a run on a named split still holds about
+    ``calib_fraction`` of calibration questions.  Deterministic, independent of row order.
     """
-    from ..data.splits import hash_unit
+    from ..data.splits import split_heldout
 
     f = float(calib_fraction)
     if not (math.isfinite(f) and 0.0 < f < 1.0):
         raise LlmcalError(f"calib fraction must be between 0 and 1 (exclusive), got {calib_fraction!r}")
-    calib, test = [], []
-    for p in preds:
-        (calib if hash_unit(p.id, int(seed) + SPLIT_SEED_OFFSET) < f else test).append(p)
-    return calib, test
+    test, calib = split_heldout(list(preds), f, int(seed))
+    return list(calib), list(test)
 
 
 def select_predictions(run_dir: str | Path, *, calib_fraction: float = DEFAULT_CALIB_FRACTION,
@@ -310,8 +307,8 @@ def select_predictions(run_dir: str | Path, *, calib_fraction: float = DEFAULT_C
     else:
         calib, test = posthoc_split(preds, seed, calib_fraction)
         source.update(calib_file=None, calib_fraction=float(calib_fraction),
-                      split=f"{res.predictions} split by hash_unit(id, seed + 1) < {calib_fraction:g} "
-                            f"(seed {seed})")
+                      split=f"{res.predictions} split by the held-out rule hash_unit(id, seed) >= "
+                            f"{1 - calib_fraction:g} (seed {seed})")
     if len(calib) < 2 or not test:
         raise LlmcalError(f"{run}: {len(calib)} calibration and {len(test)} test predictions; need at least 2 and 1 "
                           f"(use a larger run or change the calib fraction)")

@@ -44,8 +44,11 @@ DEFINITIONS = (
 
 # ---- one run -------------------------------------------------------------------
 def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence[RunResult | dict],
-                     meta: dict | None = None) -> Path:
-    """Write ``RUN/report.md``: header, results table, per-subject tables, diagrams, definitions.
+                     meta: dict | None = None, sections: Sequence = ()) -> Path:
+    """Write ``RUN/report.md``: header, results table, the run's sections, per-subject tables, diagrams,
+    definitions.
+
+    ``sections``: objects with ``title`` and ``body`` (Markdown), e.g. ``llmcal.pipeline.Section``.
 
     Needs only the run's config and results, not ``metrics.json``. Result
     reliability paths are taken relative to ``run_dir``.
@@ -86,6 +89,9 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
                                                         "cw_ece", "brier", "nll", "mean_conf"], rows)))
     else:
         lines += ["No results.", ""]
+
+    for sec in sections:
+        lines += [f"## {sec.title}", "", sec.body.strip("\n"), ""]
 
     for res in results:
         table = per_subject_markdown(res.metrics.get("per_subject") or {})

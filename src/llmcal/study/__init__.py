@@ -42,7 +42,7 @@ Config format
 
 A data entry is a dataset spec string or a mapping with ``spec`` (any spec of
 ``llmcal.data.load_dataset``), ``subjects``, ``split`` (a hash split of
-``fractions``, default ``data.splits.TRAINING_SPLITS``: train 60% / heldout 20%
+``fractions``, default ``data.splits.SPLITS``: train 60% / calib 20%
 / test 20%, so ``split: train`` and ``split: test`` of one dataset are
 disjoint; the hash is of the id and ``seed + SPLIT_SALT``, independent of the
 held-out slice fine-tuning takes out of ``train`` with ``seed``), ``limit``

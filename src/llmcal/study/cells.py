@@ -1,9 +1,10 @@
 """The cells of a study: the data a sweep point's cells share, and one runner per cell kind.
 
-``none``/``ts`` score the base model (reusing another cell's base-model predictions of the same data)
-and fit temperature scaling on ``calib``; ``cft``/``rcft``/``auto`` call ``llmcal.train.run.run_finetune``;
-``regime`` scores the fine-tuned model on its own training questions and diagnoses it.  Each runner
-takes the runner's context (``runner.Context``: the study, the output directory, the loaded model).
+``none``/``ts`` score the base model and fit temperature scaling on ``calib``; ``cft``/``rcft``/``auto``
+call ``llmcal.train.run.run_finetune``; ``regime`` scores the fine-tuned model on its own training questions
+and diagnoses it.  Every cell is a run of ``llmcal.pipeline.Run``, so the base model's scores on a data file
+come from the scoring cache when any cell (or any earlier run) made them.  Each runner takes the runner's
+context (``runner.Context``: the study, the output directory, the loaded model).
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import LlmcalError
 from ..io import atomic_write_text
-from .grid import (DOMAIN, EVAL_ROLES, REGIME, ROLES, SPLIT_SALT, TRAINING, Cell, Point, Study, bad, eval_config,
-                   finetune_config)
-from .util import norm, read_json, rel
+from .grid import DOMAIN, EVAL_ROLES, REGIME, ROLES, TRAINING, Cell, Point, Study, bad, eval_config, finetune_config
+from .util import read_json, rel
 
 if TYPE_CHECKING:
     from .runner import Context
@@ -36,7 +36,7 @@ class PointData:
 
 def materialise(study: Study, point: Point, out: Path) -> PointData:
     """Load every role of a point, check the roles are disjoint, write them as JSONL under DIR/data/<hash>/."""
-    from ..data import TRAINING_SPLITS, apply_split, load_dataset, take_limit
+    from ..data import apply_split, load_dataset, take_limit
     from ..io import dumps
 
     roles = study.point_data(point)
@@ -49,7 +49,7 @@ def materialise(study: Study, point: Point, out: Path) -> PointData:
             try:
                 ds = load_dataset(e.spec, subjects=list(e.subjects) if e.subjects else None, seed=study.seed,
                                   mapping=e.mapping)
-                selected = apply_split(ds.questions, e.split, study.seed + SPLIT_SALT, e.fractions or TRAINING_SPLITS)
+                selected = apply_split(ds.questions, e.split, study.seed, e.fractions)
                 if e.limit is not None:
                     selected = take_limit(selected, e.limit, study.seed)
             except LlmcalError as x:
@@ -139,7 +139,7 @@ def regime_config(ctx: Context, cell: Cell) -> dict:
     return {
         "kind": "study-regime", "source": src.rel, "source_finished": smeta.get("finished"),
         "model": str(srd.path / smeta.get("meta", {}).get("adapter", "adapter")),
-        "train": scfg.get("train"), "heldout_fraction": scfg.get("heldout_fraction"), "seed": scfg.get("seed"),
+        "train": str(ctx.point(cell.point).paths["train"]), "heldout_fraction": scfg.get("heldout_fraction"), "seed": scfg.get("seed"),
         "template": smeta.get("meta", {}).get("template"), "dtype": opts.get("dtype", "auto"),
         "device": opts.get("device", "auto"), "backend": "hf", "batch_tokens": scfg.get("batch_tokens", 2048),
         "n_bins": scfg.get("n_bins", 10), "n_bootstrap": scfg.get("n_bootstrap", 1000),
@@ -177,71 +177,57 @@ def run_training(ctx: Context, cell: Cell) -> None:
 
 def run_posthoc(ctx: Context, cell: Cell) -> None:
     """none: the base model on every test role; ts: also its temperature, fitted on calib (or train)."""
+    from ..evaluate import run_meta
     from ..models import resolve_model
+    from ..pipeline import Run
     from ..posthoc import TemperatureScaler, temperature_scale_predictions
     from ..predictions import write_predictions
     from ..prompts import resolve_template
-    from ..report.runreport import write_run_report
 
     pd = ctx.point(cell.point)
     cfg = eval_config(ctx.study, cell, pd.paths)
     config = posthoc_config(ctx, cell)
     spec = resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
     config["model_spec"] = spec.to_dict()
-    rd = run_dir(ctx, cell)
-    rd.start(config, overwrite=False)
-    template = resolve_template(cfg.template, ctx.tokenizer(spec))
-    dev_dtype = _device_dtype(cfg.dtype, cfg.device)
-    common = dict(cell=cell, cfg=cfg, spec=spec, template=template, dev_dtype=dev_dtype)
+    run = Run.start(ctx.out / cell.rel, config, device=cfg.device, progress=ctx.progress)
+    loaded = ctx.loaded(spec, cfg.backend, cfg.dtype, cfg.device)
+    template = resolve_template(cfg.template, loaded.tokenizer)
     roles = [r for r in EVAL_ROLES if r in pd.paths]
-    preds = {r: _score(ctx, rd, f"predictions-{r}.jsonl", pd.questions[r], data_path=pd.paths[r],
-                       description=f"{cell.name}: {DOMAIN[r]}", **common) for r in roles}
-    results = [_result(rd, "none", r, preds[r], cfg, f"{spec.name}: {DOMAIN[r]} ({r})") for r in roles]
-    meta = {"template": template, "dtype": dev_dtype[1], "device": dev_dtype[0],
-            **{f"n_{r}": len(preds[r]) for r in roles}}
+
+    def score(role: str, filename: str, what: str):
+        return run.score(filename, loaded, pd.questions[role], template, batch_tokens=cfg.batch_tokens, cache=True,
+                         description=f"{cell.name}: {what}")
+
+    preds = {r: score(r, f"predictions-{r}.jsonl", DOMAIN[r]) for r in roles}
+    results = [run.result("none", preds[r], dataset=r, split="all", pred_file=f"predictions-{r}.jsonl",
+                          png=f"reliability-none-{r}.png", title=f"{spec.name}: {DOMAIN[r]} ({r})") for r in roles]
+    meta = run_meta(loaded, template, **{f"n_{r}": len(preds[r]) for r in roles})
     if cell.kind == "ts":
         role = config["calib"]["role"]
-        pc = _score(ctx, rd, "predictions-calib.jsonl", pd.questions[role], data_path=pd.paths[role],
-                    description=f"{cell.name}: calibration set", **common)
+        pc = score(role, "predictions-calib.jsonl", "calibration set")
         ts = TemperatureScaler().fit([p.logits for p in pc], [p.answer for p in pc])
         extra = {"temperature": ts.temperature_, "calib_role": role, "calib_n": len(pc),
                  "calib_nll_before": ts.nll_before_, "calib_nll_after": ts.nll_after_}
         for r in roles:
             scaled = temperature_scale_predictions(preds[r], ts.temperature_)
-            write_predictions(rd.file(f"predictions-ts-{r}.jsonl"), scaled)
-            results.append(_result(rd, "ts", r, scaled, cfg,
-                                   f"{spec.name}: TS T={ts.temperature_:.2f}, {DOMAIN[r]} ({r})", extra))
+            run.on_main(lambda: write_predictions(run.file(f"predictions-ts-{r}.jsonl"), scaled), what="writing")
+            results.append(run.result("ts", scaled, dataset=r, split="all", pred_file=f"predictions-ts-{r}.jsonl",
+                                      title=f"{spec.name}: TS T={ts.temperature_:.2f}, {DOMAIN[r]} ({r})",
+                                      extra=extra))
         meta.update(extra)
-    report_cfg = {**config, "data": ", ".join(f"{r}={rel(pd.paths[r], ctx.out)}" for r in roles)}
-    write_run_report(rd.path, report_cfg, results, meta)
-    rd.finish(kind=f"study-{cell.kind}", model=spec.name, results=results, meta=meta)
-
-
-@dataclass
-class _RegimeScoring:
-    """What _score and _result read of a config, for the regime cell (which has no EvalConfig)."""
-
-    model: str
-    gguf_file: str | None
-    base: str | None
-    backend: str
-    dtype: str
-    device: str
-    batch_tokens: int
-    n_bins: int
-    n_bootstrap: int
-    seed: int
+    run.config = {**config, "data": ", ".join(f"{r}={rel(pd.paths[r], ctx.out)}" for r in roles)}
+    run.finish(model=spec.name, results=results, meta=meta, kind=f"study-{cell.kind}")
 
 
 def run_regime(ctx: Context, cell: Cell) -> None:
     """The fine-tuned model on the questions it trained on, against its in-domain test predictions."""
+    from ..data.splits import split_heldout
     from ..io import atomic_write_json
     from ..models import resolve_model
+    from ..pipeline import Run
     from ..predictions import load_predictions
     from ..regime import diagnose_predictions, format_diagnosis
-    from ..report.runreport import write_run_report
     from ..runs import RunDir, load_run
-    from ..train.data import split_heldout
 
     config = regime_config(ctx, cell)
     src = RunDir(ctx.out / config["source"])
@@ -257,107 +243,18 @@ def run_regime(ctx: Context, cell: Cell) -> None:
     held_preds = load_predictions(src.path / held.predictions)
     spec = resolve_model(config["model"])
     config["model_spec"] = spec.to_dict()
-    rd = run_dir(ctx, cell)
-    rd.start(config, overwrite=False)
-    cfg = _RegimeScoring(config["model"], None, None, "hf", config["dtype"], config["device"],
-                         int(config["batch_tokens"]), int(config["n_bins"]), int(config["n_bootstrap"]),
-                         int(config["seed"]))
-    preds = _score(ctx, rd, "predictions-train.jsonl", trained, cell=cell, cfg=cfg, spec=spec,
-                   template=config["template"], dev_dtype=_device_dtype(cfg.dtype, cfg.device), data_path=None,
-                   description=f"{cell.name}: training questions", base=False)
-    d = diagnose_predictions(preds, held_preds, tolerance=config["tolerance"], n_bins=cfg.n_bins)
-    atomic_write_json(rd.file("diagnosis.json"), d.to_dict())
-    results = [_result(rd, "train", "train", preds, cfg, f"{srec.model} after {srec.config.get('method')}: "
-                                                          f"training questions", pred_file="predictions-train.jsonl")]
+    run = Run.start(ctx.out / cell.rel, config, device=config["device"], progress=ctx.progress)
+    loaded = ctx.loaded(spec, "hf", config["dtype"], config["device"])
+    # Not cached: the adapter is a study output that a rerun of its source cell replaces.
+    preds = run.score("predictions-train.jsonl", loaded, trained, config["template"],
+                      batch_tokens=int(config["batch_tokens"]), description=f"{cell.name}: training questions")
+    d = diagnose_predictions(preds, held_preds, tolerance=config["tolerance"], n_bins=int(config["n_bins"]))
+    run.on_main(lambda: atomic_write_json(run.file("diagnosis.json"), d.to_dict()), what="writing diagnosis.json")
+    results = [run.result("train", preds, dataset="train", split="all", pred_file="predictions-train.jsonl",
+                          png="reliability-train-train.png",
+                          title=f"{srec.model} after {srec.config.get('method')}: training questions")]
     meta = {"source": config["source"], "n_trained": len(trained), "n_heldout": len(held_preds),
             "regime": d.regime, "recommended": d.recommended, "diagnosis": d.to_dict()}
-    report = write_run_report(rd.path, {**config, "data": config["train"]}, results, meta)
-    text = report.read_text(encoding="utf-8").rstrip("\n")
-    atomic_write_text(report, f"{text}\n\n## Regime diagnosis\n\n```\n{format_diagnosis(d)}\n```\n\n{d.reason}\n")
-    rd.finish(kind="study-regime", model=spec.name, results=results, meta=meta)
-
-
-# ---- scoring and results -----------------------------------------------------------------------
-def _device_dtype(dtype: str, device: str) -> tuple[str, str]:
-    from ..models import dtype_name, resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    return dev, dtype_name(resolve_dtype(dtype, dev))
-
-
-def _base_sources(ctx: Context, cell: Cell) -> list[tuple[dict, Path]]:
-    """Base-model predictions of complete cells of the same model and point: ({data, template, dtype, ...}, file)."""
-    from ..runs import RunDir, load_run
-
-    found = []
-    for other in ctx.study.cells():
-        if other.model.key != cell.model.key or other.point.name != cell.point.name or other.kind == REGIME:
-            continue
-        rd = RunDir(ctx.out / other.rel)
-        if not rd.is_complete or other.rel == cell.rel:
-            continue
-        try:
-            rec = load_run(rd.path)
-        except LlmcalError:
-            continue
-        cfg, meta = rec.config, rec.meta
-        if meta.get("quantization"):
-            continue
-        if other.kind in TRAINING:
-            paths = {Path(p).stem: p for p in cfg.get("evals") or []}
-        else:
-            paths = dict(cfg.get("evals") or {})
-        key = {"model": cfg.get("model"), "gguf_file": cfg.get("gguf_file"), "base": cfg.get("base"),
-               "backend": cfg.get("backend", "hf"), "template": meta.get("template"), "dtype": meta.get("dtype"),
-               "device": meta.get("device")}
-        for res in rec.results:
-            if res.label == "none" and res.dataset in paths:
-                found.append(({**key, "data": norm(paths[res.dataset])}, rd.path / res.predictions))
-    return found
-
-
-def _score(ctx: Context, run, filename: str, questions, *, cell: Cell, cfg, spec, template: str,
-           dev_dtype: tuple[str, str], data_path: Path | None, description: str, base: bool = True):
-    """Predictions for ``questions`` into RUN/filename: what is there, then a matching base-model file of
-    another cell, then the model (loaded once for all cells that use it)."""
-    from .. import evaluate
-    from ..io import read_jsonl_tolerant
-    from ..predictions import Prediction, write_predictions
-
-    path = run.file(filename)
-    wanted = {q.id for q in questions}
-    have = {r["id"]: r for r in read_jsonl_tolerant(path) if r.get("id") in wanted}
-    if len(have) < len(wanted) and base and data_path is not None:
-        key = {"model": cfg.model, "gguf_file": cfg.gguf_file, "base": cfg.base, "backend": cfg.backend,
-               "template": template, "dtype": dev_dtype[1], "device": dev_dtype[0], "data": norm(str(data_path))}
-        for src_key, src in _base_sources(ctx, cell):
-            if src_key == key and src.exists():
-                for r in read_jsonl_tolerant(src):
-                    if r.get("id") in wanted and r["id"] not in have:
-                        have[r["id"]] = r
-                log.info("%s: reusing base-model predictions from %s", cell.name, rel(src, ctx.out))
-                break
-    if len(have) == len(wanted):
-        preds = [Prediction.from_dict(have[q.id]) for q in questions]
-        write_predictions(path, preds)
-        return preds
-    if have:
-        write_predictions(path, [Prediction.from_dict(r) for r in have.values()])
-    loaded = ctx.loaded(spec, cfg.backend, cfg.dtype, cfg.device)
-    return evaluate.score_questions_into(run, filename, loaded, questions, template, batch_tokens=cfg.batch_tokens,
-                                         progress=ctx.progress, description=description)
-
-
-def _result(run, label: str, role: str, preds, cfg, title: str, extra: dict | None = None,
-            pred_file: str | None = None):
-    from ..metrics import metrics_from_predictions
-    from ..report.plots import save_reliability
-    from ..runs import RunResult
-
-    m = metrics_from_predictions(preds, n_bins=cfg.n_bins, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-    png = f"reliability-{label}-{role}.png"
-    save_reliability(m["reliability"], run.file(png), title, metrics=m)
-    if pred_file is None:
-        pred_file = f"predictions-{role}.jsonl" if label == "none" else f"predictions-{label}-{role}.jsonl"
-    return RunResult(label=label, method=label, dataset=role, split="all", predictions=pred_file, metrics=m,
-                     reliability=png, extra=extra or {})
+    run.section("Regime diagnosis", f"```\n{format_diagnosis(d)}\n```\n\n{d.reason}")
+    run.config = {**config, "data": rel(pd.paths["train"], ctx.out)}
+    run.finish(model=spec.name, results=results, meta=meta, kind="study-regime")

@@ -39,10 +39,9 @@ STUDY_SET = {
 IGNORED_KEYS = {"created", "resume", "kind", "model_spec", "overwrite", "progress", "out"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
-# The study's hash splits (``split:`` of a data entry) hash each id with ``seed + SPLIT_SALT``: a partition
-# independent of the one fine-tuning makes with ``seed`` (its held-out slice of data.train), which would
-# otherwise be empty or lopsided inside a training set that is itself a ``seed`` hash split.
-SPLIT_SALT = 7919
+# A data entry's ``split:`` is a named split (data.splits.SPLITS, hashed with seed + SPLIT_SALT): the same
+# questions as ``llmcal eval --split`` for the same seed, independent of fine-tuning's held-out slice.
+from ..data.splits import SPLIT_SALT  # noqa: E402,F401  (re-exported)
 
 METRIC_KEYS = ("n", "accuracy", "conf_ece", "cw_ece", "brier", "nll", "mean_conf", "auroc", "em_ece", "mce")
 

@@ -19,7 +19,7 @@ from .collect import collect
 from .grid import EVAL_ROLES, IGNORED_KEYS, REGIME, TRAINING, Cell, Point, Study
 from .load import load_study
 from .report import write_report
-from .util import fmt_time, norm, read_json
+from .util import fmt_time, read_json
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +207,13 @@ def run_study(config_path: str | os.PathLike, out: str | os.PathLike, *, overwri
     return written
 
 
-def _config_diff(stored: dict, wanted: dict) -> list[str]:
+def _config_diff(stored: dict, wanted: dict, run_path: Path) -> list[str]:
+    """Keys whose values differ; ``wanted`` is compared as the run records it (paths portable, see runs.portable)."""
+    from ..runs import portable
+
+    wanted = portable(json.loads(json.dumps(wanted, default=str)), run_path)
     keys = [k for k in wanted if k not in IGNORED_KEYS and k in stored]
-    return sorted(k for k in keys if norm(json.loads(json.dumps(stored[k], default=str)))
-                  != norm(json.loads(json.dumps(wanted[k], default=str))))
+    return sorted(k for k in keys if json.loads(json.dumps(stored[k], default=str)) != wanted[k])
 
 
 def _complete_matches(ctx: Context, cell: Cell) -> bool:
@@ -223,7 +226,7 @@ def _complete_matches(ctx: Context, cell: Cell) -> bool:
         if cell.kind == REGIME:
             return False  # its source is not complete: it reruns after it
         raise
-    diff = _config_diff(stored, wanted)
+    diff = _config_diff(stored, wanted, rd.path)
     if not diff:
         return True
     if cell.kind == REGIME:  # derived from its source cell: redo it quietly

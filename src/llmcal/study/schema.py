@@ -137,9 +137,9 @@ class DataEntryModel(ConfigModel):
     def _split(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or not cls.CHECK_SPLIT:
             return v
-        from ..data.splits import TRAINING_SPLITS
+        from ..data.splits import SPLITS
 
-        names = list(info.data.get("fractions") or TRAINING_SPLITS)
+        names = list(info.data.get("fractions") or SPLITS)
         if v != "all" and v not in names:
             raise ValueError(f"{v!r} is not a split; choose one of {', '.join(names)} or all")
         return v

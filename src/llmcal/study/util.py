@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-_LAYOUT = re.compile(r"^.*?/((?:data/[0-9a-f]{12}/[^/]+\.jsonl)|(?:runs/.+))$")
 
 
 def rel(p: str | Path, root: Path) -> str:
@@ -17,19 +16,6 @@ def rel(p: str | Path, root: Path) -> str:
         return Path(p).resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return str(p)
-
-
-def norm(v: Any) -> Any:
-    """JSON-normalised value with study paths made location independent (a moved study still matches)."""
-    if isinstance(v, dict):
-        return {k: norm(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [norm(x) for x in v]
-    if isinstance(v, str) and v.startswith("/"):
-        m = _LAYOUT.match(v.replace(os.sep, "/"))
-        if m:
-            return "$STUDY/" + m.group(1)
-    return v
 
 
 def read_json(p: Path) -> dict:

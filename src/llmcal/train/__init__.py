@@ -1,4 +1,4 @@
-"""Calibration-aware fine-tuning (DESIGN.md "CFT", "RCFT"): LoRA on transformers' Trainer.
+"""Calibration-aware fine-tuning (docs/reference.md, "CFT" and "RCFT"): LoRA on transformers' Trainer.
 
     from llmcal.train import FinetuneConfig, run_finetune
     cfg = FinetuneConfig(model="smollm2-135m-instruct", train="mmlu", evals=["mmlu", "arc-challenge"],

@@ -8,18 +8,20 @@ hyper-parameters (``paper``: the settings of Xiao et al., ICML 2025).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass
 
 from ..errors import LlmcalError
+from ..options import flag_of, option, parse_every, parse_modules, shared
 from ..regime import DEFAULT_TOLERANCE
 
 METHODS = ("cft", "rcft", "auto")
 NONMAX_RULES = ("proportional", "tanh")
 ESTEP_SETS = ("heldout", "train")
 PRESETS = ("default", "paper")
-SPLITS = ("train", "heldout", "test")  # the parts of data.splits.TRAINING_SPLITS
+SPLITS = ("train", "calib", "test")  # the named splits of data.splits.SPLITS
 
-# The paper's QLoRA settings (DESIGN.md "CFT").  4-bit base weights are used on
+# The paper's QLoRA settings (docs/reference.md, "CFT").  4-bit base weights are used on
 # top of these when bitsandbytes and a GPU are present.
 PAPER = {"lora_r": 128, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear",
          "lr": 5e-4, "epochs": 5, "batch_size": 2, "dtype": "bf16-if-supported"}
@@ -27,54 +29,104 @@ PAPER = {"lora_r": 128, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules"
 
 @dataclass
 class FinetuneConfig:
-    """Everything that decides a fine-tuning run's numbers (stored as config.json)."""
+    """Everything that decides a fine-tuning run's numbers (stored as config.json).
 
-    model: str
-    train: str  # dataset spec of the training data (split into train / held-out by heldout_fraction)
-    evals: list[str] = field(default_factory=list)  # dataset specs evaluated before and after training
-    gguf_file: str | None = None
-    base: str | None = None  # base model of a LoRA adapter given as --model
-    method: str = "cft"  # cft | rcft | auto
-    epochs: float = 3
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    seed: int = 0
-    heldout_fraction: float = 0.2  # share of the training data kept out for the E-step and regime checks
-    dtype: str = "auto"
-    device: str = "auto"
-    template: str = "auto"
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    subjects: list[str] | None = None  # of the training data
-    eval_subjects: list[str] | None = None
-    rcft_lambda: float = 1.0
-    n_bins: int = 10
-    estep_every: str | int = "epoch"  # "epoch" or a number of optimizer steps
-    estep_set: str = "heldout"  # heldout | train
-    nonmax_rule: str = "proportional"  # proportional | tanh
-    tolerance: float = DEFAULT_TOLERANCE  # for --method auto
-    preset: str = "default"  # default | paper
-    merge: bool = False
-    include_explanation: bool = False
-    save_steps: int = 50
-    resume: bool = False
-    drift: bool = True
-    batch_tokens: int = 2048  # scoring batches (E-step, curve, evaluation)
-    mapping: dict | None = None
-    n_bootstrap: int = 1000
-    # Optional hash splits (data.splits.TRAINING_SPLITS: train 0.6 / heldout 0.2 / test 0.2) so that
-    # one dataset can serve for training and for in-domain evaluation: --train-split train --eval-split test.
-    train_split: str | None = None
-    eval_split: str | None = None
+    Every field is a ``llmcal calibrate`` flag (``--`` + its name with dashes unless
+    noted), a key of ``calibrate --config FILE.yaml`` and a study option.
+    """
+
+    # pydantic validates YAML and study options against these fields: unknown keys are errors.
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+    model: str = shared("model")
+    train: str = option(help="cft/rcft/auto: in-domain training data (any --data spec); a held-out slice of it "
+                             "(--heldout-fraction) is never trained on.")
+    evals: list[str] = option(flag="--eval", default_factory=list,
+                              help="cft/rcft/auto: evaluation data, scored before and after training (repeatable: "
+                                   "in-domain and out-of-domain).")
+    gguf_file: str | None = shared("gguf_file")
+    base: str | None = shared("base")
+    method: str = option("cft", cli=False, help="cft | rcft | auto (set by calibrate --method).")
+    epochs: float = option(3, help="Training epochs.")
+    max_steps: int = option(-1, help="Stop after this many optimiser steps (-1: train --epochs epochs).")
+    lr: float = option(2e-4, help="Learning rate of the LoRA weights (linear decay, no warm-up unless "
+                                  "--lr-scheduler-type/--warmup-steps say otherwise).")
+    batch_size: int = option(4, help="Questions per optimiser step and process (before --grad-accum).")
+    grad_accum: int = option(1, help="Gradient accumulation steps.")
+    lora_r: int = option(16, help="LoRA rank.")
+    lora_alpha: int = option(32, help="LoRA alpha (scale alpha/r).")
+    lora_dropout: float = option(0.05, help="LoRA dropout.")
+    target_modules: str | list[str] = option("all-linear", parse=parse_modules, cli_type=str,
+                                             help="Modules that get LoRA adapters: all-linear or comma-separated "
+                                                  "names (q_proj,v_proj).")
+    seed: int = shared("seed")
+    heldout_fraction: float = option(0.2, help="Share of --train held out (never trained on) for the RCFT E-step, "
+                                               "the auto regime check and the training curve.")
+    dtype: str = shared("dtype")
+    device: str = shared("device")
+    template: str = shared("template")
+    train_limit: int | None = option(None, help="Use a fixed, seeded subset of this many --train questions.")
+    eval_limit: int | None = option(None, help="Use a fixed, seeded subset of this many questions per --eval set.")
+    train_subjects: list[str] | None = option(None, flag="--train-subject",
+                                              help="Keep only this subject of --train (repeatable).")
+    eval_subjects: list[str] | None = option(None, flag="--eval-subject",
+                                             help="Keep only this subject of the --eval sets (repeatable).")
+    rcft_lambda: float = option(1.0, help="RCFT: weight of the ECE term (loss = CFT + lambda * L_ECE).")
+    n_bins: int = shared("n_bins")
+    estep_every: str | int = option("epoch", parse=parse_every, cli_type=str,
+                                    help="RCFT E-step frequency: epoch, or a number of optimiser steps.")
+    estep_set: str = option("heldout", help="Questions the E-step estimates bin accuracies on: heldout or train.")
+    nonmax_rule: str = option("proportional", help="RCFT targets of the non-max options: proportional or tanh.")
+    tolerance: float = option(DEFAULT_TOLERANCE, help="auto: the RCFT term switches on once train minus "
+                                                      "held-out accuracy exceeds this.")
+    preset: str = option("default", help="default (small models) or paper (r=128, alpha=64, lr 5e-4, 5 epochs, "
+                                         "batch 2, bf16; 4-bit base where bitsandbytes and a GPU are present). "
+                                         "Options you set win over the preset.")
+    merge: bool = option(False, help="Also write the merged model (base + adapter) to RUN/merged.")
+    include_explanation: bool = option(False, help="Also train on the explanation text that follows the answer, "
+                                                   "when the data has one.")
+    save_steps: int = option(50, help="Checkpoint every N optimiser steps.")
+    resume: bool = option(False, help="Continue an interrupted training run from its last checkpoint.")
+    drift: bool = option(True, help="Measure alignment drift on the shipped instruction prompts.")
+    batch_tokens: int = shared("batch_tokens")
+    mapping: dict | None = shared("mapping")
+    n_bootstrap: int = shared("n_bootstrap")
+    # One dataset for training and in-domain evaluation: its named splits (data.splits.SPLITS).
+    train_split: str | None = option(None, help="Named split of --train to train on (train, calib or test); give "
+                                                "--eval-split too, e.g. --train-split train --eval-split test.")
+    eval_split: str | None = option(None, help="Named split of an --eval set that is the --train dataset.")
+    training_args: dict = option(default_factory=dict, cli=False,
+                                 help="Any other transformers TrainingArguments field (report_to, "
+                                      "gradient_checkpointing, lr_scheduler_type, warmup_steps, ...).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# TrainingArguments fields that llmcal sets from its own options (or must own): the flag to use instead.
+OWNED_TRAINING_ARGS = {
+    "output_dir": "--out", "num_train_epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr",
+    "per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+    "seed": "--seed", "data_seed": "--seed", "save_steps": "--save-steps", "use_cpu": "--device",
+    "bf16": "--dtype", "fp16": "--dtype", "remove_unused_columns": None, "disable_tqdm": None,
+}
+
+
+def check_training_args(extra: dict) -> dict:
+    """Validate ``training_args`` against transformers' TrainingArguments; returns them unchanged."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for k in extra:
+        if k in OWNED_TRAINING_ARGS:
+            use = OWNED_TRAINING_ARGS[k]
+            raise LlmcalError(f"training argument {k!r} is set by llmcal" + (f"; use {use}" if use else ""))
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=3)
+            raise LlmcalError(f"unknown training argument {k!r} (not a field of transformers' TrainingArguments)"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return extra
 
 
 def apply_preset(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -160,6 +212,9 @@ def validate(cfg: FinetuneConfig) -> None:
             bad(f"{name} must be a positive integer (got {value!r})")
     if not cfg.target_modules:
         bad("--target-modules is empty; use all-linear or a list of module names")
+    if not isinstance(cfg.training_args, dict):
+        bad(f"training_args must be a mapping of TrainingArguments fields to values (got {cfg.training_args!r})")
+    check_training_args(cfg.training_args)
 
 
 def _positive(value, name: str, allow_zero: bool = False) -> None:

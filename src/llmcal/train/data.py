@@ -1,27 +1,26 @@
 """The questions of a fine-tuning run: training, held-out slice, evaluation sets, and their checks.
 
-The training data (``cfg.train`` with its subject filter and limit) is split
-into a training part and a held-out slice of about ``heldout_fraction``, by a
-hash of each question id and the seed: the same slice ``llmcal regime``
-holds out (``regime.split_heldout``).  The held-out slice is never trained on;
-it serves the RCFT E-step, the regime check of ``--method auto`` and the
-training curve.
+The training data (``cfg.train`` with its subject filter, split and limit) is
+split into a training part and a held-out slice of about ``heldout_fraction``
+by ``llmcal.data.splits.split_heldout`` (a hash of each question id and the
+seed): the same slice ``llmcal regime`` holds out.  The held-out slice is never
+trained on; it serves the RCFT E-step, the regime check of ``--method auto``
+and the training curve.
 
 Evaluation sets must not share a question id with the training data (either
 part).  To train and evaluate on one dataset, ``--train-split train
---eval-split test`` uses hash splits of ``TRAINING_SPLITS`` (train 60%,
-heldout 20%, test 20%): the training data is its ``train`` part, and every
-eval set that is the training dataset is evaluated on its ``test`` part
-(other eval sets in full).  Inside such a split the dataset hash is already
-spent, so the held-out slice is drawn with a salted hash
-(``hash_unit("heldout:" + id, seed)``) instead.
+--eval-split test`` uses its named splits (``data.splits.SPLITS``): the
+training data is its ``train`` split, and every eval set that is the training
+dataset is evaluated on its ``test`` split (other eval sets in full).  Named
+splits and held-out slices are hashed with different keys, so the held-out
+slice is an unbiased part of the training split.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from ..data import EXTENSIONS, TRAINING_SPLITS, Question, hash_unit, load_dataset, take_limit
+from ..data import EXTENSIONS, Question, load_dataset, split_heldout, take_limit
 from ..errors import LlmcalError
 from .config import FinetuneConfig
 
@@ -54,36 +53,21 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "data"
 
 
-def split_heldout(questions, fraction: float, seed: int, *, salted: bool = False,
-                  ) -> tuple[tuple[Question, ...], tuple[Question, ...]]:
-    """(train part, held-out slice); ``salted`` for data that is already a hash split."""
-    questions = tuple(questions)
-    if fraction <= 0:
-        return questions, ()
-    if not salted:
-        from ..regime import split_heldout as regime_split
-
-        return regime_split(questions, fraction, seed)
-    held = {q.id for q in questions if hash_unit(f"heldout:{q.id}", seed) < fraction}
-    return tuple(q for q in questions if q.id not in held), tuple(q for q in questions if q.id in held)
-
-
 def needs_heldout(cfg: FinetuneConfig) -> bool:
     return cfg.method == "auto" or (cfg.method == "rcft" and cfg.estep_set == "heldout")
 
 
 def _load(spec: str, cfg: FinetuneConfig, split: str | None, subjects, limit):
     mapping = cfg.mapping if str(spec).lower().endswith(EXTENSIONS) else None
-    return load_dataset(spec, split=split, subjects=subjects, limit=limit, seed=cfg.seed, mapping=mapping,
-                        fractions=TRAINING_SPLITS if split else None)
+    return load_dataset(spec, split=split, subjects=subjects, limit=limit, seed=cfg.seed, mapping=mapping)
 
 
 def load_training_data(cfg: FinetuneConfig) -> TrainingData:
     """Load and check everything; raises LlmcalError before any model is loaded."""
-    ds = _load(cfg.train, cfg, cfg.train_split, cfg.subjects, cfg.train_limit)
+    ds = _load(cfg.train, cfg, cfg.train_split, cfg.train_subjects, cfg.train_limit)
     if not ds.questions:
         raise LlmcalError(f"{cfg.train}: no training questions left after the split/subject/limit filters")
-    train, heldout = split_heldout(ds.questions, cfg.heldout_fraction, cfg.seed, salted=cfg.train_split is not None)
+    train, heldout = split_heldout(ds.questions, cfg.heldout_fraction, cfg.seed)
     if not train:
         raise LlmcalError(f"{cfg.train}: --heldout-fraction {cfg.heldout_fraction} leaves no question to train on "
                           f"({len(ds.questions)} questions)")

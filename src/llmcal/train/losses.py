@@ -1,4 +1,4 @@
-"""The two training losses (DESIGN.md "CFT" and "RCFT").
+"""The two training losses (docs/reference.md, "CFT" and "RCFT").
 
 CFT: the SFT loss restricted to the answer.  ``answer_ce_loss`` is the
 cross-entropy of the correct letter token over the *full vocabulary* at the
@@ -19,7 +19,7 @@ width, left-closed, last closed), a_b the E-step accuracy of bin b:
 The targets t_ij share 1 - a_b(i) among the non-argmax options, computed from
 detached probabilities q_ij = p_ij.detach():
 
-* ``proportional`` (DESIGN.md default): t_ij = (1 - a) q_ij / sum_{j'} q_ij'.
+* ``proportional`` (the default): t_ij = (1 - a) q_ij / sum_{j'} q_ij'.
 * ``tanh`` (the official code of Xiao et al., ``not_max_target_confidence``):
   with m non-argmax options and q_(2) the second-largest probability,
   g = ln(3) / (q_(2) (1 - a)) and t_ij = (1 - a) (1 + tanh(g q_ij)) / (m + sum_j' tanh(g q_ij')).

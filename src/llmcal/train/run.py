@@ -11,7 +11,7 @@ Data flow::
 
 Under torchrun every process runs this function: Trainer trains
 data-parallel, the E-step shards its questions and sums its statistics across
-ranks, evaluation shards its batches (``score_questions_into``), and the main
+ranks, evaluation shards its batches (``llmcal.pipeline.Run.score``), and the main
 process alone writes the run's files.
 """
 from __future__ import annotations
@@ -19,19 +19,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Sequence
 
-from .. import distributed
 from ..errors import LlmcalError
-from ..evaluate import score_questions_into
-from ..io import atomic_write_text
-from ..metrics import metrics_from_predictions
 from ..models import LoadedModel, ModelSpec, resolve_model
+from ..pipeline import Run
 from ..progress import enabled as progress_enabled
 from ..prompts import encode_questions, resolve_template
-from ..runs import RunDir, RunRecord, RunResult, load_run
+from ..runs import RunRecord, RunResult
 from .callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, LossBarCallback, StateCheckpointCallback
 from .collator import ExampleDataset, McqCollator, build_examples
 from .config import FinetuneConfig, apply_preset, estep_steps, validate
@@ -61,16 +57,17 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, *, overwrite: bool = Fals
     validate(cfg)
     spec = resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
     data = load_training_data(cfg)
-    run = RunDir(out)
-    args = training_args(cfg, run.path / CHECKPOINTS, progress)  # starts the process group under torchrun
-    doc = config_doc(cfg, spec)
-    distributed.on_main(lambda: _start(run, doc, cfg, overwrite), what="starting the run")
+    args = training_args(cfg, Path(out) / CHECKPOINTS, progress)  # starts the process group under torchrun
+    run = Run.start(out, config_doc(cfg, spec), device=str(args.device), overwrite=overwrite, progress=progress,
+                    restart=overwrite and not cfg.resume)
     last = last_checkpoint(run.path / CHECKPOINTS, cfg.resume)
 
     loaded = load_for_training(spec, cfg, str(args.device))
     tok = loaded.tokenizer
     template = resolve_template(cfg.template, tok)
-    before = [evaluate_set(run, loaded, ev, "none", template, cfg, progress) for ev in data.evals]
+    # The original model's scores come from the scoring cache when any earlier run made them.
+    before = [evaluate_set(run, loaded, ev, "none", template, cache=not loaded.extra.get("quantization"))
+              for ev in data.evals]
 
     model = add_lora(loaded, cfg)
     state = (TrainState.load(last) if last else None) or TrainState.initial(cfg.method, cfg.rcft_lambda, cfg.n_bins)
@@ -79,34 +76,31 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, *, overwrite: bool = Fals
 
     model.eval()
     tuned = dataclasses.replace(loaded, model=model)
-    after = [evaluate_set(run, tuned, ev, cfg.method, template, cfg, progress) for ev in data.evals]
+    after = [evaluate_set(run, tuned, ev, cfg.method, template) for ev in data.evals]
 
-    def finish() -> None:
+    points = curve_points(state.curve, trainer.state.log_history)
+    meta = {
+        "method": cfg.method, "template": template, "dtype": loaded.dtype, "device": loaded.device,
+        "world_size": args.world_size, "quantization": loaded.extra.get("quantization"),
+        "train_data": data.train_name, "eval_data": ", ".join(ev.name for ev in data.evals),
+        "n_train": len(data.train), "n_heldout": len(data.heldout), "global_step": trainer.state.global_step,
+        "epochs_trained": trainer.state.epoch, "train_loss": _mean_loss(trainer.state.log_history),
+        "resumed_from": last.name if last else None, "rcft_on_at_end": state.rcft_on,
+        "rcft_switched": state.switched, "estep": state.estep_history, "regime_checks": state.regime_checks,
+        "curve": points, "adapter": ADAPTER,
+    }
+
+    def outputs() -> dict:
         save_adapter(model, tok, spec, run.file(ADAPTER))
-        points = curve_points(state.curve, trainer.state.log_history)
         write_curve(run.path, points, state.switched)
-        results = before + after
-        meta = {
-            "method": cfg.method, "template": template, "dtype": loaded.dtype, "device": loaded.device,
-            "world_size": args.world_size, "quantization": loaded.extra.get("quantization"),
-            "train_data": data.train_name, "eval_data": ", ".join(ev.name for ev in data.evals),
-            "n_train": len(data.train), "n_heldout": len(data.heldout), "global_step": trainer.state.global_step,
-            "epochs_trained": trainer.state.epoch, "train_loss": _mean_loss(trainer.state.log_history),
-            "resumed_from": last.name if last else None, "rcft_on_at_end": state.rcft_on,
-            "rcft_switched": state.switched, "estep": state.estep_history, "regime_checks": state.regime_checks,
-            "curve": points, "adapter": ADAPTER,
-        }
-        meta["alignment_drift"] = alignment_drift(cfg, model, tok, progress)
+        extra = {"alignment_drift": alignment_drift(cfg, model, tok, progress, spec=spec, dtype=loaded.dtype)}
         if cfg.merge:
-            meta["merged"] = _merge(loaded, model, tok, run)
-        from ..report.runreport import write_run_report
+            extra["merged"] = _merge(loaded, model, tok, run)
+        return extra
 
-        write_run_report(run.path, doc, results, meta)
-        append_training_section(run.file("report.md"), cfg, data, meta)
-        run.finish(kind=KIND, model=spec.name, results=results, meta=meta)
-
-    distributed.on_main(finish, what=f"writing the run in {run.path}")
-    return load_run(run.path)
+    meta.update(run.on_main(outputs, what=f"writing the adapter in {run.path}") or {})
+    run.section("Training", training_section(cfg, data, meta))
+    return run.finish(model=spec.name, results=before + after, meta=meta, kind=KIND)
 
 
 # ---- setup ---------------------------------------------------------------------
@@ -115,12 +109,6 @@ def config_doc(cfg: FinetuneConfig, spec: ModelSpec) -> dict:
     d["kind"] = KIND
     d["model_spec"] = spec.to_dict()
     return d
-
-
-def _start(run: RunDir, doc: dict, cfg: FinetuneConfig, overwrite: bool) -> None:
-    if overwrite and not cfg.resume and run.is_started and not run.is_complete:
-        shutil.rmtree(run.path)  # --overwrite on an interrupted run: start over
-    run.start(doc, overwrite=overwrite)
 
 
 def last_checkpoint(directory: Path, resume: bool) -> Path | None:
@@ -150,7 +138,7 @@ def training_args(cfg: FinetuneConfig, output_dir: Path, progress: bool):
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     device = "cpu" if use_cpu else "cuda"
     bf16 = not use_cpu and resolve_train_dtype(cfg, device) in ("bfloat16", "bf16")
-    args = TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir), num_train_epochs=float(cfg.epochs), max_steps=cfg.max_steps,
         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, data_seed=cfg.seed,
@@ -160,6 +148,13 @@ def training_args(cfg: FinetuneConfig, output_dir: Path, progress: bool):
         remove_unused_columns=False, disable_tqdm=not progress_enabled(progress),
         dataloader_num_workers=0, dataloader_pin_memory=not use_cpu, ddp_find_unused_parameters=False,
     )
+    # Any other TrainingArguments field (report_to, gradient_checkpointing, schedulers, ...) as the user gave
+    # it (validated by config.check_training_args): llmcal's values above are only defaults.
+    kwargs.update(cfg.training_args)
+    try:
+        args = TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise LlmcalError(f"training arguments {cfg.training_args}: {e}") from None
     _ = args.device  # set up devices (and torch.distributed under a launcher) now
     return args
 
@@ -193,39 +188,29 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
 
 
 # ---- evaluation and outputs ------------------------------------------------------
-def evaluate_set(run: RunDir, loaded: LoadedModel, ev: EvalSet, label: str, template: str, cfg: FinetuneConfig,
-                 progress: bool) -> RunResult:
-    """Score one eval set into predictions-<label>-<slug>.jsonl (resumable, sharded over ranks); metrics and
-    the reliability PNG (written by the main process)."""
-    from ..report.plots import save_reliability
-
+def evaluate_set(run: Run, loaded: LoadedModel, ev: EvalSet, label: str, template: str, *,
+                 cache: bool = False) -> RunResult:
+    """Score one eval set into predictions-<label>-<slug>.jsonl (resumable, sharded, cached for the original
+    model); metrics and the reliability PNG."""
     pred_file = f"predictions-{label}-{ev.slug}.jsonl"
-    preds = score_questions_into(run, pred_file, loaded, ev.questions, template, batch_tokens=cfg.batch_tokens,
-                                 progress=progress, description=f"{label}: {ev.name}")
-    m = metrics_from_predictions(preds, n_bins=cfg.n_bins, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-    png = f"reliability-{label}-{ev.slug}.png"
+    preds = run.score(pred_file, loaded, ev.questions, template, cache=cache, description=f"{label}: {ev.name}")
     who = "base model" if label == "none" else f"after {label.upper()}"
-    title = f"{loaded.spec.name}, {who}, on {ev.name}"
-    distributed.on_main(lambda: save_reliability(m["reliability"], run.file(png), title, metrics=m),
-                        what=f"writing {png}")
-    return RunResult(label=label, method=label, dataset=ev.name, split=ev.split, predictions=pred_file,
-                     metrics=m, reliability=png)
+    return run.result(label, preds, dataset=ev.name, split=ev.split, pred_file=pred_file,
+                      title=f"{loaded.spec.name}, {who}, on {ev.name}")
 
 
-def alignment_drift(cfg: FinetuneConfig, model, tok, progress: bool) -> dict | None:
+def alignment_drift(cfg: FinetuneConfig, model, tok, progress: bool, *, spec: ModelSpec | None = None,
+                    dtype: str | None = None) -> dict | None:
     """``llmcal.drift.alignment_drift`` between the model with its adapter off (the original) and on."""
     if not cfg.drift:
         return None
-    try:
-        from ..drift import alignment_drift as drift
-    except ImportError:
-        log.info("llmcal.drift is not available; no alignment drift figure")
-        return None
+    from ..drift import alignment_drift as drift
+
     # original_model=None: the tuned peft model with its adapter disabled is the original (no second copy)
     return drift(None, model, tok, progress=progress)
 
 
-def _merge(loaded: LoadedModel, model, tok, run: RunDir) -> str | None:
+def _merge(loaded: LoadedModel, model, tok, run: Run) -> str | None:
     if loaded.extra.get("quantization"):
         log.warning("--merge: not merging into 4-bit base weights; use the adapter with the base model")
         return None
@@ -247,8 +232,9 @@ def _auto_summary(switched: dict | None, checks: list[dict]) -> str:
     return "the model stayed in the calibratable regime; CFT throughout"
 
 
-def append_training_section(report: Path, cfg: FinetuneConfig, data: TrainingData, meta: dict) -> None:
-    lines = ["", "## Training", ""]
+def training_section(cfg: FinetuneConfig, data: TrainingData, meta: dict) -> str:
+    """The "Training" section of the report: method, data, RCFT/auto settings, drift, the per-epoch curve."""
+    lines = []
     lines.append(f"- **method**: {cfg.method}; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, lr={cfg.lr}, "
                  f"batch {cfg.batch_size} x {cfg.grad_accum}, {meta['global_step']} steps "
                  f"({meta['epochs_trained']:.2f} epochs)")
@@ -273,5 +259,4 @@ def append_training_section(report: Path, cfg: FinetuneConfig, data: TrainingDat
             lines.append(f"| {p['epoch']:.2f} | {p['step']} | {loss} | {p['heldout_accuracy']:.4f} | "
                          f"{p['heldout_ece']:.4f} | {p['heldout_nll']:.4f} | {'on' if p['rcft_on'] else 'off'} |")
         lines += ["", "![training curve](curve.png)"]
-    text = report.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-    atomic_write_text(report, text)
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""The run pipeline: every command and every study cell drives its run directory through this one lifecycle.
+
+::
+
+    run = Run.start(out, config, kind="eval", device=cfg.device, overwrite=...)   # join ranks; rank 0 starts RUN/
+    preds = run.score("predictions.jsonl", loaded, questions, template)            # resumable, sharded, cached
+    res = run.result("none", preds, dataset=..., split=..., pred_file=..., title=...)   # metrics + reliability PNG
+    run.section("Regime diagnosis", markdown)                                       # structured report sections
+    record = run.finish(model=spec.name, results=[res], meta={...})                # report.md, metrics.json
+
+- **start** is atomic and resumable (``llmcal.runs.RunDir``): an interrupted run
+  with the same configuration continues, a different one is refused unless
+  ``overwrite``.  Under a launcher (torchrun, accelerate) every process joins
+  the process group here and rank 0 alone touches the directory.
+- **score** appends each finished batch to the predictions file, so a killed
+  run loses at most one batch; under several processes each scores its share
+  into a partial file and rank 0 merges them in question order, so the file
+  equals a single-process run's.  With ``cache=True`` (the unchanged model) a
+  finished pass is stored in, and served from, the scoring cache
+  (``llmcal.cache``): the same model on the same questions is scored once.
+- **result** computes every metric with bootstrap intervals and draws the
+  reliability diagram (rank 0).
+- **finish** writes ``report.md`` (header, results, the run's sections,
+  per-subject tables, diagrams, definitions), then ``metrics.json``, the file
+  that marks the run complete; every process returns the finished record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import distributed
+from .data.schema import Question
+from .errors import LlmcalError
+from .io import JsonlAppender, dumps, read_jsonl_tolerant
+from .predictions import Prediction, write_predictions
+from .runs import RunDir, RunRecord, RunResult, load_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled block of Markdown in a run's report (after the results table)."""
+
+    title: str
+    body: str
+
+
+def cache_enabled() -> bool:
+    """``LLMCAL_SCORE_CACHE=0`` turns the scoring cache off (it is on by default)."""
+    return os.environ.get("LLMCAL_SCORE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Run:
+    """One run directory from start to finish (see the module docstring)."""
+
+    def __init__(self, path: str | Path, config: dict, *, progress: bool = True):
+        self.dir = RunDir(path)
+        self.path = self.dir.path
+        self.config = config
+        self.progress = progress
+        self.sections: list[Section] = []
+        self.resumed = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+    @classmethod
+    def start(cls, out: str | Path, config: dict, *, device: str = "auto", overwrite: bool = False,
+              progress: bool = True, restart: bool = False) -> "Run":
+        """Join the launcher's process group (if any) and start or resume the run on rank 0.
+
+        ``restart``: an interrupted run in ``out`` is removed first, whatever its
+        configuration (``calibrate --overwrite`` without ``--resume``).
+        """
+        from .models import resolve_device
+
+        distributed.init(resolve_device(device))
+        run = cls(out, config, progress=progress)
+
+        def begin() -> bool:
+            if restart and run.dir.is_started and not run.dir.is_complete:
+                import shutil
+
+                shutil.rmtree(run.path)
+            return run.dir.start(config, overwrite=overwrite)
+
+        resumed = distributed.on_main(begin, what=f"starting the run in {out}")
+        run.resumed = bool(distributed.broadcast_object(resumed) if distributed.is_initialized() else resumed)
+        return run
+
+    def file(self, name: str) -> Path:
+        return self.dir.file(name)
+
+    def section(self, title: str, body: str) -> None:
+        self.sections.append(Section(title, body))
+
+    def on_main(self, fn: Callable[[], Any], what: str) -> Any:
+        return distributed.on_main(fn, what=what)
+
+    def finish(self, *, model: str, results: Sequence[RunResult], meta: dict | None = None,
+               kind: str | None = None) -> RunRecord:
+        """Report and metrics.json on rank 0; every process returns the finished run."""
+        from .report.runreport import write_run_report
+
+        meta = meta or {}
+        kind = kind or self.config.get("kind", "run")
+
+        def write() -> RunRecord:
+            from .runs import portable
+
+            shown = [RunResult(**portable(json.loads(dumps(r.__dict__)), self.path)) for r in results]
+            write_run_report(self.path, portable(json.loads(dumps(self.config)), self.path), shown,
+                             portable(json.loads(dumps(meta)), self.path), sections=self.sections)
+            self.dir.finish(kind=kind, model=model, results=list(results), meta=meta)
+            return load_run(self.path)
+
+        rec = distributed.on_main(write, what=f"writing the run in {self.path}")
+        return rec if rec is not None else load_run(self.path)
+
+    # ---- results -------------------------------------------------------------------
+    def result(self, label: str, preds: Sequence[Prediction], *, dataset: str, split: str | None, pred_file: str,
+               title: str, method: str | None = None, png: str | None = None, extra: dict | None = None) -> RunResult:
+        """Every metric (``metrics_from_predictions``) and the reliability diagram of one result."""
+        from .metrics import metrics_from_predictions
+        from .report.plots import save_reliability
+
+        cfg = self.config
+        m = metrics_from_predictions(list(preds), n_bins=int(cfg.get("n_bins", 10)),
+                                     n_bootstrap=int(cfg.get("n_bootstrap", 1000)), seed=int(cfg.get("seed", 0)))
+        png = png or "reliability" + pred_file[len("predictions"):].rsplit(".", 1)[0] + ".png"
+        distributed.on_main(lambda: save_reliability(m["reliability"], self.file(png), title, metrics=m),
+                            what=f"writing {png}")
+        return RunResult(label=label, method=method or label, dataset=dataset, split=split or "all",
+                         predictions=pred_file, metrics=m, reliability=png, extra=extra or {})
+
+    # ---- scoring -------------------------------------------------------------------
+    def score(self, filename: str, loaded: Any, questions: Sequence[Question], template: str, *,
+              batch_tokens: int | None = None, description: str = "scoring", cache: bool = False,
+              encoded: Sequence[Any] | None = None) -> list[Prediction]:
+        """Predictions for ``questions`` in their order, written to RUN/filename (see the module docstring).
+
+        ``cache=True`` only for a model that has not been changed since it was
+        loaded from its spec: the key names the weights on disk.
+        """
+        from .prompts import encode_questions
+
+        batch_tokens = int(batch_tokens or self.config.get("batch_tokens") or 2048)
+        if encoded is None:
+            encoded = encode_questions(questions, loaded.tokenizer, template)
+        store = None
+        if cache and cache_enabled():
+            from .cache import ScoreCache, score_key
+
+            store, key = ScoreCache(), score_key(loaded, encoded, template, batch_tokens)
+            hit = store.get(key, [q.id for q in questions])
+            if hit is not None:
+                log.info("%s: %d predictions from the scoring cache", filename, len(hit))
+
+                def write_hit() -> None:
+                    write_predictions(self.file(filename), hit)
+                    for p in _partial_files(self.dir, filename):  # an interrupted pass is superseded
+                        p.unlink(missing_ok=True)
+
+                distributed.on_main(write_hit, what=f"writing {filename}")
+                distributed.barrier()
+                return hit
+        preds = _score_into(self.dir, filename, loaded, questions, encoded, batch_tokens=batch_tokens,
+                            progress=self.progress, description=description)
+        if store is not None:
+            distributed.on_main(lambda: store.put(key, preds), what="storing the scores in the cache")
+        return preds
+
+
+# ---- the scoring pass (resumable, sharded) ---------------------------------------------
+def _partial_name(filename: str, rank: int, world: int) -> str:
+    stem, dot, ext = filename.rpartition(".")
+    return f"{stem}.rank{rank}-of-{world}.{ext}" if dot else f"{filename}.rank{rank}-of-{world}"
+
+
+def _partial_files(run: RunDir, filename: str) -> list[Path]:
+    stem, dot, ext = filename.rpartition(".")
+    pattern = f"{stem}.rank*-of-*.{ext}" if dot else f"{filename}.rank*-of-*"
+    return sorted(run.path.glob(pattern))
+
+
+def _read_scored(paths: Sequence[Path], wanted: set[str]) -> dict[str, Prediction]:
+    have: dict[str, Prediction] = {}
+    for path in paths:
+        for rec in read_jsonl_tolerant(path):
+            if rec.get("id") in wanted and rec["id"] not in have:
+                have[rec["id"]] = Prediction.from_dict(rec)
+    return have
+
+
+def score_loaded(loaded: Any, encoded, *, options, done=(), on_batch=None) -> list[Prediction]:
+    """The scoring engine of the model's backend (transformers, or vLLM when loaded through it)."""
+    from .scoring import score
+
+    engine = loaded.extra.get("engine")
+    if engine is not None:
+        return engine.score(encoded, options=options, done=done, on_batch=on_batch)
+    return score(loaded.model, loaded.tokenizer, encoded, options=options, done=done, on_batch=on_batch)
+
+
+def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Question], encoded: Sequence[Any], *,
+                batch_tokens: int, progress: bool, description: str) -> list[Prediction]:
+    """Score into RUN/filename, resuming from what any earlier attempt (with any process count) finished."""
+    from .scoring import ScoreOptions
+
+    world = distributed.current_world() if distributed.is_initialized() else distributed.World()
+    path = run.file(filename)
+    wanted = {q.id for q in questions}
+    have = _read_scored([path, *_partial_files(run, filename)], wanted)
+    if have and world.is_main:
+        log.info("resuming %s: %d of %d questions already scored", path, len(have), len(questions))
+    if world.distributed:
+        mine = run.file(_partial_name(filename, world.rank, world.world_size))
+        # Keep what this rank's file holds; re-writing drops a torn last line.
+        write_predictions(mine, (_read_scored([mine], wanted) if mine.exists() else {}).values())
+        out_path = mine
+    else:
+        write_predictions(path, have.values())  # a torn last line must not break the appender
+        out_path = path
+    options = ScoreOptions(batch_tokens=batch_tokens, progress=progress and world.is_main,
+                           description=description, shard=(world.rank, world.world_size))
+
+    def run_scoring() -> None:
+        with JsonlAppender(out_path) as out:
+            def flush(preds: list[Prediction]) -> None:
+                for p in preds:
+                    out.write(p.to_dict())
+                    have[p.id] = p
+
+            score_loaded(loaded, encoded, options=options, done=set(have), on_batch=flush)
+
+    distributed.collective(run_scoring, what=f"scoring {filename}")
+    if world.distributed:  # every rank has finished its share: read all shares back
+        have = _read_scored([path, *_partial_files(run, filename)], wanted)
+    missing = [q.id for q in questions if q.id not in have]
+    if missing:
+        raise LlmcalError(f"{path}: {len(missing)} question(s) were not scored (first: {missing[0]}); "
+                          f"rerun the same command to resume")
+    preds = [have[q.id] for q in questions]
+
+    def merge() -> None:
+        write_predictions(path, preds)
+        for p in _partial_files(run, filename):
+            p.unlink(missing_ok=True)
+
+    distributed.barrier()  # nobody may still be reading the partial files
+    distributed.on_main(merge, what=f"merging {filename}")
+    return preds
