@@ -102,7 +102,8 @@ def main() -> int:
         result["dtypes"][dtype] = rows
     out = HERE / "results" / f"attention-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    from llmcal.runs import portable  # no absolute path of this machine in a committed result
+    out.write_text(json.dumps(portable(result, out.parent), indent=1))
     print(f"saved {out}")
     return 0
 

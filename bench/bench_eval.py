@@ -532,7 +532,8 @@ def main() -> int:
            "flops_per_token_linear": prep["flops_per_token_linear"], "matmul_peak": peak, "matmul_peaks": peaks,
            "summary": rows, "checks": checks, "targets": targets, "runs": runs, "rejected_runs": rejected,
            "table": table(rows)}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    from llmcal.runs import portable  # no absolute path of this machine in a committed result
+    path.write_text(json.dumps(portable(json.loads(json.dumps(doc, default=str)), results), indent=2) + "\n")
     print(f"\nsaved {path}")
     ok = checks["vs_lmeval"]["ok"] and checks.get("bf16", {"ok": True})["ok"]
     return 0 if ok else 1

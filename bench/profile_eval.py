@@ -147,7 +147,8 @@ def main() -> int:
         profile_dtypes(args, result, model_dir, questions, opt)
     out = HERE / "results" / f"profile-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    from llmcal.runs import portable  # no absolute path of this machine in a committed result
+    out.write_text(json.dumps(portable(result, out.parent), indent=1))
     print(f"saved {out}")
     return 0
 
