@@ -107,9 +107,6 @@ def test_bad_input_is_an_error_before_training(case, tmp_path, tiny_model_dir, s
 
 
 # ---- CFT on an over-confident model -------------------------------------------------------------
-# Under `make test-all` only: it FAILS at the end of stop 15 (held-out NLL after CFT 2.89 vs 2.52 before) since the
-# new split scheme and the faster training step landed together; to be investigated next (see the stop-15 note).
-@pytest.mark.heavy
 def test_cft_calibrates_an_overconfident_model(tmp_path, tiny_tokenizer, monkeypatch):
     from llmcal import drift
     from llmcal.models import load_model, resolve_model
@@ -125,7 +122,9 @@ def test_cft_calibrates_an_overconfident_model(tmp_path, tiny_tokenizer, monkeyp
 
     monkeypatch.setattr(drift, "alignment_drift", fake_drift)
     model = scaled_model(tmp_path / "over", tiny_tokenizer, 20.0)
-    cfg = cfg_for(model, train="synthetic:arithmetic?n=100&k=4", evals=["synthetic:arithmetic?n=100&k=4"],
+    # 400 questions (~200 trained, ~70 tested): at lr 2e-2 a 20-question test split made the outcome a coin toss
+    # (held-out NLL after 4 epochs anywhere in 2.25-2.89 from 2.52 across runs and data selections).
+    cfg = cfg_for(model, train="synthetic:arithmetic?n=400&k=4", evals=["synthetic:arithmetic?n=400&k=4"],
                   train_split="train", eval_split="test", epochs=4, lr=2e-2, batch_size=8, drift=True, merge=True)
     rec = run_finetune(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
@@ -148,7 +147,7 @@ def test_cft_calibrates_an_overconfident_model(tmp_path, tiny_tokenizer, monkeyp
     assert spec.kind == "lora" and spec.base.path == str(model.resolve())
     written = load_predictions(run / rec.results[1].predictions)
     qs = [q for q in __import__("llmcal.data", fromlist=["x"]).load_dataset(
-        "synthetic:arithmetic?n=100&k=4", split="test").questions]
+        "synthetic:arithmetic?n=400&k=4", split="test").questions]
     for path in (run / "adapter", run / "merged"):
         lm = load_model(resolve_model(str(path)))
         got = score(lm.model, lm.tokenizer, encode_questions(qs, lm.tokenizer, "plain"),
