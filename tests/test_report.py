@@ -265,3 +265,89 @@ def test_run_report_takes_created_from_config_json(tmp_path):
     created = json.loads(rd.file("config.json").read_text())["created"]
     text = write_run_report(rd.path, config, [result("none", fake_metrics(0.5, 0.1))]).read_text()
     assert f"**created**: {created}" in text
+
+
+# ---- selective prediction in the run report ------------------------------------------------
+def _preds_file(path: Path, conf_correct: list[tuple[float, bool]]) -> Path:
+    """Two-option predictions whose confidence and correctness are given (answer 0; wrong ones predict 1)."""
+    rows = []
+    for i, (c, ok) in enumerate(conf_correct):
+        probs = [c, 1 - c] if ok else [1 - c, c]
+        rows.append({"id": f"q{i}", "subject": None, "answer": 0, "probs": probs, "pred": 0 if ok else 1,
+                     "conf": c, "logits": [float(np.log(probs[0])), float(np.log(probs[1]))]})
+    return atomic_write_jsonl(path, rows)
+
+
+def test_run_report_risk_coverage_from_predictions_by_hand(tmp_path):
+    # confidences 0.9 C, 0.8 C, 0.7 W, 0.6 C, 0.55 W: selective risks of the top k are 0, 0, 1/3, 1/4, 2/5
+    _preds_file(tmp_path / "predictions-test.jsonl", [(0.9, True), (0.8, True), (0.7, False), (0.6, True),
+                                                      (0.55, False)])
+    # a run recorded before llmcal computed AURC: the numbers come from its predictions file
+    res = RunResult(label="none", method="none", dataset="synthetic", split="test",
+                    predictions="predictions-test.jsonl", metrics=fake_metrics(0.6, 0.2), reliability=None)
+    text = write_run_report(tmp_path, {"model": "m", "kind": "eval"}, [res]).read_text(encoding="utf-8")
+    aurc = (0 + 0 + 1 / 3 + 1 / 4 + 2 / 5) / 5
+    assert "## Selective prediction" in text
+    # accuracy at 80% = top 4 (3 right), at 50% = top ceil(2.5) = 3 (2 right)
+    assert f"| none | synthetic | 500 | 0.6000 [0.59, 0.65] | {aurc:.4f} | 0.7500 | 0.6667 |" in text
+    assert "](risk-coverage.png)" in text
+    assert_png(tmp_path / "risk-coverage.png", min_bytes=3_000)
+
+
+def test_run_report_risk_coverage_one_curve_per_result(tmp_path, monkeypatch):
+    metrics = pytest.importorskip("llmcal.metrics")
+    rng = np.random.default_rng(1)
+    results, want = [], {}
+    for label, role in (("none", "test"), ("none", "ood"), ("ts", "test")):
+        conf = rng.uniform(0.3, 1.0, 60)
+        ok = rng.uniform(size=60) < conf
+        f = _preds_file(tmp_path / f"predictions-{label}-{role}.jsonl", list(zip(conf, ok)))
+        from llmcal.predictions import load_predictions, stack_probs
+
+        p, a = stack_probs(load_predictions(f))
+        m = metrics.compute_metrics(p, a, n_bootstrap=30, seed=0)
+        want[(label, role)] = m
+        results.append(RunResult(label=label, method=label, dataset=role, split="test", predictions=f.name,
+                                 metrics=m, reliability=None))
+    drawn = []
+    import llmcal.report.plots as plots
+
+    real = plots.risk_coverage_plot
+    monkeypatch.setattr(plots, "risk_coverage_plot", lambda curves, path, **kw: drawn.append(
+        [(n, c["aurc"]) for n, c in curves]) or real(curves, path, **kw))
+    text = write_run_report(tmp_path, {"model": "m"}, results).read_text(encoding="utf-8")
+    # labels that repeat name their dataset; each curve is its own file's
+    assert drawn == [[("none (test)", pytest.approx(want[("none", "test")]["aurc"], abs=1e-12)),
+                      ("none (ood)", pytest.approx(want[("none", "ood")]["aurc"], abs=1e-12)),
+                      ("ts", pytest.approx(want[("ts", "test")]["aurc"], abs=1e-12))]]
+    m = want[("none", "ood")]
+    lo, hi = m["ci"]["aurc"]
+    assert (f"| none (ood) | ood | 60 | {m['accuracy']:.4f} [{m['ci']['accuracy'][0]:.2f}, "
+            f"{m['ci']['accuracy'][1]:.2f}] | {m['aurc']:.4f} [{lo:.2f}, {hi:.2f}] | {m['acc_at_80']:.4f} | "
+            f"{m['acc_at_50']:.4f} |") in text
+    assert_png(tmp_path / "risk-coverage.png")
+
+
+def test_run_report_without_predictions_or_selective_numbers(tmp_path):
+    # metrics carry AURC but the predictions file is gone: the numbers stay, no curve is drawn
+    m = dict(fake_metrics(0.5, 0.1), aurc=0.321, acc_at_80=0.55, acc_at_50=0.6)
+    res = RunResult(label="none", method="none", dataset="d", split="test", predictions="predictions.jsonl",
+                    metrics=m)
+    text = write_run_report(tmp_path, {"model": "m"}, [res]).read_text(encoding="utf-8")
+    assert "| none | d | 500 | 0.5000 [0.59, 0.65] | 0.3210 | 0.5500 | 0.6000 |" in text
+    assert "risk-coverage.png" not in text and not (tmp_path / "risk-coverage.png").exists()
+    # neither numbers nor a file: no section at all
+    text = write_run_report(tmp_path, {"model": "m"}, [result("none", fake_metrics(0.5, 0.1), png=None)]).read_text()
+    assert "Selective prediction" not in text
+
+
+def test_eval_run_report_shows_risk_coverage(tiny_model_dir, tmp_path):
+    from llmcal.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=str(tiny_model_dir), data="synthetic:arithmetic?n=12", template="plain", n_bootstrap=20)
+    rec = run_eval(cfg, tmp_path / "run", progress=False)
+    text = (rec.path / "report.md").read_text(encoding="utf-8")
+    m = rec.results[0].metrics
+    assert "## Selective prediction" in text and f"| {m['aurc']:.4f} [" in text
+    assert "](risk-coverage.png)" in text
+    assert_png(rec.path / "risk-coverage.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,9 @@ from .plots import reliability_grid, save_reliability
 from .tables import extra_columns, format_value, html_table, markdown_table, result_row, results_rows, run_names
 
 REPORT = "report.md"
+RISK_COVERAGE_PNG = "risk-coverage.png"
+
+log = logging.getLogger(__name__)
 
 # Per-subject tables longer than this show only the best and worst SUBJECTS_SHOWN.
 SUBJECTS_MAX = 20
@@ -90,6 +94,8 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     else:
         lines += ["No results.", ""]
 
+    lines += selective_section(run_dir, results)
+
     for sec in sections:
         lines += [f"## {sec.title}", "", sec.body.strip("\n"), ""]
 
@@ -106,6 +112,62 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
 
     lines += ["## Definitions", "", DEFINITIONS, ""]
     return atomic_write_text(run_dir / REPORT, "\n".join(lines))
+
+
+SELECTIVE_TEXT = (
+    "Answering only the most confident questions: *AURC* is the area under the risk-coverage curve, "
+    "(1/N) Σ_k (errors among the k most confident)/k, lower is better (Geifman et al. 2019); *acc@80%* and "
+    "*acc@50%* are the accuracy on the 80% and 50% most confident questions (ties: expected over their order). "
+    "A confidence that ranks right answers above wrong ones gives a curve that rises late.")
+
+
+def selective_section(run_dir: Path, results: Sequence[RunResult]) -> list[str]:
+    """The report's "Selective prediction" lines: AURC and accuracy at 80% / 50% coverage per result, and
+    ``RUN/risk-coverage.png`` with one curve per result.
+
+    Numbers come from the result's metrics; the curves (and the numbers of a
+    run recorded before llmcal computed them) from its predictions file. A
+    result whose file is missing keeps its numbers and has no curve. Empty
+    when no result has either.
+    """
+    from ..metrics import risk_coverage_curve, selective_accuracy
+    from ..predictions import load_predictions, stack_probs
+
+    labels = [r.label for r in results]
+    loaded: dict[Path, tuple] = {}
+    rows, curves = [], []
+    for r in results:
+        m = r.metrics or {}
+        name = r.label if labels.count(r.label) == 1 else f"{r.label} ({r.dataset})"
+        ci = m.get("ci") or {}
+        row = {"result": name, "dataset": r.dataset, "n": m.get("n"), "accuracy": m.get("accuracy"),
+               "accuracy_ci": ci.get("accuracy"), "aurc": m.get("aurc"), "aurc_ci": ci.get("aurc"),
+               "acc_at_80": m.get("acc_at_80"), "acc_at_50": m.get("acc_at_50")}
+        path = run_dir / _relative(r.predictions, run_dir) if r.predictions else None
+        if path is not None and path not in loaded and path.is_file():
+            try:
+                probs, answers = stack_probs(load_predictions(path))
+                loaded[path] = (probs, answers, risk_coverage_curve(probs, answers))
+            except LlmcalError as e:  # an unreadable file costs the curve, not the report
+                log.warning("%s: no risk-coverage curve (%s)", path, e)
+        if path in loaded:
+            probs, answers, curve = loaded[path]
+            if row["aurc"] is None:
+                row.update(aurc=curve.aurc, acc_at_80=selective_accuracy(probs, answers, 0.8),
+                           acc_at_50=selective_accuracy(probs, answers, 0.5))
+            curves.append((name, curve.to_dict()))
+        if row["aurc"] is not None:
+            rows.append(row)
+    if not rows:
+        return []
+    lines = ["## Selective prediction", "", SELECTIVE_TEXT, "",
+             markdown_table(rows, ["result", "dataset", "n", "accuracy", "aurc", "acc_at_80", "acc_at_50"])]
+    if curves:
+        from .plots import risk_coverage_plot
+
+        risk_coverage_plot(curves, run_dir / RISK_COVERAGE_PNG, title=f"{run_dir.name}: risk-coverage")
+        lines += [f"![risk-coverage curves]({RISK_COVERAGE_PNG})", ""]
+    return lines
 
 
 def per_subject_markdown(per_subject: dict) -> str:

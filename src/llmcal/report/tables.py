@@ -15,9 +15,12 @@ from typing import Sequence
 from ..runs import RunRecord, RunResult
 
 # Metrics copied from a result's metrics dict into its row.
-METRIC_KEYS = ("n", "accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf")
+METRIC_KEYS = ("n", "accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf",
+               "aurc", "acc_at_80", "acc_at_50")
 # Columns whose 95% interval (metrics["ci"][name]) is rendered next to the value.
-CI_KEYS = ("accuracy", "conf_ece")
+CI_KEYS = ("accuracy", "conf_ece", "aurc")
+# Columns of differences (this suffix, e.g. ``id_accuracy_change``): rendered with their sign (+0.0550).
+SIGNED_SUFFIX = "accuracy_change"
 
 DEFAULT_COLUMNS = ["run", "method", "dataset", "split", "n", "accuracy", "conf_ece", "cw_ece", "brier", "nll",
                    "mean_conf"]
@@ -26,6 +29,7 @@ HEADERS = {
     "run": "run", "model": "model", "kind": "kind", "label": "label", "method": "method", "dataset": "dataset",
     "split": "split", "n": "N", "accuracy": "accuracy", "conf_ece": "conf-ECE", "cw_ece": "cw-ECE",
     "em_ece": "em-ECE", "mce": "MCE", "brier": "Brier", "nll": "NLL", "auroc": "AUROC", "mean_conf": "mean conf",
+    "aurc": "AURC", "acc_at_80": "acc@80%", "acc_at_50": "acc@50%", "accuracy_change": "Δ acc",
     "subject": "subject",
 }
 
@@ -91,16 +95,17 @@ def extra_columns(rows: Sequence[dict]) -> list[str]:
 
 
 # ---- formatting -----------------------------------------------------------
-def format_value(value: object, ci: object = None) -> str:
-    """Numbers to 4 decimals, an interval as `` [lo, hi]`` to 2, ``None`` as an em dash."""
+def format_value(value: object, ci: object = None, *, signed: bool = False) -> str:
+    """Numbers to 4 decimals (``signed``: with their sign), an interval as `` [lo, hi]`` to 2, ``None`` as an
+    em dash."""
     if value is None:
         return "—"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
-        s = str(value)
+        s = f"{value:+d}" if signed else str(value)
     elif isinstance(value, float):
-        s = "nan" if math.isnan(value) else f"{value:.4f}"
+        s = "nan" if math.isnan(value) else f"{value:+.4f}" if signed else f"{value:.4f}"
     elif isinstance(value, (dict, list, tuple)):
         return json.dumps(value, ensure_ascii=False, default=str)
     else:
@@ -116,7 +121,7 @@ def _columns(columns: Sequence[Column] | None) -> list[tuple[str, str]]:
 
 
 def _cell(row: dict, key: str) -> str:
-    return format_value(row.get(key), row.get(f"{key}_ci"))
+    return format_value(row.get(key), row.get(f"{key}_ci"), signed=key.endswith(SIGNED_SUFFIX))
 
 
 def _numeric(row: dict, key: str) -> bool:
