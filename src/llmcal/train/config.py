@@ -76,6 +76,8 @@ class FinetuneConfig:
     n_bins: int = shared("n_bins")
     estep_every: str | int = option("epoch", parse=parse_every, cli_type=str,
                                     help="RCFT E-step frequency: epoch, or a number of optimiser steps.")
+    estep_prior: float = option(4.0, help="RCFT E-step: weight, in questions per bin, of the prior each bin's "
+                                          "accuracy is shrunk toward (0: raw bin accuracy; docs/estep.md).")
     estep_set: str = option("heldout", help="Questions the E-step estimates bin accuracies on: heldout or train.")
     nonmax_rule: str = option("proportional", help="RCFT targets of the non-max options: proportional or tanh.")
     tolerance: float = option(DEFAULT_TOLERANCE, help="auto: the RCFT term switches on once train minus "
@@ -203,6 +205,9 @@ def validate(cfg: FinetuneConfig) -> None:
         bad(f"--heldout-fraction must be in [0, 1) (got {cfg.heldout_fraction})")
     if cfg.rcft_lambda < 0:
         bad(f"--rcft-lambda must be >= 0 (got {cfg.rcft_lambda})")
+    if isinstance(cfg.estep_prior, bool) or not isinstance(cfg.estep_prior, (int, float)) or not (
+            0 <= cfg.estep_prior < float("inf")):
+        bad(f"--estep-prior must be a finite number >= 0 (got {cfg.estep_prior!r})")
     if cfg.tolerance < 0:
         bad(f"--tolerance must be >= 0 (got {cfg.tolerance})")
     if cfg.n_bootstrap < 1:

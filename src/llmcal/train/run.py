@@ -169,7 +169,8 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
     callbacks = []
     if cfg.method in ("rcft", "auto"):
         est = enc_heldout if cfg.estep_set == "heldout" else enc_train
-        callbacks.append(EStepCallback(state, probe, est, estep_steps(cfg), cfg.estep_set))
+        callbacks.append(EStepCallback(state, probe, est, estep_steps(cfg), cfg.estep_set,
+                                       prior_strength=cfg.estep_prior))
     callbacks.append(CurveCallback(state, probe, enc_heldout))
     if cfg.method == "auto":
         probe_set = encode_questions(data.train_probe(cfg.seed), tok, template)
@@ -243,7 +244,8 @@ def training_section(cfg: FinetuneConfig, data: TrainingData, meta: dict) -> str
     if cfg.method != "cft":
         every = "every epoch" if cfg.estep_every == "epoch" else f"every {cfg.estep_every} steps"
         lines.append(f"- **RCFT term**: lambda={cfg.rcft_lambda}, {cfg.n_bins} bins, E-step {every} on the "
-                     f"{cfg.estep_set} set, non-max rule {cfg.nonmax_rule}; {len(meta['estep'])} E-steps")
+                     f"{cfg.estep_set} set (bin accuracies shrunk toward a prior worth {cfg.estep_prior:g} questions per "
+                     f"bin), non-max rule {cfg.nonmax_rule}; {len(meta['estep'])} E-steps")
     if cfg.method == "auto":
         lines.append(f"- **auto**: {_auto_summary(meta['rcft_switched'], meta['regime_checks'])}")
     drift = meta.get("alignment_drift")
