@@ -39,6 +39,8 @@ Config format
         broad: {data: {train: {limit: 200}}, options: {epochs: 2}}
         narrow: {data: {train: {limit: 48}}, options: {epochs: 8}}
     regime: {from: cft, tolerance: 0.05}       # optional; `regime: false` turns the diagnosis off
+    posthoc: [vector, isotonic]    # optional; default all: every post-hoc method that runs without the model
+                                   # (docs/posthoc.md), fitted on the ts cell's stored predictions; false: none
 
 A data entry is a dataset spec string or a mapping with ``spec`` (any spec of
 ``llmcal.data.load_dataset``), ``subjects``, ``split`` (a hash split of
@@ -82,6 +84,12 @@ Each (model, method[, point]) is a cell, one run directory
   (``llmcal.regime.diagnose_predictions``: train accuracy - held-out accuracy
   against the tolerance, the ECE lower bound, the recommended method).
 
+Post-hoc rows (``posthoc:``, ``study.posthoc``): for each model and point with a complete ``ts`` cell,
+every named method of ``llmcal.posthoc`` is fitted on that cell's calibration predictions and applied to
+its base-model predictions of each test role, no model loaded (``posthoc.py``); they appear next to the
+cells in the report's per-domain tables and in study.json's ``posthoc``.  Every result also carries AURC,
+accuracy at 80% / 50% coverage, its accuracy change and its risk-coverage curve.
+
 Data roles are written once per point to ``DIR/data/<hash>/<role>.jsonl`` (the
 hash is of the content, so changed data means a new path and a changed cell
 config).  A cell whose run is complete is skipped when its stored config
@@ -96,7 +104,8 @@ others; the study raises at the end, and rerunning resumes.
 
 Outputs: ``DIR/report.md`` and ``DIR/report.html`` (self-contained), the
 figures (``reliability-<domain>[-<point>].png`` grids of rows = models, columns
-= methods; ``plane*.png`` accuracy / conf-ECE planes), ``DIR/study.json`` (all
+= methods; ``plane*.png`` accuracy / conf-ECE planes; ``risk-coverage-<domain>[-<model>[-<point>]].png``,
+one curve per method), ``DIR/study.json`` (all
 numbers; ``write_results_md`` reads it) and ``DIR/timings.json`` (wall seconds
 per cell, summed over sessions).  ``report_from_dir(DIR)`` rewrites the report
 without running anything; ``write_results_md([DIR, ...], "studies/RESULTS.md")``
@@ -106,7 +115,7 @@ writes the results page from the study.json files, next to the paper's numbers
 Modules, in the order a study goes through them: ``grid`` (the loaded study: entries, points,
 cells), ``schema`` (the YAML schema, pydantic) and ``load`` (``load_study``), ``runner``
 (``run_study``, ``report_from_dir``), ``cells`` (data and one runner per cell kind), ``collect``
-(study.json), ``report`` (report.md/html through the templates in ``templates/``), ``results``
+(study.json), ``posthoc`` (the post-hoc rows and every result's selective numbers), ``report`` (report.md/html through the templates in ``templates/``), ``results``
 (RESULTS.md).
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import LlmcalError
 from .grid import METRIC_KEYS, REGIME, TRAINING, Cell
+from .posthoc import posthoc_section
 from .util import now, read_json, rel
 
 if TYPE_CHECKING:
@@ -17,29 +18,48 @@ if TYPE_CHECKING:
 PREFIX = {"test": "id", "ood": "ood"}
 
 
-def _extra_ci(pred_file: Path, n_bootstrap: int, seed: int, n_bins: int) -> dict:
-    """95% bootstrap intervals of cw-ECE, Brier and NLL (a run's metrics carry those of accuracy and conf-ECE)."""
+def _extra(pred_file: Path, base_file: Path | None, n_bootstrap: int, seed: int, n_bins: int, have_ci: dict
+           ) -> dict:
+    """What a run's metrics may not carry, from its predictions file: 95% bootstrap intervals of cw-ECE, Brier
+    and NLL, the selective numbers (``posthoc.selective_summary``) and the accuracy change against
+    ``base_file`` (the uncalibrated model's predictions of the same questions)."""
     import functools
 
     from ..metrics import bootstrap_ci, brier, classwise_ece, nll
     from ..predictions import load_predictions, stack_probs
+    from .posthoc import paired_base, selective_summary
 
     try:
-        p, a = stack_probs(load_predictions(pred_file))
+        preds = load_predictions(pred_file)
+        p, a = stack_probs(preds)
+        base = paired_base(preds, load_predictions(base_file)) if base_file is not None else None
     except LlmcalError:
-        return {}
+        return {"ci": {}}
+    if base is not None and base.shape != p.shape:
+        base = None
     fns = {"cw_ece": functools.partial(classwise_ece, n_bins=n_bins), "brier": brier, "nll": nll}
-    return {k: list(bootstrap_ci(fn, p, a, n_resamples=int(n_bootstrap), seed=seed)) for k, fn in fns.items()}
+    ci = {k: list(bootstrap_ci(fn, p, a, n_resamples=int(n_bootstrap), seed=seed)) for k, fn in fns.items()}
+    out = selective_summary(p, a, base, n_bootstrap=int(n_bootstrap), seed=seed,
+                            need_aurc_ci=have_ci.get("aurc") is None)
+    out["ci"] = {**ci, **out["ci"]}
+    return out
 
 
-def _summary(res, run_path: Path, root: Path, cfg: dict) -> dict:
+def _summary(res, run_path: Path, root: Path, cfg: dict, base=None) -> dict:
     m = res.metrics or {}
     out = {k: m.get(k) for k in METRIC_KEYS}
     ci = dict(m.get("ci") or {})
     pred = run_path / res.predictions
     if pred.exists():
-        ci.update(_extra_ci(pred, min(int(cfg.get("n_bootstrap") or 1000), 1000), int(cfg.get("seed") or 0),
-                            int(cfg.get("n_bins") or 10)))
+        base_file = run_path / base.predictions if base is not None else None
+        extra = _extra(pred, base_file if base_file is not None and base_file.exists() else None,
+                       min(int(cfg.get("n_bootstrap") or 1000), 1000), int(cfg.get("seed") or 0),
+                       int(cfg.get("n_bins") or 10), ci)
+        ci.update(extra.pop("ci"))
+        for k in ("aurc", "acc_at_80", "acc_at_50"):  # a run's own numbers, where it has them, come first
+            if m.get(k) is not None:
+                extra[k] = m[k]
+        out.update(extra)
     out["ci"] = ci
     out["reliability"] = m.get("reliability")
     out["predictions"] = rel(pred, root)
@@ -87,10 +107,13 @@ def _cell_entry(ctx: Context, cell: Cell, failures: dict) -> dict:
     e["model_name"] = rec.model
     e["template"], e["dtype"], e["device"] = rec.meta.get("template"), rec.meta.get("dtype"), rec.meta.get("device")
     label = {"none": "none", "ts": "ts", REGIME: "train"}.get(cell.kind, rec.config.get("method", cell.kind))
-    e["results"] = {r.dataset: _summary(r, rd.path, ctx.out, rec.config) for r in rec.results if r.label == label}
+    # the uncalibrated model on the same questions: the run's own "none" result of that dataset
+    base = {r.dataset: r for r in rec.results if r.label == "none"}
+    e["results"] = {r.dataset: _summary(r, rd.path, ctx.out, rec.config, base.get(r.dataset))
+                    for r in rec.results if r.label == label}
     if cell.kind in TRAINING:
-        e["before"] = {r.dataset: _summary(r, rd.path, ctx.out, rec.config) for r in rec.results
-                       if r.label == "none"}
+        e["before"] = {r.dataset: _summary(r, rd.path, ctx.out, rec.config, base.get(r.dataset))
+                       for r in rec.results if r.label == "none"}
         drift = rec.meta.get("alignment_drift")
         e["alignment_drift"] = drift.get("mean_kl") if isinstance(drift, dict) else None
         e["training"] = _training(rec, cell.kind)
@@ -120,6 +143,7 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
               "switched": e["training"]["rcft_switched"], "checks": e["training"]["regime_checks"]}
              for e in cells if e["kind"] == "auto" and e["status"] == "complete"]
     walls = [e["wall_s"] for e in cells if isinstance(e.get("wall_s"), (int, float))]
+    posthoc = posthoc_section(ctx.out, cells, study.posthoc)
     return {
         "llmcal_version": __version__, "name": study.name, "description": study.description,
         "config": json.loads(json.dumps(study.raw, default=str)), "config_file": str(study.path), "updated": now(),
@@ -128,7 +152,7 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
                    for m in study.models},
         "methods": {m.key: {"method": m.method, "options": m.options} for m in study.methods},
         "points": [p.name for p in study.points], "data": data, "cells": cells, "diagnoses": diagnoses,
-        "auto": autos, "wall_s_total": sum(walls) if walls else None,
+        "auto": autos, "posthoc": posthoc, "wall_s_total": sum(walls) if walls else None,
     }
 
 
@@ -142,9 +166,10 @@ def _measured(cells: list[dict], model: str, point: str) -> dict:
     return out
 
 
-def method_rows(doc: dict) -> list[dict]:
+def method_rows(doc: dict, posthoc: bool = False) -> list[dict]:
     """One row per (model, point, method) with results: the none cell, or the base model as measured by the
-    first fine-tuning cell ("none (before cft)") when the study has no none cell, then every other method."""
+    first fine-tuning cell ("none (before cft)") when the study has no none cell, then every other method;
+    with ``posthoc``, then the post-hoc methods fitted on the ts cell's predictions (kind "posthoc")."""
     rows = []
     for mkey in doc["models"]:
         for point in doc["points"]:
@@ -164,6 +189,12 @@ def method_rows(doc: dict) -> list[dict]:
                 else:
                     rows.append({"model": mkey, "point": point, "method": e["method"], "kind": e["kind"],
                                  "status": e["status"], "results": {}})
+            if posthoc:
+                for entry in (doc.get("posthoc") or {}).get("entries", []):
+                    if entry["model"] == mkey and entry["point"] == point:
+                        for name, meth in entry["methods"].items():
+                            rows.append(_row(mkey, point, name, "posthoc", meth["results"], None,
+                                             {"run": entry["source"]}))
     return rows
 
 
@@ -172,7 +203,8 @@ def _row(model: str, point: str, method: str, kind: str, results: dict, drift, c
            "results": results, "drift": drift, "run": cell["run"]}
     for role, pre in PREFIX.items():
         r = results.get(role) or {}
-        for k in ("n", "accuracy", "conf_ece", "cw_ece", "brier", "nll", "mean_conf"):
+        for k in ("n", "accuracy", "conf_ece", "cw_ece", "brier", "nll", "mean_conf", "accuracy_change", "aurc",
+                  "acc_at_80", "acc_at_50"):
             row[f"{pre}_{k}"] = r.get(k)
             ci = (r.get("ci") or {}).get(k)
             if ci is not None:

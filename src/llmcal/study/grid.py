@@ -20,7 +20,7 @@ TRAINING = ("cft", "rcft", "auto")
 METHODS = POSTHOC + TRAINING
 REGIME = "regime"
 
-TOP_KEYS = ("name", "description", "seed", "defaults", "models", "data", "methods", "sweep", "regime")
+TOP_KEYS = ("name", "description", "seed", "defaults", "models", "data", "methods", "sweep", "regime", "posthoc")
 DATA_KEYS = ("spec", "subjects", "split", "limit", "mapping", "fractions")
 POINT_KEYS = ("vars", "data", "options")
 REGIME_KEYS = ("from", "tolerance")
@@ -134,6 +134,8 @@ class Study:
     raw: dict
     # point name -> role -> entries: the data of each point, overrides merged and {var}s filled in at load
     point_roles: dict = field(default_factory=dict, repr=False)
+    # post-hoc methods fitted on each ts cell's stored predictions (study.posthoc); () = none
+    posthoc: tuple[str, ...] = ()
 
     def methods_of(self, model: ModelEntry) -> list[MethodEntry]:
         return [m for m in self.methods if model.methods is None or m.key in model.methods]

@@ -158,6 +158,10 @@ def load_study(path: str | os.PathLike) -> Study:
             if k not in keys:
                 raise where.error(("models", m.key, "methods"), f"{k!r} is not a key of methods ({', '.join(keys)})")
 
+    for name in f.posthoc:  # a post-hoc row and a method key of the same name would share a table row label
+        if name in keys:
+            raise where.error(("methods", name), f"{name!r} names a post-hoc method the study adds (posthoc:); "
+                                                 f"choose another key, or leave {name} out of posthoc")
     data = {role: tuple(_entry(e) for e in getattr(f.data, role)) for role in ROLES
             if getattr(f.data, role) is not None}
     points = _sweep(where, raw.get("sweep"), f.sweep)
@@ -187,7 +191,7 @@ def load_study(path: str | os.PathLike) -> Study:
                   description=(f.description or "").strip(), seed=f.seed, defaults=_given(raw.get("defaults")),
                   models=tuple(models), data=data, methods=tuple(methods), points=points,
                   regime_from=regime_from, tolerance=tolerance, raw=raw,
-                  point_roles={p.name: _point_data(where, data, p) for p in points})
+                  point_roles={p.name: _point_data(where, data, p) for p in points}, posthoc=tuple(f.posthoc))
     _check_cells(where, study)
     return study
 

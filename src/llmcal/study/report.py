@@ -20,8 +20,9 @@ from .util import fmt_time, group_label, rel
 COLUMNS_PAPER = [("id_accuracy", "ID acc"), ("id_conf_ece", "ID conf-ECE"), ("id_cw_ece", "ID cw-ECE"),
                  ("ood_accuracy", "OOD acc"), ("ood_conf_ece", "OOD conf-ECE"), ("ood_cw_ece", "OOD cw-ECE"),
                  ("drift", "drift (KL)")]
-COLUMNS_DOMAIN = [("n", "N"), ("accuracy", "accuracy"), ("conf_ece", "conf-ECE"), ("cw_ece", "cw-ECE"),
-                  ("brier", "Brier"), ("nll", "NLL"), ("mean_conf", "mean conf")]
+COLUMNS_DOMAIN = [("n", "N"), ("accuracy", "accuracy"), ("accuracy_change", "Δ acc"), ("conf_ece", "conf-ECE"),
+                  ("cw_ece", "cw-ECE"), ("brier", "Brier"), ("nll", "NLL"), ("mean_conf", "mean conf"),
+                  ("aurc", "AURC"), ("acc_at_80", "acc@80%"), ("acc_at_50", "acc@50%")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,7 +108,7 @@ def _figures(doc: dict, rows: list[dict], root: Path) -> dict[str, Path]:
     from ..report.plots import reliability_grid
 
     written: dict[str, Path] = {}
-    for old in [*root.glob("plane*.png"), *root.glob("reliability-*.png")]:
+    for old in [*root.glob("plane*.png"), *root.glob("reliability-*.png"), *root.glob("risk-coverage*.png")]:
         old.unlink()  # figures of an earlier version of the study must not linger
     groups = _groups(doc)
     method_cols: list[str] = []
@@ -129,6 +130,7 @@ def _figures(doc: dict, rows: list[dict], root: Path) -> dict[str, Path]:
             name = f"reliability-{DOMAIN[role]}.png"
             written[f"grid:{role}"] = reliability_grid(None, root / name, grid=grid, row_labels=labels,
                                                        title=f"{doc['name']}: {DOMAIN[role]} ({role})")
+    written.update(_risk_coverage_figures(doc, method_rows(doc, posthoc=True), root, groups))
     diag = {(d["model"], d["point"]): d for d in doc["diagnoses"]}
     # One plane with every run (in-domain and OOD), then one per model and point with its regime boundary.
     points = []
@@ -148,6 +150,26 @@ def _figures(doc: dict, rows: list[dict], root: Path) -> dict[str, Path]:
                 name = "plane-" + re.sub(r"[^A-Za-z0-9._-]+", "-", group_label(m, p).replace(" · ", "-")) + ".png"
                 written[f"plane:{m}:{p}"] = _plane(pts, root / name, diag[(m, p)],
                                                    f"{group_label(m, p)}: accuracy vs conf-ECE")
+    return written
+
+
+def _risk_coverage_figures(doc: dict, rows: list[dict], root: Path, groups: list) -> dict[str, Path]:
+    """Per domain and model (and point): one risk-coverage plot, one curve per method with a stored curve."""
+    from ..report.plots import risk_coverage_plot
+
+    written = {}
+    for role in EVAL_ROLES:
+        for m, p in groups:
+            curves = [(r["method"], r["results"][role]["risk_coverage"]) for r in rows
+                      if (r["model"], r["point"]) == (m, p) and r["status"] == "complete"
+                      and (r["results"].get(role) or {}).get("risk_coverage")]
+            if not curves:
+                continue
+            slug = "" if len(groups) == 1 else "-" + re.sub(r"[^A-Za-z0-9._-]+", "-",
+                                                            group_label(m, p).replace(" · ", "-"))
+            written[f"risk:{role}:{m}:{p}"] = risk_coverage_plot(
+                curves, root / f"risk-coverage-{DOMAIN[role]}{slug}.png",
+                title=f"{group_label(m, p)}: {DOMAIN[role]} ({role})")
     return written
 
 
@@ -199,11 +221,18 @@ def write_report(doc: dict, root: Path) -> dict[str, Path]:
         "to the shipped instruction prompts; none and ts do not change the model's generations).")
     cols = ident + [c for c in COLUMNS_PAPER if has_ood or not c[0].startswith("ood")]
     r.table([x for x in rows if x["status"] == "complete"], cols)
+    posthoc_rows = method_rows(doc, posthoc=True)
     for role in EVAL_ROLES:
-        drows = _domain_rows(rows, role)
+        drows = _domain_rows(posthoc_rows, role)
         if drows:
             r.h(3, f"{DOMAIN[role].capitalize()} ({role}): all metrics")
+            r.p(DOMAIN_TEXT)
             r.table(drows, ident + COLUMNS_DOMAIN)
+
+    r.h(2, "Post-hoc calibrators")
+    _posthoc_section(r, doc, has_point)
+    r.h(2, "Selective prediction (risk-coverage)")
+    _risk_section(r, doc, figs, root)
 
     r.h(2, "Reliability diagrams")
     for role in EVAL_ROLES:
@@ -245,6 +274,61 @@ def write_report(doc: dict, root: Path) -> dict[str, Path]:
     written["html"] = atomic_write_text(root / "report.html", r.html(f"llmcal study {doc['name']}"))
     written["json"] = root / "study.json"
     return written
+
+
+DOMAIN_TEXT = (
+    "Rows after the study's methods are the post-hoc calibrators (see Post-hoc calibrators). *Δ acc*: accuracy "
+    "minus the uncalibrated model's on the same questions, with a paired 95% bootstrap interval. *AURC*: area "
+    "under the risk-coverage curve (lower is better); *acc@80%* / *acc@50%*: accuracy on the 80% / 50% most "
+    "confident questions.")
+
+
+def _posthoc_section(r: _Doc, doc: dict, has_point: bool) -> None:
+    from .posthoc import best_rows
+
+    ph = doc.get("posthoc") or {}
+    if not ph.get("methods"):
+        r.p("Off (`posthoc: false` in the study config).")
+        return
+    entries = ph.get("entries") or []
+    if not entries:
+        r.p("None: the post-hoc calibrators are fitted on a ts cell's calibration predictions, and the study has "
+            "no complete ts cell.")
+        return
+    r.p("Fitted on the stored predictions of each model's ts cell, no model loaded: on its calibration "
+        "predictions (`predictions-calib.jsonl`, the base model on `data.calib`, or `data.train` when there is "
+        "none) and applied to the base model's predictions of each test role, the questions every other row is "
+        "measured on. Batch calibration is fitted on the test predictions themselves, answers unused. Vector, "
+        "matrix and bias scaling and batch calibration can change the argmax (Δ acc); Platt, isotonic and "
+        "histogram binning recalibrate the top confidence only. Formulas and sources: docs/posthoc.md; "
+        "`posthoc:` in the study config chooses the methods.")
+    seen, mrows = set(), []
+    for e in entries:
+        for name, m in e["methods"].items():
+            if name not in seen:
+                seen.add(name)
+                mrows.append({"method": name, "what": m["label"], "source": m["source"], "fit on": m["fit_on"]})
+    r.table(mrows, ["method", "what", "source", "fit on"])
+    notes = [f"**{group_label(e['model'], e['point'])}**: " + (e["error"] if e.get("error") else
+             "; ".join(f"{k} left out ({v})" for k, v in e["skipped"].items()))
+             for e in entries if e.get("error") or e.get("skipped")]
+    r.ul(notes)
+    r.p("Lowest conf-ECE per model and domain, among every row of the tables above:")
+    r.ul(best_rows(doc))
+
+
+def _risk_section(r: _Doc, doc: dict, figs: dict, root: Path) -> None:
+    keys = [k for k in figs if k.startswith("risk:")]
+    if not keys:
+        r.p("No risk-coverage curves: no result has its predictions file.")
+        return
+    r.p("Selective risk (the error rate on the questions answered) when only the most confident questions are "
+        "answered, against coverage (the share answered); one curve per method, AURC in the legend. A method "
+        "that keeps the argmax changes the curve only by ranking the questions differently.")
+    for k in keys:
+        _, role, m, p = k.split(":", 3)
+        r.img(rel(figs[k], root), f"risk-coverage {group_label(m, p)} {DOMAIN[role]}",
+              f"{group_label(m, p)}, {DOMAIN[role]} ({role}).")
 
 
 def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:

@@ -130,7 +130,29 @@ def _study_section(d: Path, doc: dict, path: Path, paper: dict, prow: list[dict]
     obs = observations(doc, paper)
     if obs:
         lines += ["Observations (computed from the numbers above):", ""] + [f"- {o}" for o in obs] + [""]
-    return lines
+    return lines + _posthoc_lines(doc, ident, has_ood)
+
+
+POSTHOC_COLUMNS = [("id_accuracy", "ID acc"), ("id_accuracy_change", "ID Δ acc"), ("id_conf_ece", "ID conf-ECE"),
+                   ("id_aurc", "ID AURC"), ("ood_accuracy_change", "OOD Δ acc"), ("ood_conf_ece", "OOD conf-ECE"),
+                   ("ood_aurc", "OOD AURC")]
+
+
+def _posthoc_lines(doc: dict, ident: list[str], has_ood: bool) -> list[str]:
+    """The study's post-hoc comparison (none, ts and the post-hoc rows), when it has one."""
+    from ..report.tables import markdown_table
+    from .posthoc import best_rows
+
+    if not (doc.get("posthoc") or {}).get("entries"):
+        return []
+    rows = [r for r in method_rows(doc, posthoc=True) if r["status"] == "complete" and r["kind"] in
+            ("none", "ts", "posthoc")]
+    cols = [(c, c) for c in ident] + [c for c in POSTHOC_COLUMNS if has_ood or not c[0].startswith("ood")]
+    return ["Post-hoc calibrators, fitted on the ts cell's stored calibration predictions without loading the "
+            "model (batch calibration: on the test predictions, answers unused); Δ acc against the uncalibrated "
+            "model on the same questions, 95% paired bootstrap intervals (docs/posthoc.md):", "",
+            markdown_table(rows, cols), "Lowest conf-ECE per model and domain, among every method of the study:",
+            ""] + [f"- {b}" for b in best_rows(doc)] + [""]
 
 
 def _prose_blocks(text: str) -> dict[str, str]:

@@ -260,6 +260,23 @@ def _regime_in(v: Any) -> Any:
     return {} if v is True else None if v is False else v
 
 
+def _posthoc_in(v: Any) -> Any:
+    """``all``/true (every method that runs without the model), false/[] (none) or a list of names."""
+    from .posthoc import available, check_names
+
+    if v is True or v == "all":
+        return list(available())
+    if v is False or v is None:
+        return []
+    names = [v] if isinstance(v, str) else v
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"must be all, false or a list of post-hoc methods ({', '.join(available())}); "
+                         f"got {v!r}")
+    if "all" in names:
+        raise ValueError("all stands alone: `posthoc: all`, or list the methods")
+    return list(check_names([n.strip().lower() for n in names]))
+
+
 def _methods_in(v: Any) -> Any:
     if isinstance(v, list):  # [none, ts, cft] is allowed for methods without options
         if not all(isinstance(m, str) for m in v):
@@ -276,6 +293,8 @@ class _FileBase(ConfigModel):
     methods: typing.Annotated[dict[Name, Optional[dict]], BeforeValidator(_methods_in)] = Field(
         min_length=1, description=f"name at least one of {', '.join(METHODS)}")
     regime: typing.Annotated[Optional[_Regime], BeforeValidator(_regime_in)] = Field(default_factory=_Regime)
+    posthoc: typing.Annotated[list[StrictStr], BeforeValidator(_posthoc_in)] = Field(default="all",
+                                                                                    validate_default=True)
 
     @classmethod
     def unknown(cls, key: str) -> str:
