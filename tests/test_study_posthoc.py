@@ -93,8 +93,12 @@ def _probs(preds: list[Prediction]):
     return stack_probs(preds)
 
 
+def _no_constant(name):
+    raise AssertionError(f"study.json holds {name}: not strict JSON")
+
+
 def test_posthoc_rows_are_the_methods_fitted_on_the_ts_cell(study):
-    doc = json.loads((study / "study.json").read_text())
+    doc = json.loads((study / "study.json").read_text(), parse_constant=_no_constant)
     ph = doc["posthoc"]
     assert ph["methods"] == list(DEFAULT)
     [entry] = ph["entries"]

@@ -160,8 +160,19 @@ def posthoc_entry(root: Path, cell: dict, names: Sequence[str]) -> dict:
             e["results"][res.dataset] = _summary(r)
             e["params"][res.dataset] = r.params
     # registry order, whatever order the roles produced them in
-    entry["methods"] = {n: entry["methods"][n] for n in names if n in entry["methods"]}
+    entry["methods"] = {n: _finite(entry["methods"][n]) for n in names if n in entry["methods"]}
     return entry
+
+
+def _finite(obj):
+    """``obj`` with NaN and infinities as None (an empty bin's accuracy): study.json stays strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def posthoc_section(root: Path, cells: list[dict], names: Sequence[str]) -> dict:
