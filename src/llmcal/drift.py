@@ -227,7 +227,7 @@ def _weights_digest(model: Any, disable: bool) -> str:
         name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         t = p.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
