@@ -2,17 +2,19 @@
 study with its regime diagnosis, the reports they write."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmcal.errors import LlmcalError
+from llmcal.posthoc import TemperatureScaler
+from llmcal.predictions import load_predictions
+from llmcal.regime import CALIBRATABLE, DEFAULT_TOLERANCE, NON_CALIBRATABLE
 from llmcal.study import run_study, write_results_md
-
-HAS_TRAIN = importlib.util.find_spec("llmcal.train.run") is not None
 
 ARITH = "synthetic:arithmetic?difficulty=1&n=120"
 
@@ -79,8 +81,10 @@ def test_none_ts_study_end_to_end_skip_and_resume(tmp_path, tiny_model_dir, scor
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(posthoc.TemperatureScaler, "fit", boom)
+    t0 = time.perf_counter()
     with pytest.raises(LlmcalError, match=r"1 cell\(s\).*tiny/ts.*simulated crash"):
         run_study(cfg, out, progress=False)
+    first_wall = time.perf_counter() - t0
     assert (out / "runs/tiny/none/metrics.json").exists()
     assert (out / "runs/tiny/ts/INCOMPLETE").exists()
     partial = json.loads((out / "study.json").read_text())
@@ -115,16 +119,29 @@ def test_none_ts_study_end_to_end_skip_and_resume(tmp_path, tiny_model_dir, scor
     cells = {c["name"]: c for c in doc["cells"]}
     assert all(c["status"] == "complete" for c in cells.values())
     none, ts = cells["tiny/none"], cells["tiny/ts"]
+    # study.json carries each cell's metrics.json numbers, and those are the numbers of its predictions files.
+    none_metrics = {r["dataset"]: r["metrics"] for r in json.loads((out / "runs/tiny/none/metrics.json").read_text())
+                    ["results"] if r["label"] == "none"}
     for role in ("test", "ood"):
-        for k in ("accuracy", "conf_ece", "cw_ece", "brier", "nll"):
-            assert isinstance(none["results"][role][k], float)
+        for k in ("accuracy", "conf_ece", "cw_ece", "brier", "nll", "n"):
+            assert none["results"][role][k] == none_metrics[role][k], (role, k)
+        preds = load_predictions(out / f"runs/tiny/none/predictions-{role}.jsonl")
+        assert none["results"][role]["accuracy"] == pytest.approx(np.mean([p.correct for p in preds]), abs=1e-12)
+        assert none["results"][role]["nll"] == pytest.approx(-np.mean([np.log(p.probs[p.answer]) for p in preds]),
+                                                             rel=1e-9)
         assert set(none["results"][role]["ci"]) >= {"accuracy", "conf_ece", "cw_ece", "brier", "nll"}
         # temperature scaling keeps every argmax: same accuracy on the same questions
         assert ts["results"][role]["accuracy"] == none["results"][role]["accuracy"]
         assert ts["results"][role]["n"] == none["results"][role]["n"]
-    assert ts["temperature"] > 0 and ts["calib_n"] == doc["data"][""]["train"]["n"]
+    # the temperature is the one a fresh scaler fits on the cell's calibration predictions
+    calib = load_predictions(out / "runs/tiny/ts/predictions-calib.jsonl")
+    refit = TemperatureScaler().fit([p.logits for p in calib], [p.answer for p in calib])
+    assert ts["temperature"] == pytest.approx(refit.temperature_, rel=1e-9)
+    assert ts["calib_n"] == len(calib) == doc["data"][""]["train"]["n"]
     assert doc["data"][""]["test"]["n"] == 16 and doc["data"][""]["ood"]["n"] == 12
-    assert isinstance(none["wall_s"], float)
+    # the none cell completed in the first call: its wall time is the one timings.json recorded then
+    timings = json.loads((out / "timings.json").read_text())
+    assert none["wall_s"] == timings["runs/tiny/none"] and 0 < none["wall_s"] <= first_wall
 
     # A third run with nothing to do only rewrites the report.
     score_calls.clear()
@@ -187,7 +204,6 @@ sweep:
         assert re.search(rf"^\| tiny \| {point} \| none \| \d", md, re.M), md
 
 
-@pytest.mark.skipif(not HAS_TRAIN, reason="llmcal.train is not available")
 def test_training_study_with_regime_diagnosis(tmp_path, tiny_model_dir, score_calls):
     cfg = write_config(tmp_path / "tiny.yaml", tiny_model_dir,
                        methods="none: {}\n  cft: {epochs: 1, batch_size: 4, lr: 0.001, drift: false, save_steps: 100}")
@@ -204,9 +220,17 @@ def test_training_study_with_regime_diagnosis(tmp_path, tiny_model_dir, score_ca
     assert not [c for c in score_calls if c[0] == "none"]
     assert cells["tiny/none"]["results"]["test"]["accuracy"] == cft["before"]["test"]["accuracy"]
     (d,) = doc["diagnoses"]
-    assert d["model"] == "tiny" and d["regime"] in ("calibratable", "non-calibratable")
-    assert d["heldout_accuracy"] == pytest.approx(cft["results"]["test"]["accuracy"])
-    assert d["recommended"] in ("cft", "rcft") and "cft" in d["measured"]
+    assert d["model"] == "tiny" and "cft" in d["measured"]
+    # the diagnosis is recomputed here from the files: the fine-tuned model's scores on the questions it
+    # trained on (the regime cell) against its in-domain test predictions (the cft cell)
+    trained = load_predictions(out / "runs/tiny/regime/predictions-train.jsonl")
+    assert len(trained) == cft["training"]["n_train"]
+    assert d["train_accuracy"] == pytest.approx(np.mean([p.correct for p in trained]), abs=1e-12)
+    assert d["heldout_accuracy"] == pytest.approx(cft["results"]["test"]["accuracy"], abs=1e-12)
+    assert d["gap"] == pytest.approx(d["train_accuracy"] - d["heldout_accuracy"], abs=1e-12)
+    assert d["tolerance"] == DEFAULT_TOLERANCE
+    assert d["regime"] == (CALIBRATABLE if d["gap"] <= d["tolerance"] else NON_CALIBRATABLE)
+    assert d["recommended"] == {CALIBRATABLE: "cft", NON_CALIBRATABLE: "rcft"}[d["regime"]]
     assert "plane" in written  # one model: the plane of every run carries its boundary
     md = (out / "report.md").read_text()
     assert "regime boundary for tiny" in md and "SFT fixed point" in md and d["regime"] in md
