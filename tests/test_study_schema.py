@@ -4,7 +4,6 @@ load."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from llmcal.errors import LlmcalError
 from llmcal.study import Study, load_study
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-HAS_TRAIN = importlib.util.find_spec("llmcal.train.run") is not None
 
 HEAD = "models: {m: x}\ndata:\n  test: mmlu\n"  # lines 1-3 of every config below
 
@@ -187,8 +185,6 @@ def test_bad_config_names_file_and_key(tmp_path, override, key, words):
 
 
 def test_training_config_problems_are_caught_at_load(tmp_path):
-    if not HAS_TRAIN:
-        pytest.skip("llmcal.train is not available")
     path = tmp_path / "bad.yaml"
     path.write_text("models: {m: x}\ndata: {test: mmlu}\nmethods: {cft: {}}\n", encoding="utf-8")
     with pytest.raises(LlmcalError, match=r"bad\.yaml: data\.train: missing"):
