@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from llmcal.cli import app
+from llmcal.posthoc import TemperatureScaler
+from llmcal.predictions import load_predictions
 from llmcal.runs import RunDir
 
 from conftest import build_tiny_llama, build_tokenizer, write_jsonl
@@ -56,7 +60,15 @@ def test_calibrate_ts_and_report(tiny_model_dir, tmp_path):
     before, after = m["results"]
     assert before["method"] == "none" and after["method"] == "ts"
     assert before["metrics"]["accuracy"] == after["metrics"]["accuracy"]  # TS keeps the argmax
-    assert after["extra"]["temperature"] > 0
+    # the recorded temperature is the one a fresh scaler fits on the calibration predictions, and it lowers
+    # their NLL (the fit minimises it over a range of T that contains T = 1)
+    calib = load_predictions(out / "predictions-calib.jsonl")
+    refit = TemperatureScaler().fit([p.logits for p in calib], [p.answer for p in calib])
+    assert after["extra"]["temperature"] == pytest.approx(refit.temperature_, rel=1e-9)
+    assert after["extra"]["calib_n"] == len(calib)
+    assert after["extra"]["calib_nll_before"] == pytest.approx(
+        -np.mean([np.log(p.probs[p.answer]) for p in calib]), rel=1e-9)
+    assert after["extra"]["calib_nll_after"] <= after["extra"]["calib_nll_before"]
     assert (out / "reliability-ts.png").exists()
     ev = tmp_path / "ev"
     assert invoke("eval", "--model", tiny_model_dir, "--data", data, "--out", ev).exit_code == 0
@@ -64,7 +76,10 @@ def test_calibrate_ts_and_report(tiny_model_dir, tmp_path):
     r = invoke("report", out, ev, "--out", rep)
     assert r.exit_code == 0, r.output
     md = (rep / "report.md").read_text()
-    assert "| ts |" in md.replace("  ", " ") or " ts " in md
+    # the ts row of the comparison table carries the ts result's accuracy from metrics.json
+    acc = f"{after['metrics']['accuracy']:.4f}"
+    assert re.search(rf"^\| ts \| ts \| {re.escape(data)} \| test \| {before['metrics']['n']} \| {acc}\b", md,
+                     re.M), md
     html = (rep / "report.html").read_text()
     assert "data:image/png;base64," in html and "src=\"http" not in html
 
@@ -111,8 +126,6 @@ def test_bad_input_exits_2_naming_file_and_line(case, tiny_model_dir, tmp_path):
     assert r.exit_code == 2, r.output
     flat = " ".join(r.output.split())
     assert f.name in flat
-    import re
-
     for p in patterns:
         assert re.search(p, flat, re.I), (p, flat)
     assert not RunDir(out).is_complete
@@ -152,9 +165,10 @@ def test_multi_token_letters_exit_2(tmp_path, mcq_file):
 
 
 def test_unknown_things_exit_2(tiny_model_dir, mcq_file, tmp_path):
-    assert invoke("eval", "--model", tmp_path / "nope", "--data", mcq_file, "--out", tmp_path / "r").exit_code == 2
-    assert invoke("eval", "--model", tiny_model_dir, "--data", tmp_path / "nope.jsonl",
-                  "--out", tmp_path / "r").exit_code == 2
+    r = invoke("eval", "--model", tmp_path / "nope", "--data", mcq_file, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "nope" in r.output, r.output
+    r = invoke("eval", "--model", tiny_model_dir, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "nope.jsonl" in r.output, r.output
     r = invoke("eval", "--model", tiny_model_dir, "--data", mcq_file, "--out", tmp_path / "r", "--template", "x")
     assert r.exit_code == 2 and "template" in r.output
     r = invoke("calibrate", "--method", "platt", "--model", tiny_model_dir, "--data", mcq_file, "--out", tmp_path / "c")
