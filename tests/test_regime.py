@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from llmcal.data import load_dataset
 from llmcal.errors import LlmcalError
 from llmcal.predictions import Prediction
 from llmcal.regime import (CALIBRATABLE, DEFAULT_TOLERANCE, NON_CALIBRATABLE, Diagnosis, RegimeConfig, diagnose,
@@ -103,10 +104,19 @@ def test_run_regime_writes_the_run(tiny_model_dir, tmp_path):
 
 
 def test_run_regime_with_a_heldout_dataset(tiny_model_dir, tmp_path):
-    rec, d = run_regime(_cfg(tiny_model_dir, heldout="synthetic:compare?n=12&k=4", train_limit=10,
-                             tolerance=1.0), tmp_path / "r", progress=False)
+    heldout = "synthetic:compare?n=12&k=4"
+    out = tmp_path / "r"
+    rec, d = run_regime(_cfg(tiny_model_dir, heldout=heldout, train_limit=10, tolerance=1.0), out, progress=False)
     assert rec.meta["n_train"] == 10 and rec.meta["n_heldout"] == 12
-    assert d.tolerance == 1.0 and d.regime == CALIBRATABLE  # |gap| <= 1 always
+    assert d.tolerance == 1.0 and "tolerance 1.0000" in d.reason
+    # the held-out side is --heldout (every question of it, with its answers), not a slice of --train
+    held = [json.loads(line) for line in (out / "predictions-heldout.jsonl").read_text().splitlines()]
+    expected = {q.id: q.answer for q in load_dataset(heldout).questions}
+    assert {r["id"]: r["answer"] for r in held} == expected
+    train_ids = {json.loads(line)["id"] for line in (out / "predictions-train.jsonl").read_text().splitlines()}
+    assert len(train_ids) == 10 and train_ids <= {q.id for q in load_dataset(TASK).questions}
+    assert not train_ids & set(expected)
+    assert d.heldout_accuracy == pytest.approx(sum(r["pred"] == r["answer"] for r in held) / len(held), abs=1e-12)
 
 
 def test_run_regime_rejects_overlapping_heldout(tiny_model_dir, tmp_path):
