@@ -214,17 +214,39 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path, sharp_model
 # ---- auto ---------------------------------------------------------------------------------------
 def test_auto_checks_the_regime_after_every_epoch(tmp_path, sharp_model, monkeypatch, capfd):
     monkeypatch.setenv("LLMCAL_PROGRESS", "1")  # with bars on: the step bar must not print log dicts
-    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=2), tmp_path / "run", progress=True)
+    # tolerance 1: no train - held-out gap exceeds it, so the model never leaves the calibratable regime
+    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=2, tolerance=1.0), tmp_path / "run", progress=True)
     out = capfd.readouterr()
     assert "'loss'" not in out.out + out.err and "loss=" in out.err
-    checks, switched = rec.meta["regime_checks"], rec.meta["rcft_switched"]
+    checks = rec.meta["regime_checks"]
+    assert [round(c["epoch"]) for c in checks] == [1, 2]
     assert {"train_accuracy", "heldout_accuracy", "gap", "regime", "reason"} <= set(checks[0])
-    if switched:  # checks stop once the RCFT term is on; the E-step starts with the next epoch
-        assert checks[-1]["regime"] == "non-calibratable" and switched["step"] == checks[-1]["step"]
-        assert rec.meta["estep"][0]["step"] == switched["step"] and rec.meta["rcft_on_at_end"]
-    else:
-        assert [round(c["epoch"]) for c in checks] == [1, 2] and not rec.meta["estep"]
+    assert all(c["tolerance"] == 1.0 and c["regime"] == "calibratable" for c in checks)
+    assert rec.meta["rcft_switched"] is None and rec.meta["estep"] == [] and not rec.meta["rcft_on_at_end"]
     assert rec.results[1].label == "auto" and "**auto**" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_auto_switches_to_rcft_once_the_model_leaves_the_regime(tmp_path, sharp_model, monkeypatch):
+    import llmcal.train.callbacks as callbacks
+
+    # The callback looks the test up in its own module: make the first check say "left the regime".
+    seen = []
+
+    def left(train_accuracy, heldout_accuracy, tolerance):
+        seen.append((train_accuracy, heldout_accuracy, tolerance))
+        return True
+
+    monkeypatch.setattr(callbacks, "left_calibratable", left)
+    rec = run_finetune(cfg_for(sharp_model, method="auto", epochs=3), tmp_path / "run", progress=False)
+    checks, switched = rec.meta["regime_checks"], rec.meta["rcft_switched"]
+    # one check (after epoch 1), then the RCFT term is on and the checks stop
+    assert len(seen) == 1 and len(checks) == 1 and round(checks[0]["epoch"]) == 1
+    assert seen[0] == (checks[0]["train_accuracy"], checks[0]["heldout_accuracy"], checks[0]["tolerance"])
+    assert round(switched["epoch"]) == 1 and switched["step"] == checks[0]["step"] > 0
+    # the E-step runs at the start of every epoch from then on: epochs 2 and 3, none before the switch
+    step = switched["step"]
+    assert [(e["tag"], e["step"]) for e in rec.meta["estep"]] == [("epoch:1", step), ("epoch:2", 2 * step)]
+    assert all(e["targets"] is not None for e in rec.meta["estep"]) and rec.meta["rcft_on_at_end"]
 
 
 # ---- the non-calibratable regime: RCFT beats CFT on held-out ECE --------------------------------
