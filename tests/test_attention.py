@@ -78,14 +78,27 @@ def test_attention_forward_takes_only_the_plain_causal_case(monkeypatch):
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.25).transpose(1, 2)
     torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
 
+    # every other case goes to sdpa, and gets sdpa's answer for it
     mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
-    attention_forward(_Module(), q, k, v, mask, scaling=0.25)  # a mask: sdpa
-    attention_forward(_Module(), q[:, :, -1:], k, v, None, scaling=0.25)  # one query (decoding): sdpa
-    attention_forward(_Module(), q, k, v, None, scaling=0.25, is_causal=False)  # bidirectional: sdpa
-    qg = q.clone().requires_grad_()
-    out, _ = attention_forward(_Module(), qg, k, v, None, scaling=0.25)  # training: sdpa, differentiable
-    out.sum().backward()
-    assert qg.grad is not None
+    out, _ = attention_forward(_Module(), q, k, v, mask, scaling=0.25)  # a mask (here the causal one): sdpa
+    torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
+    out, _ = attention_forward(_Module(), q[:, :, -1:], k, v, None, scaling=0.25)  # one query (decoding): sdpa
+    torch.testing.assert_close(out, sdpa[:, -1:], atol=2e-6, rtol=1e-5)  # the last query sees every key
+    out, _ = attention_forward(_Module(), q, k, v, None, scaling=0.25, is_causal=False)  # bidirectional: sdpa
+    both = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, both, atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(both, sdpa, atol=1e-3)  # the case differs from the causal one
+    # training: sdpa, differentiable, with sdpa's gradient (checked on a clone of the same inputs)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, _ = attention_forward(_Module(), qg, kg, vg, None, scaling=0.25)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # a loss that weighs every output
+    (out * w).sum().backward()
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=True, scale=0.25).transpose(1, 2)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for got, want in ((qg.grad, qr.grad), (kg.grad, kr.grad), (vg.grad, vr.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert calls == [1]
 
 
