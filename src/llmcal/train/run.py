@@ -207,8 +207,11 @@ def alignment_drift(cfg: FinetuneConfig, model, tok, progress: bool, *, spec: Mo
         return None
     from ..drift import alignment_drift as drift
 
-    # original_model=None: the tuned peft model with its adapter disabled is the original (no second copy)
-    return drift(None, model, tok, progress=progress)
+    from .model import base_spec
+
+    # original_model=None: the tuned peft model with its adapter disabled is the original (no second copy);
+    # original_spec keys the cache of its greedy responses by the weight files instead of hashing parameters.
+    return drift(None, model, tok, progress=progress, original_spec=base_spec(spec) if spec is not None else None)
 
 
 def _merge(loaded: LoadedModel, model, tok, run: Run) -> str | None:
