@@ -211,7 +211,7 @@ def test_cpu_bf16_step_runs_the_adapters_in_bf16_and_matches_float32(encoded, ti
     assert (a - b).norm() / a.norm() < 0.1
 
 
-def test_default_batches_are_grouped_by_length(encoded, tiny_tokenizer, tiny_model_dir, tmp_path):
+def test_group_by_length_batches_are_grouped_by_length(encoded, tiny_tokenizer, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from llmcal.train.collator import ExampleDataset, LengthBucketSampler, McqCollator, build_examples
@@ -237,7 +237,8 @@ def test_default_batches_are_grouped_by_length(encoded, tiny_tokenizer, tiny_mod
         return sum(max(lengths[s:s + 4]) * len(lengths[s:s + 4]) - sum(lengths[s:s + 4]) for s in range(0, 40, 4))
 
     torch.manual_seed(0)
-    sampler = trainer()._get_train_sampler()
+    assert not isinstance(trainer()._get_train_sampler(), LengthBucketSampler)  # random batches by default
+    sampler = trainer(train_sampling_strategy="group_by_length")._get_train_sampler()
     assert isinstance(sampler, LengthBucketSampler)
     epoch1, epoch2 = list(sampler), list(sampler)
     assert sorted(epoch1) == list(range(40)) and epoch1 != epoch2  # every example once; epochs differ
