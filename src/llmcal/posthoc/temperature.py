@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import LlmcalError
 from ..predictions import Prediction
-from ._common import _as_padded, _check_temperature, _masked_softmax
+from ._common import _as_padded, _check_answers, _check_temperature, _masked_softmax
 
 __all__ = ["TemperatureScaler", "temperature_scale_predictions"]
 
@@ -67,18 +67,7 @@ class TemperatureScaler:
 
         lo, hi, t0 = self._check_params()
         z, mask, _ = _as_padded(logits)
-        a = np.asarray(answers)
-        if a.ndim != 1 or a.shape[0] != z.shape[0]:
-            raise LlmcalError(f"answers must be a 1-D array with one entry per question "
-                              f"({z.shape[0]}), got shape {a.shape}")
-        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
-            raise LlmcalError(f"answers must be integer option indices, got dtype {a.dtype}")
-        a = a.astype(np.int64)
-        n_opts = mask.sum(axis=1)
-        bad = (a < 0) | (a >= n_opts)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise LlmcalError(f"answer {a[i]} at row {i} is out of range for {n_opts[i]} options")
+        a = _check_answers(answers, mask)
         rows = np.arange(len(a))
 
         # Shift each row so its max is 0: NLL and its derivative are unchanged, numbers stay small.
