@@ -533,7 +533,8 @@ def main() -> int:
            "summary": rows, "checks": checks, "targets": targets, "runs": runs, "rejected_runs": rejected,
            "table": table(rows)}
     from llmcal.runs import portable  # no absolute path of this machine in a committed result
-    path.write_text(json.dumps(portable(json.loads(json.dumps(doc, default=str)), results), indent=2) + "\n")
+    text = json.dumps(portable(json.loads(json.dumps(doc, default=str)), results), indent=2) + "\n"
+    path.write_text(text.replace('"../work/', '"<bench-work>/'))  # bench/work, named like the other roots
     print(f"\nsaved {path}")
     ok = checks["vs_lmeval"]["ok"] and checks.get("bf16", {"ok": True})["ok"]
     return 0 if ok else 1
