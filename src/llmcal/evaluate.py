@@ -21,7 +21,7 @@ from .data.schema import Question
 from .errors import LlmcalError
 from .models import LoadedModel, ModelSpec, resolve_model
 from .options import option, shared
-from .pipeline import Run, score_loaded  # noqa: F401  (score_loaded: the backend dispatch, re-exported)
+from .pipeline import Run
 from .prompts import resolve_template
 from .runs import RunRecord
 

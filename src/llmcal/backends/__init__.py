@@ -1,6 +1,6 @@
 """Scoring backends: ``hf`` (transformers + llmcal's scoring engine, the default) and ``vllm``.
 
-A backend loads a model into a ``LoadedModel``; ``llmcal.evaluate.score_loaded``
+A backend loads a model into a ``LoadedModel``; ``llmcal.pipeline.score_loaded``
 scores with it.  The transformers backend is ``models.load_model`` plus
 ``scoring.score``.  The vLLM backend (``backends.vllm``) puts its engine in
 ``LoadedModel.extra["engine"]``; it is imported only when asked for, so

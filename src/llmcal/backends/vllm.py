@@ -99,7 +99,7 @@ def predictions_from_outputs(encoded: Sequence[EncodedQuestion], outputs: Sequen
 
 # ---- the engine -------------------------------------------------------------------------------
 class VllmEngine:
-    """Scores encoded questions with a ``vllm.LLM``; the interface ``evaluate.score_loaded`` calls."""
+    """Scores encoded questions with a ``vllm.LLM``; the interface ``pipeline.score_loaded`` calls."""
 
     def __init__(self, llm: Any):
         self.llm = llm
