@@ -36,6 +36,7 @@ with open(os.path.join(out, f"done-rank{rank}.json"), "w") as f:
 '''
 
 
+@pytest.mark.heavy
 def test_two_processes_train_with_identical_estep_statistics(tmp_path, tiny_model_dir):
     script = tmp_path / "finetune_dist.py"
     script.write_text(SCRIPT)

@@ -269,6 +269,7 @@ def memorising_model(tmp_path_factory, tiny_tokenizer) -> Path:
     return scaled_model(tmp_path_factory.mktemp("mem"), tiny_tokenizer, 10.0, hidden=128)
 
 
+@pytest.mark.heavy
 def test_rcft_beats_cft_in_the_non_calibratable_regime(tmp_path, memorising_model):
     from llmcal.data import generate_synthetic
 

@@ -1,4 +1,4 @@
-"""Process groups for sharded evaluation (and, later, training): small helpers over torch.distributed.
+"""Process groups for sharded evaluation and training: accelerate's state plus the collectives llmcal needs.
 
 A launcher (``torchrun``, ``python -m torch.distributed.run`` or ``accelerate
 launch``) starts one process per shard and tells each its place through the
@@ -6,9 +6,13 @@ environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``.  Without those variables everything here is a no-op for a
 single process, so library code can call these helpers unconditionally.
 
-The backend is gloo on CPU and nccl on CUDA.  ``all_reduce_numpy`` sums (or
-maxes) numpy arrays across processes — the reduction that binned metrics'
-sufficient statistics and RCFT's E-step counts need.
+Joining the group is accelerate's ``PartialState`` (the state the Trainer uses
+too), so the backend is gloo on CPU and nccl on CUDA.  What accelerate does not
+offer is written here: error propagation across ranks (``collective``,
+``on_main``: one rank's failure fails every rank with its message instead of a
+hang), and ``all_reduce_numpy``, which sums (or maxes) numpy arrays across
+processes: the reduction that binned metrics' sufficient statistics and RCFT's
+E-step counts need.
 """
 from __future__ import annotations
 
@@ -87,6 +91,7 @@ def current_world() -> World:
 
 
 def default_backend(device: str = "cpu") -> str:
+    """The collective backend accelerate picks for ``device``: nccl on CUDA, gloo on CPU."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
@@ -94,7 +99,11 @@ def init(device: str = "cpu", *, timeout_s: float = 1800.0) -> bool:
     """Join the process group the launcher prepared; True when this call created it.
 
     Does nothing (returns False) for a single process or when a group is already
-    up (for example one that accelerate or a Trainer created).
+    up (for example one that accelerate or a Trainer created).  The group is
+    accelerate's ``PartialState``, the same state the Trainer uses: it reads the
+    launcher's environment, picks the backend (gloo on CPU, nccl on CUDA), binds
+    each rank to its GPU, and splits a machine's cores between its processes
+    when ``OMP_NUM_THREADS`` is unset.
     """
     w = world_from_env()
     if not w.distributed or is_initialized():
@@ -107,15 +116,23 @@ def init(device: str = "cpu", *, timeout_s: float = 1800.0) -> bool:
         if not os.environ.get(var):
             raise LlmcalError(f"WORLD_SIZE={w.world_size} but {var} is not set; start the processes with "
                               f"torchrun or accelerate launch")
-    backend = default_backend(device)
-    if backend == "nccl":
-        import torch
+    from accelerate import PartialState
 
-        torch.cuda.set_device(w.local_rank)
-    dist.init_process_group(backend=backend, rank=w.rank, world_size=w.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    log.info("joined process group: rank %d of %d (%s)", w.rank, w.world_size, backend)
+    cpu = not str(device).startswith("cuda")
+    state = PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # a state left from an earlier group in this process: start afresh
+        _reset_accelerate_state()
+        state = PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("joined process group: rank %d of %d (%s)", state.process_index, state.num_processes, state.backend)
     return True
+
+
+def _reset_accelerate_state() -> None:
+    # accelerate keeps its state in a process-wide singleton; after the group is destroyed it must be
+    # forgotten, or the next PartialState() would report a group that no longer exists.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def shutdown() -> None:
@@ -123,6 +140,7 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+        _reset_accelerate_state()
 
 
 def _shutdown_at_exit() -> None:
