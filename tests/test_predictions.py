@@ -43,6 +43,23 @@ def test_dict_round_trip_is_exact():
         assert Prediction.from_dict(json.loads(json.dumps(d))) == p
 
 
+def test_served_model_fields_round_trip_and_are_written_only_when_set():
+    """letter_mass/missing (--backend openai) travel through the file; a local record has neither key."""
+    local = Prediction.from_logits("q", "bio", 1, [0.5, 1.5, -1.0])
+    assert local.letter_mass is None and local.missing == ()
+    assert list(local.to_dict()) == ["id", "subject", "answer", "probs", "pred", "conf", "logits"]
+    served = Prediction.from_logits("q", "bio", 1, [0.5, 1.5, -1.0], letter_mass=0.75, missing=[2])
+    d = served.to_dict()
+    assert d["letter_mass"] == 0.75 and d["missing"] == [2]
+    assert {k: v for k, v in d.items() if k not in ("letter_mass", "missing")} == local.to_dict()
+    back = Prediction.from_dict(json.loads(json.dumps(d)))
+    assert back == served and back.missing == (2,) and type(back.letter_mass) is float
+    assert Prediction.from_dict(json.loads(json.dumps(local.to_dict()))) == local
+    # A served record with every letter found still says so (missing = []), unlike a local one.
+    full = Prediction.from_logits("q", None, 0, [0.0, 1.0], letter_mass=1.0).to_dict()
+    assert full["missing"] == [] and Prediction.from_dict(full).letter_mass == 1.0
+
+
 def test_from_dict_recomputes_from_logits():
     """probs/pred/conf on disk are derived data: the logits are the record."""
     d = Prediction.from_logits("q", None, 0, [0.0, 2.0]).to_dict()

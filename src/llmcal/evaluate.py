@@ -10,6 +10,7 @@ equals a single-process run (see ``llmcal.pipeline``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +60,25 @@ class EvalConfig:
     calib_fraction: float = option(0.2, help="ts: share of --data held out to fit the temperature (a hash of "
                                              "each id and the seed); the rest is the test part.")
     method: str = option("none", cli=False, help="none (eval) or ts (calibrate --method ts).")
-    backend: str = option("hf", help="Scoring backend: hf (transformers) or vllm (GPU, needs vllm installed).")
+    backend: str = option("hf", help="Scoring backend: hf (transformers), vllm (GPU, needs vllm installed) or "
+                                     "openai (a model served behind an OpenAI-compatible endpoint, named by "
+                                     "--base-url; --model is then the name the server knows it by).")
+    # ---- served models (--backend openai; docs/reference.md, "Served models") ----
+    base_url: str | None = option(None, help="--backend openai: the endpoint's base URL, e.g. "
+                                             "http://127.0.0.1:8000/v1.")
+    api_key_env: str = option("OPENAI_API_KEY", help="--backend openai: the environment variable that holds the "
+                                                     "API key (sent as a bearer token; unset is fine for a local "
+                                                     "server; the key is never recorded).")
+    api_mode: str = option("auto", help="--backend openai: completions (the plain prompt), chat (the chat message, "
+                                        "in the server's chat template) or auto (the mode --template names; with "
+                                        "--template auto too, completions when the server returns logprobs for "
+                                        "it, else chat).")
+    top_logprobs: int = option(20, help="--backend openai: log-probabilities asked for the first generated token; "
+                                        "option letters outside them are missing (see the letter coverage).")
+    concurrency: int = option(4, help="--backend openai: requests in flight at once.")
+    request_timeout: float = option(60.0, help="--backend openai: seconds to wait for one response.")
+    max_retries: int = option(5, help="--backend openai: retries of a request after HTTP 429 or 5xx, a timeout or "
+                                      "a connection error (backoff from 1 s, doubling).")
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -73,6 +92,38 @@ def _check(cfg: EvalConfig) -> None:
         raise LlmcalError(f"--limit must be a positive integer (got {cfg.limit!r})")
     if not 0 < cfg.calib_fraction < 1:
         raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
+    _check_served(cfg)
+
+
+API_FIELDS = ("base_url", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
+
+
+def _check_served(cfg: EvalConfig) -> None:
+    """The served-model options: required and valid with --backend openai, refused without it."""
+    from .backends.openai import API_MODES
+
+    default = EvalConfig.__dataclass_fields__
+    if cfg.backend != "openai":
+        given = [f for f in API_FIELDS if getattr(cfg, f) != default[f].default]
+        if given:
+            raise LlmcalError(f"--{given[0].replace('_', '-')} applies to --backend openai (not {cfg.backend})")
+        return
+    if not cfg.base_url or not str(cfg.base_url).startswith(("http://", "https://")):
+        raise LlmcalError(f"--backend openai needs --base-url, an http(s) URL such as http://127.0.0.1:8000/v1 "
+                          f"(got {cfg.base_url!r})")
+    if cfg.gguf_file or cfg.base:
+        raise LlmcalError(f"--{'gguf-file' if cfg.gguf_file else 'base'} does not apply to --backend openai: --model "
+                          f"is the name the server knows the model by")
+    if cfg.api_mode not in API_MODES:
+        raise LlmcalError(f"--api-mode {cfg.api_mode!r}: choose one of {', '.join(API_MODES)}")
+    for name in ("top_logprobs", "concurrency"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
+    if isinstance(cfg.max_retries, bool) or not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
+        raise LlmcalError(f"--max-retries must be an integer >= 0 (got {cfg.max_retries!r})")
+    if not cfg.request_timeout > 0:
+        raise LlmcalError(f"--request-timeout must be a positive number of seconds (got {cfg.request_timeout!r})")
 
 
 def _load_questions(cfg: EvalConfig, split: str | None) -> list[Question]:
@@ -88,9 +139,49 @@ def load_for(cfg: Any, spec: ModelSpec) -> LoadedModel:
     from .backends import load_for_backend
 
     world = distributed.current_world()
+    api = api_settings(cfg) if getattr(cfg, "backend", "hf") == "openai" else None
     return distributed.collective(lambda: load_for_backend(spec, backend=getattr(cfg, "backend", "hf"),
-                                                           dtype=cfg.dtype, device=cfg.device, world=world),
+                                                           dtype=cfg.dtype, device=cfg.device, world=world,
+                                                           api=api),
                                   what="loading the model")
+
+
+def api_settings(cfg: EvalConfig):
+    """The endpoint of ``--backend openai`` from the config (the API key stays in its environment variable)."""
+    from .backends.openai import ApiSettings
+
+    return ApiSettings(base_url=cfg.base_url or "", model=cfg.model, api_key_env=cfg.api_key_env or None,
+                       mode=cfg.api_mode, template=cfg.template, top_logprobs=cfg.top_logprobs,
+                       concurrency=cfg.concurrency, timeout_s=float(cfg.request_timeout),
+                       max_retries=cfg.max_retries)
+
+
+def _spec(cfg: EvalConfig, loaded: LoadedModel | None) -> ModelSpec:
+    if loaded is not None:
+        return loaded.spec
+    if cfg.backend == "openai":  # the server's name for the model: nothing to resolve here
+        from .backends.openai import api_spec
+
+        return api_spec(cfg.model, cfg.base_url or "")
+    return resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
+
+
+def _prepared(cfg: EvalConfig, loaded: LoadedModel, questions: list[Question]) -> tuple[str, Any, bool]:
+    """(resolved template, encoded questions or None, whether the scoring cache may serve them).
+
+    A served model encodes its own requests and is never cached: its weights are
+    not on disk and can change behind the endpoint.
+    """
+    if loaded.extra.get("backend") == "openai":
+        return loaded.extra["template"], loaded.extra["engine"].encode(questions), False
+    return resolve_template(cfg.template, loaded.tokenizer), None, True
+
+
+def _served_meta(loaded: LoadedModel) -> dict:
+    if loaded.extra.get("backend") != "openai":
+        return {}
+    s = loaded.extra["engine"].settings
+    return {"base_url": s.root, "api_mode": loaded.extra["api_mode"], "top_logprobs": s.top_logprobs}
 
 
 def config_doc(cfg: Any, spec: ModelSpec, kind: str) -> dict:
@@ -112,15 +203,17 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
 
     _check(cfg)
     check_backend(cfg.backend)
-    spec = loaded.spec if loaded else resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
+    spec = _spec(cfg, loaded)
     questions = _load_questions(cfg, cfg.split)
     run = Run.start(out, config_doc(cfg, spec, "eval"), device=cfg.device, overwrite=overwrite, progress=progress)
     loaded = loaded or load_for(cfg, spec)
-    template = resolve_template(cfg.template, loaded.tokenizer)
-    preds = run.score("predictions.jsonl", loaded, questions, template, cache=True, description=f"eval {cfg.data}")
+    template, encoded, cache = _prepared(cfg, loaded, questions)
+    preds = run.score("predictions.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
+                      description=f"eval {cfg.data}")
     res = run.result("none", preds, dataset=cfg.data, split=cfg.split, pred_file="predictions.jsonl",
                      png="reliability.png", title=f"{spec.name} on {cfg.data} ({cfg.split})")
-    return run.finish(model=spec.name, results=[res], meta=run_meta(loaded, template, n_questions=len(preds)))
+    return run.finish(model=spec.name, results=[res],
+                      meta=run_meta(loaded, template, n_questions=len(preds), **_served_meta(loaded)))
 
 
 def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -133,7 +226,7 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
 
     _check(cfg)
     check_backend(cfg.backend)
-    spec = loaded.spec if loaded else resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
+    spec = _spec(cfg, loaded)
     questions = _load_questions(cfg, cfg.split)
     test, calib = split_heldout(questions, cfg.calib_fraction, cfg.seed)
     if len(calib) < 2 or not test:
@@ -142,13 +235,16 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
     run = Run.start(out, config_doc(cfg, spec, "calibrate"), device=cfg.device, overwrite=overwrite,
                     progress=progress)
     loaded = loaded or load_for(cfg, spec)
-    template = resolve_template(cfg.template, loaded.tokenizer)
+    both = list(calib) + list(test)
+    template, encoded, cache = _prepared(cfg, loaded, both)
     # One scoring pass over both parts (one file, resumable, cached), then split the predictions.
-    allp = run.score("scores.jsonl", loaded, list(calib) + list(test), template, cache=True,
+    allp = run.score("scores.jsonl", loaded, both, template, cache=cache, encoded=encoded,
                      description=f"score {cfg.data}")
     pc, pt = allp[:len(calib)], allp[len(calib):]
     ts = TemperatureScaler().fit([p.logits for p in pc], [p.answer for p in pc])
-    pt_ts = temperature_scale_predictions(pt, ts.temperature_)
+    # A served model's letter coverage belongs to the question, not to the temperature: carry it over.
+    pt_ts = [dataclasses.replace(s, letter_mass=p.letter_mass, missing=p.missing)
+             for s, p in zip(temperature_scale_predictions(pt, ts.temperature_), pt)]
 
     def write() -> None:
         write_predictions(run.file("predictions-calib.jsonl"), pc)
@@ -164,7 +260,8 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
         run.result("ts", pt_ts, dataset=cfg.data, split="test", pred_file="predictions-ts.jsonl",
                    title=f"{spec.name}: temperature scaling T={ts.temperature_:.2f} (test)", extra=extra),
     ]
-    return run.finish(model=spec.name, results=results, meta=run_meta(loaded, template, **extra))
+    return run.finish(model=spec.name, results=results, meta=run_meta(loaded, template, **extra,
+                                                                      **_served_meta(loaded)))
 
 
 def device_label(loaded: LoadedModel) -> str:

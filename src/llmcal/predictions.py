@@ -16,6 +16,12 @@ class Prediction:
 
     ``logits`` are the K letter-token logits at the answer position (float32 or
     better); ``probs`` is their softmax; ``pred`` = argmax, ``conf`` = max prob.
+
+    A served model (``--backend openai``) returns only its top-N log-probabilities,
+    so its records also say how much of the next-token probability the option
+    letters carried (``letter_mass``) and which options were not among the top N
+    (``missing``, option indices); see docs/reference.md, "Served models".  Both
+    are written only when set, so a local model's records are unchanged.
     """
 
     id: str
@@ -25,26 +31,36 @@ class Prediction:
     probs: tuple[float, ...]
     pred: int
     conf: float
+    letter_mass: float | None = None
+    missing: tuple[int, ...] = ()
 
     @classmethod
-    def from_logits(cls, id: str, subject: str | None, answer: int, logits: Sequence[float]) -> "Prediction":
+    def from_logits(cls, id: str, subject: str | None, answer: int, logits: Sequence[float], *,
+                    letter_mass: float | None = None, missing: Sequence[int] = ()) -> "Prediction":
         z = np.asarray(logits, dtype=np.float64)
         p = softmax(z)
         pred = int(np.argmax(p))
         return cls(id=id, subject=subject, answer=int(answer), logits=tuple(float(v) for v in z),
-                   probs=tuple(float(v) for v in p), pred=pred, conf=float(p[pred]))
+                   probs=tuple(float(v) for v in p), pred=pred, conf=float(p[pred]),
+                   letter_mass=None if letter_mass is None else float(letter_mass),
+                   missing=tuple(int(j) for j in missing))
 
     @property
     def correct(self) -> bool:
         return self.pred == self.answer
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "subject": self.subject, "answer": self.answer, "probs": list(self.probs),
-                "pred": self.pred, "conf": self.conf, "logits": list(self.logits)}
+        d = {"id": self.id, "subject": self.subject, "answer": self.answer, "probs": list(self.probs),
+             "pred": self.pred, "conf": self.conf, "logits": list(self.logits)}
+        if self.letter_mass is not None:  # served models only: local records stay byte for byte as before
+            d["letter_mass"] = self.letter_mass
+            d["missing"] = list(self.missing)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
-        return cls.from_logits(d["id"], d.get("subject"), d["answer"], d["logits"])
+        return cls.from_logits(d["id"], d.get("subject"), d["answer"], d["logits"],
+                               letter_mass=d.get("letter_mass"), missing=d.get("missing") or ())
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:

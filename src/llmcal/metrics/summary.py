@@ -16,7 +16,7 @@ from .estimators import debiased_l2_ce
 from .selective import aurc, selective_accuracy
 from .smooth import smooth_ece_fixed_point
 
-__all__ = ["estimators", "compute_metrics", "metrics_from_predictions"]
+__all__ = ["estimators", "compute_metrics", "letter_coverage", "metrics_from_predictions"]
 
 DEBIASED_L2_BINS = 15  # Kumar et al.'s default: 15 equal-mass bins
 
@@ -113,8 +113,56 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
     }
 
 
+COVERAGE_ESTIMATOR = (
+    "served models: letter_mass = sum over the option letters found among the endpoint's top-N first-token "
+    "log-probabilities of exp(logprob) (both spellings of a letter added); a letter not found gets the upper bound "
+    "min(smallest returned logprob, log of the mass outside the returned tokens) before the softmax over the "
+    "options; missing_share = share of questions with at least one such letter, none_found_share = with none found")
+
+
+def letter_coverage(preds: Sequence[Prediction]) -> dict | None:
+    """How much of a served model's next-token probability the option letters carried (None for local models).
+
+    (Not the *coverage* of selective prediction, which is the share of questions answered.)
+
+    ``mean_letter_mass`` / ``min_letter_mass``: mean and minimum over questions of
+    the probability the option letters carried among the endpoint's top-N
+    log-probabilities; ``missing_share``: share of questions with at least one
+    option letter outside the top N; ``none_found_share``: share with no option
+    letter in the top N at all (their distribution over the options is
+    uniform); ``missing_letters``: number of (question, option) pairs missing.
+    The estimator is docs/reference.md, "Served models".
+    """
+    served = [p for p in preds if p.letter_mass is not None]
+    if not served:
+        return None
+    if len(served) != len(preds):
+        raise LlmcalError(f"{len(preds) - len(served)} of {len(preds)} predictions have no letter_mass: a served "
+                          f"model's predictions mixed with a local model's")
+    mass = np.array([p.letter_mass for p in served], dtype=np.float64)
+    n_missing = np.array([len(p.missing) for p in served])
+    k = np.array([len(p.probs) for p in served])
+    return {
+        "n": int(len(served)),
+        "mean_letter_mass": float(mass.mean()),
+        "min_letter_mass": float(mass.min()),
+        "missing_share": float(np.mean(n_missing > 0)),
+        "none_found_share": float(np.mean(n_missing == k)),
+        "missing_letters": int(n_missing.sum()),
+    }
+
+
 def metrics_from_predictions(preds: Sequence[Prediction], **kw) -> dict:
-    """:func:`compute_metrics` on predictions (zero-padded probs, their answers and subjects)."""
+    """:func:`compute_metrics` on predictions (zero-padded probs, their answers and subjects).
+
+    Predictions of a served model add a ``letter_coverage`` block (:func:`letter_coverage`)
+    and its estimator; a local model's metrics are unchanged.
+    """
     probs, answers = stack_probs(preds)
     kw.setdefault("subjects", [p.subject for p in preds])
-    return compute_metrics(probs, answers, **kw)
+    m = compute_metrics(probs, answers, **kw)
+    cov = letter_coverage(preds)
+    if cov is not None:
+        m["letter_coverage"] = cov
+        m["estimators"]["letter_coverage"] = COVERAGE_ESTIMATOR
+    return m

@@ -62,7 +62,7 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     if "created" not in config:  # RunDir.start stamps it into config.json, not into the caller's dict
         config = {**config, "created": _created(run_dir)}
     results = [RunResult(**r) if isinstance(r, dict) else r for r in results]
-    rows = [result_row(r, run=run_dir.name) for r in results]
+    rows = [{**result_row(r, run=run_dir.name), **coverage_columns(r)} for r in results]
 
     lines = [f"# llmcal run `{run_dir.name}`", ""]
     data = _first(config, "data", "dataset", "datasets")
@@ -94,6 +94,7 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     else:
         lines += ["No results.", ""]
 
+    lines += letter_coverage_section(results)
     lines += selective_section(run_dir, results)
 
     for sec in sections:
@@ -112,6 +113,41 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
 
     lines += ["## Definitions", "", DEFINITIONS, ""]
     return atomic_write_text(run_dir / REPORT, "\n".join(lines))
+
+
+LETTER_COVERAGE_TEXT = (
+    "A served model returns only its top-N log-probabilities for the first answer token. *letter mass* is the "
+    "probability the option letters carried among them (mean and minimum over questions); *missing_share* is the "
+    "share of questions where some option letter was not among them (such a letter gets an upper bound of its "
+    "log-probability, so the model's confidence is if anything understated); *none_found_share*: no letter at all (a "
+    "uniform distribution). Every metric above is computed from these renormalised option distributions; "
+    "a low letter mass means the model mostly wanted to answer something other than a letter.")
+
+
+def coverage_columns(result: RunResult) -> dict:
+    """The results table's letter-coverage columns of a served model's result (none for a local model)."""
+    cov = (result.metrics or {}).get("letter_coverage")
+    if not cov:
+        return {}
+    return {"letter_mass": cov.get("mean_letter_mass"), "min_letter_mass": cov.get("min_letter_mass"),
+            "missing_share": cov.get("missing_share")}
+
+
+def letter_coverage_section(results: Sequence[RunResult]) -> list[str]:
+    """The report's "Letter coverage" lines for a served model's results (empty for a local model)."""
+    rows = []
+    for r in results:
+        cov = (r.metrics or {}).get("letter_coverage")
+        if cov:
+            rows.append({"result": r.label, "dataset": r.dataset, "n": cov.get("n"),
+                         "letter_mass": cov.get("mean_letter_mass"), "min_letter_mass": cov.get("min_letter_mass"),
+                         "missing_share": cov.get("missing_share"), "none_found_share": cov.get("none_found_share"),
+                         "missing_letters": cov.get("missing_letters")})
+    if not rows:
+        return []
+    return ["## Letter coverage", "", LETTER_COVERAGE_TEXT, "",
+            markdown_table(rows, ["result", "dataset", "n", "letter_mass", "min_letter_mass", "missing_share",
+                                  "none_found_share", "missing_letters"])]
 
 
 SELECTIVE_TEXT = (

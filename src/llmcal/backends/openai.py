@@ -1,0 +1,431 @@
+"""The served-model backend (``--backend openai``): any OpenAI-compatible endpoint, scored from top logprobs.
+
+A model behind an endpoint (vLLM, llama.cpp, TGI, a provider) is named by
+``--base-url`` (ending in ``/v1``) and ``--model``, the name the server knows it
+by.  Each question is one request for a single token at temperature 0:
+
+- ``completions``: ``POST /completions`` with llmcal's ``plain`` prompt text,
+  ``max_tokens=1, logprobs=N``;
+- ``chat``: ``POST /chat/completions`` with llmcal's ``chat`` user message (the
+  server applies its own chat template), ``max_tokens=1, logprobs=true,
+  top_logprobs=N``;
+- ``auto``: the mode the template names (``plain``: completions, ``chat``:
+  chat); with ``--template auto`` too, completions when the server answers a
+  completions request with logprobs, otherwise chat.
+
+The option distribution is read from the top-N log-probabilities of the first
+generated token (``read_letters``): a token that is an option letter, spelled
+``"A"``, ``" A"`` or as a raw tokenizer piece (``"ĠA"``, ``"▁A"``), counts for
+that letter, and several spellings of one letter are added (logsumexp).  A
+letter outside the top N gets an upper bound of its log-probability; the
+record keeps how much probability the letters carried and which were missing
+(docs/reference.md, "Served models").  An endpoint that returns no logprobs is
+refused: without them there is no distribution to calibrate.
+
+The client retries 429, 5xx and connection errors with exponential backoff
+(honouring ``Retry-After``), keeps at most ``--concurrency`` requests in flight,
+and hands finished predictions to the pipeline in question order, so a killed
+run resumes like a local one.  Nothing is cached: the weights behind an endpoint
+are not on disk and can change.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from ..data.schema import LETTERS, Question
+from ..errors import LlmcalError
+from ..models import LoadedModel, ModelSpec
+from ..predictions import Prediction
+from ..prompts import TEMPLATES, chat_user_message, plain_prompt
+
+log = logging.getLogger(__name__)
+
+API_MODES = ("completions", "chat", "auto")
+RETRY_STATUS = (429, 500, 502, 503, 504)
+MASS_FLOOR = 1e-12  # the mass outside the top N is floored here before its log (as NLL floors p_y)
+WINDOW_PER_WORKER = 4  # questions finished out of order wait at most this many per worker for their turn
+# Raw tokenizer pieces for a leading space: GPT-2 byte-level BPE and SentencePiece.
+SPACE_PIECES = (" ", "\u0120", "\u2581")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """How to reach the endpoint (from EvalConfig's served-model options)."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    mode: str = "auto"
+    template: str = "auto"
+    top_logprobs: int = 20
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # first retry's wait; doubles each time, capped at BACKOFF_CAP_S
+    backoff_cap_s: float = 30.0
+
+    @property
+    def root(self) -> str:
+        return self.base_url.rstrip("/")
+
+
+def api_spec(model: str, base_url: str) -> ModelSpec:
+    """The run's record of a served model: its name on the server and where it was served."""
+    return ModelSpec(name=model, kind="api", path=base_url.rstrip("/"))
+
+
+def mode_for_template(template: str, mode: str) -> tuple[str, str]:
+    """(template, mode) with ``auto`` resolved where the other one decides it; both ``auto`` stay for the probe.
+
+    The plain prompt is raw text for the completions endpoint; the chat template
+    is the server's own, applied to the chat endpoint's messages.  llmcal has no
+    tokenizer for a served model, so it cannot render a chat template into a
+    completions prompt.
+    """
+    if template not in TEMPLATES:
+        raise LlmcalError(f"unknown --template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    if mode not in API_MODES:
+        raise LlmcalError(f"unknown --api-mode {mode!r}; choose one of {', '.join(API_MODES)}")
+    if template == "auto" and mode != "auto":
+        return ("plain" if mode == "completions" else "chat"), mode
+    if mode == "auto" and template != "auto":
+        return template, ("completions" if template == "plain" else "chat")
+    if (template, mode) == ("chat", "completions"):
+        raise LlmcalError("--template chat with --api-mode completions: llmcal has no tokenizer for a served model "
+                          "to render its chat template into a prompt; use --api-mode chat (the server applies its "
+                          "chat template) or --template plain")
+    if (template, mode) == ("plain", "chat"):
+        raise LlmcalError("--template plain is a raw-text prompt for --api-mode completions; with --api-mode chat "
+                          "use --template chat (or auto)")
+    return template, mode
+
+
+# ---- requests and responses (pure functions) -------------------------------------------------
+@dataclass(frozen=True)
+class ApiQuestion:
+    """A question ready for the endpoint: the request body (what ``EncodedQuestion`` is for local models)."""
+
+    question: Question
+    body: dict
+
+
+def request_body(q: Question, mode: str, model: str, top_logprobs: int) -> dict:
+    """One question's request: a single greedy token with its top-N log-probabilities."""
+    common = {"model": model, "max_tokens": 1, "temperature": 0.0, "n": 1, "stream": False}
+    if mode == "completions":
+        return {**common, "prompt": plain_prompt(q), "logprobs": int(top_logprobs), "echo": False}
+    if mode == "chat":
+        return {**common, "messages": [{"role": "user", "content": chat_user_message(q)}], "logprobs": True,
+                "top_logprobs": int(top_logprobs)}
+    raise LlmcalError(f"resolve --api-mode first (got {mode!r})")
+
+
+def endpoint(mode: str) -> str:
+    return "completions" if mode == "completions" else "chat/completions"
+
+
+def first_token_logprobs(response: Any) -> list[tuple[str, float]] | None:
+    """(token text, logprob) pairs of the first generated token's top logprobs; None when there are none.
+
+    Reads both shapes servers use: the legacy completions one
+    (``logprobs.top_logprobs[0]`` a ``{token: logprob}`` mapping, the sampled
+    token in ``logprobs.tokens[0]``) and the chat one, which vLLM and llama.cpp
+    also use for completions (``logprobs.content[0].top_logprobs`` a list of
+    ``{token, logprob}``).  The sampled token is added when the list lacks it.
+    """
+    try:
+        lp = response["choices"][0].get("logprobs")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not isinstance(lp, dict):
+        return None
+    pairs: list[tuple[str, float]] = []
+    sampled: tuple[str, float] | None = None
+    content = lp.get("content")
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        first = content[0]
+        pairs = _pairs(first.get("top_logprobs"))
+        if isinstance(first.get("token"), str) and _number(first.get("logprob")) is not None:
+            sampled = (first["token"], _number(first["logprob"]))
+    elif isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"]:
+        pairs = _pairs(lp["top_logprobs"][0])
+        tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+        if isinstance(tokens, list) and isinstance(values, list) and tokens and values:
+            if isinstance(tokens[0], str) and _number(values[0]) is not None:
+                sampled = (tokens[0], _number(values[0]))
+    if sampled is not None and sampled[0] not in {t for t, _ in pairs}:
+        pairs.append(sampled)
+    return pairs or None
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _pairs(top: Any) -> list[tuple[str, float]]:
+    if isinstance(top, dict):
+        return [(t, float(v)) for t, v in top.items() if isinstance(t, str) and _number(v) is not None]
+    if isinstance(top, list):
+        return [(e["token"], float(e["logprob"])) for e in top
+                if isinstance(e, dict) and isinstance(e.get("token"), str) and _number(e.get("logprob")) is not None]
+    return []
+
+
+@dataclass(frozen=True)
+class LetterReading:
+    """The K option letters read from one top-N list (docs/reference.md, "Served models")."""
+
+    logprobs: tuple[float, ...]  # found letters: their log-probability; missing ones: the upper bound
+    mass: float  # probability the found letters carried
+    missing: tuple[int, ...]  # options whose letter was not in the top N
+
+
+def letter_of(token: str, k: int) -> int | None:
+    """The option index a token spells (``"B"``, ``" B"``, ``"ĠB"``, ``"▁B"``), or None."""
+    t = token[1:] if token[:1] in SPACE_PIECES else token
+    if len(t) == 1 and t in LETTERS[:k]:
+        return LETTERS.index(t)
+    return None
+
+
+def read_letters(pairs: Sequence[tuple[str, float]], k: int) -> LetterReading:
+    """Option log-probabilities from the first token's top logprobs.
+
+    Found: logsumexp over the letter's spellings (they are different tokens,
+    so their probabilities add).  Missing: ``min(smallest returned logprob,
+    log(1 - returned mass))``: a token outside the returned list is no more
+    likely than the least likely returned one, nor than all unreturned tokens
+    together, so this is an upper bound and never makes a missing option less
+    likely than it could be.
+    """
+    if not pairs:
+        raise LlmcalError("no top logprobs to read the option letters from")
+    found: dict[int, list[float]] = {}
+    for token, v in pairs:
+        j = letter_of(token, k)
+        if j is not None:
+            found.setdefault(j, []).append(v)
+    returned = math.fsum(math.exp(v) for _, v in pairs)
+    floor = min(min(v for _, v in pairs), math.log(max(1.0 - returned, MASS_FLOOR)))
+    values = [_logsumexp(found[j]) if j in found else floor for j in range(k)]
+    mass = math.fsum(math.exp(values[j]) for j in found)
+    return LetterReading(logprobs=tuple(values), mass=min(mass, 1.0),
+                         missing=tuple(j for j in range(k) if j not in found))
+
+
+def _logsumexp(vs: Sequence[float]) -> float:
+    m = max(vs)
+    return m + math.log(math.fsum(math.exp(v - m) for v in vs))
+
+
+def prediction_from_response(item: ApiQuestion, response: Any, *, where: str) -> Prediction:
+    """A ``Prediction`` from one response; a response without logprobs is refused (nothing to calibrate)."""
+    q = item.question
+    pairs = first_token_logprobs(response)
+    if pairs is None:
+        raise LlmcalError(
+            f"{where} returned no log-probabilities for question {q.id}: llmcal reads the option distribution from "
+            f"the first token's top logprobs, and without them confidence and ECE would be meaningless. Use a "
+            f"server that returns logprobs (vLLM, llama.cpp, TGI do), or check that it accepts "
+            f"{'logprobs=N' if 'prompt' in item.body else 'logprobs=true with top_logprobs=N'}")
+    r = read_letters(pairs, q.k)
+    return Prediction.from_logits(q.id, q.subject, q.answer, r.logprobs, letter_mass=r.mass, missing=r.missing)
+
+
+# ---- the HTTP client -----------------------------------------------------------------------
+class ApiStatusError(LlmcalError):
+    """The endpoint answered with an HTTP error that retrying does not fix."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class OpenAIClient:
+    """POSTs JSON to the endpoint with retries and backoff (``transport`` and ``sleep`` for tests)."""
+
+    def __init__(self, settings: ApiSettings, *, transport: Any = None, sleep: Callable[[float], None] = time.sleep):
+        import httpx
+
+        self.settings = settings
+        headers = {"Accept": "application/json"}
+        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if key:  # local servers need no key; the key itself is never written anywhere
+            headers["Authorization"] = f"Bearer {key}"
+        self._sleep = sleep
+        self._http = httpx.Client(base_url=settings.root + "/", headers=headers, transport=transport,
+                                  timeout=httpx.Timeout(settings.timeout_s),
+                                  limits=httpx.Limits(max_connections=max(1, settings.concurrency)))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def post(self, path: str, body: dict) -> Any:
+        import httpx
+
+        url = f"{self.settings.root}/{path}"
+        attempts = self.settings.max_retries + 1
+        for attempt in range(attempts):
+            retry_after = None
+            try:
+                r = self._http.post(path, json=body)
+            except httpx.TransportError as e:  # connection refused or reset, timeouts
+                why = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code < 300:
+                    try:
+                        return r.json()
+                    except ValueError:
+                        raise LlmcalError(f"{url}: the response is not JSON ({r.text[:200]!r})") from None
+                why = f"HTTP {r.status_code}: {_error_text(r)}"
+                if r.status_code not in RETRY_STATUS:
+                    raise ApiStatusError(f"{url}: {why}{_hint(r.status_code, why, self.settings)}", r.status_code)
+                retry_after = _retry_after(r.headers.get("retry-after"))
+            if attempt + 1 == attempts:
+                raise LlmcalError(f"{url}: no answer after {attempts} attempts (last: {why}); the run keeps what "
+                                  f"was scored: rerun the same command to resume")
+            delay = min(self.settings.backoff_cap_s, self.settings.backoff_s * 2 ** attempt)
+            delay = max(delay * (1 + 0.25 * random.random()), retry_after or 0.0)  # jitter spreads the clients
+            log.warning("%s: %s; retrying in %.1f s (%d of %d)", url, why, delay, attempt + 1, attempts - 1)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _error_text(r: Any) -> str:
+    try:
+        doc = r.json()
+        err = doc.get("error", doc) if isinstance(doc, dict) else doc
+        msg = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+        return str(msg or doc)[:300]
+    except ValueError:
+        return r.text[:300]
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(60.0, max(0.0, float(value))) if value else None
+    except ValueError:  # an HTTP date: fall back to the backoff
+        return None
+
+
+def _hint(status: int, why: str, s: ApiSettings) -> str:
+    if status in (401, 403):
+        return f" (set the API key in ${s.api_key_env}, or name another variable with --api-key-env)"
+    if status == 404:
+        return f" (check --base-url, which usually ends in /v1, and --model {s.model!r}, the server's model name)"
+    if "logprob" in why.lower():
+        return f" (the server may allow fewer log-probabilities: lower --top-logprobs, now {s.top_logprobs})"
+    return ""
+
+
+# ---- the engine ------------------------------------------------------------------------------
+class OpenAIEngine:
+    """Scores questions through the endpoint; the interface ``pipeline.score_loaded`` calls."""
+
+    def __init__(self, client: OpenAIClient, mode: str):
+        self.client, self.mode = client, mode
+        self.settings = client.settings
+
+    def encode(self, questions: Sequence[Question]) -> list[ApiQuestion]:
+        s = self.settings
+        return [ApiQuestion(q, request_body(q, self.mode, s.model, s.top_logprobs)) for q in questions]
+
+    def score_one(self, item: ApiQuestion) -> Prediction:
+        path = endpoint(self.mode)
+        return prediction_from_response(item, self.client.post(path, item.body),
+                                        where=f"{self.settings.root}/{path}")
+
+    def score(self, encoded: Sequence[ApiQuestion], *, options=None, done: Iterable[str] = (),
+              on_batch: Callable[[list[Prediction]], None] | None = None) -> list[Prediction]:
+        """Predictions for the questions not in ``done``, handed to ``on_batch`` in question order.
+
+        At most ``concurrency`` requests are in flight, and none starts more than
+        ``WINDOW_PER_WORKER * concurrency`` questions past the first unfinished
+        one: a killed run loses at most that many finished answers.
+        """
+        from ..progress import bar
+
+        done = set(done)
+        todo = [e for e in encoded if e.question.id not in done]
+        workers = max(1, self.settings.concurrency)
+        window = WINDOW_PER_WORKER * workers
+        show = True if options is None else options.progress
+        desc = "scoring (openai)" if options is None else f"{options.description} (openai)"
+        results: list[Prediction] = []
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmcal-api")
+        pending: dict[Future, int] = {}
+        finished: dict[int, Prediction] = {}
+        submitted = flushed = 0
+        try:
+            with bar(desc, len(encoded), show=show, completed=len(encoded) - len(todo)) as task:
+                while flushed < len(todo):
+                    while submitted < len(todo) and submitted < flushed + window and len(pending) < workers:
+                        pending[pool.submit(self.score_one, todo[submitted])] = submitted
+                        submitted += 1
+                    ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    error: BaseException | None = None
+                    for fut in ready:
+                        i = pending.pop(fut)
+                        try:
+                            finished[i] = fut.result()
+                        except BaseException as e:  # keep the others' answers, then raise the first error
+                            error = error or e
+                    batch = []
+                    while flushed in finished:
+                        batch.append(finished.pop(flushed))
+                        flushed += 1
+                    if batch:
+                        if on_batch is not None:
+                            on_batch(batch)
+                        results.extend(batch)
+                        task.advance(len(batch))
+                    if error is not None:
+                        raise error
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results
+
+
+def probe_mode(client: OpenAIClient) -> str:
+    """``--api-mode auto`` with ``--template auto``: completions if the server scores a prompt with logprobs, else chat."""
+    probe = Question(id="llmcal-probe", question="Which letter comes first in the alphabet?",
+                     choices=("A", "B"), answer=0)
+    s = client.settings
+    tried = []
+    for mode in ("completions", "chat"):
+        try:
+            response = client.post(endpoint(mode), request_body(probe, mode, s.model, s.top_logprobs))
+        except ApiStatusError as e:
+            if e.status in (401, 403):
+                raise
+            tried.append(f"{mode}: {e}")
+            continue
+        if first_token_logprobs(response) is not None:
+            log.info("%s: --api-mode auto chose %s", s.root, mode)
+            return mode
+        tried.append(f"{mode}: answered without log-probabilities")
+    raise LlmcalError(f"{s.root}: no request mode returns log-probabilities, which llmcal needs to read the option "
+                      f"distribution ({'; '.join(tried)})")
+
+
+def load_openai(settings: ApiSettings, *, transport: Any = None,
+                sleep: Callable[[float], None] = time.sleep) -> LoadedModel:
+    """A ``LoadedModel`` whose engine scores through the endpoint; ``extra`` records the resolved template and mode."""
+    template, mode = mode_for_template(settings.template, settings.mode)
+    client = OpenAIClient(settings, transport=transport, sleep=sleep)
+    if mode == "auto":
+        mode = probe_mode(client)
+        template = "plain" if mode == "completions" else "chat"
+    engine = OpenAIEngine(client, mode)
+    return LoadedModel(model=None, tokenizer=None, spec=api_spec(settings.model, settings.base_url),
+                       device="remote", dtype="server", extra={"engine": engine, "backend": "openai",
+                                                               "template": template, "api_mode": mode})
