@@ -14,7 +14,8 @@ What it does (bench/README.md, "Training", has the details):
    the CFT loss, answer letter only) and TRL (``SFTTrainer`` on the same token ids with a completion
    mask on the letter, ``completion_only_loss=True``); both: the model in bfloat16, LoRA r=16,
    alpha=32, dropout 0.05 on all linear layers (peft defaults otherwise), AdamW, lr 2e-4,
-   batch ``--batch``, no gradient checkpointing, no autocast, one process with the default threads;
+   batch ``--batch``, no gradient checkpointing, no autocast, one process with ``--threads`` threads
+   (torch's default when 0) — the matmul peak is measured on the same threads;
 4. times every optimizer step (data, forward, backward, optimizer), records peak RSS, the first
    step's loss on each side (the same first batch: they must agree), and how much CPU other processes took;
 5. prints the table (Markdown) and the targets, and saves bench/results/train-<time>-<label>.json.
@@ -188,7 +189,7 @@ def child(args) -> int:
 
 # ---- parent --------------------------------------------------------------------------------------------------
 def matmul_peak(shapes, reps: int = 8) -> dict:
-    """Best bfloat16 torch.matmul GFLOP/s over the given (m, k, n) shapes, default threads."""
+    """Best bfloat16 torch.matmul GFLOP/s over the given (m, k, n) shapes, on this process's torch threads."""
     import torch
 
     per = {}
@@ -240,6 +241,8 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
     out = work / f"{slug}-{rnd}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "LLMCAL_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 else {"quiet": None}
@@ -317,6 +320,11 @@ def main() -> int:
                     help="also run llmcal from source tree SRC (a directory holding the llmcal package) in every "
                          "round; repeatable")
     ap.add_argument("--no-trl", action="store_true", help="llmcal sides only")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the peak and every side (0: torch's default, one per core). On a "
+                         "shared machine --threads 1 measures one core that others leave alone: a torch "
+                         "parallel region waits for its slowest thread, so a contended second thread costs "
+                         "more than it gives")
     ap.add_argument("--quiet-cores", type=float, default=0.25,
                     help="before each run, wait until other processes use fewer cores than this (0: do not wait)")
     ap.add_argument("--max-wait", type=float, default=300)
@@ -337,6 +345,10 @@ def main() -> int:
     from llmcal.prompts import encode_questions
 
     started = dt.datetime.now(dt.timezone.utc)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the peak below is measured on the same threads as the sides
     spec = resolve_model(args.model)
     model_dir = weights_dir(spec)
     tok = load_tokenizer(spec)
@@ -401,6 +413,7 @@ def main() -> int:
     doc = {"label": args.label, "started": started.isoformat(), "machine": info,
            "setup": {"model": args.model, "data": args.data, "seed": args.seed, "batch": args.batch,
                      "warmup_steps": args.warmup, "steps": args.steps, "rounds": args.rounds, "dtype": "bfloat16",
+                     "threads": args.threads or info["torch_threads"],
                      "lora": LORA, "lr": LR, "variants": list(variants),
                      "flops_count": "forward 2Pn + attention 4hd n(n+1)/2 per layer + LoRA 2nr(din+dout) + "
                                     "output row 2HV; backward 1x linear and output row, 2x attention and LoRA"},
