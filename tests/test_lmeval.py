@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llmcal.errors import LlmcalError
-from llmcal.lmeval import (UnsupportedTask, find_samples, read_lm_eval, run_from_lm_eval, target_kind,
+from llmcal.lmeval import (UnsupportedTask, _gold, find_samples, read_lm_eval, run_from_lm_eval, target_kind,
                            task_subject)
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
@@ -148,6 +148,15 @@ def test_folder_discovery_and_task_choice(tmp_path):
     with pytest.raises(LlmcalError, match=f"2 samples files for task '{MMLU}'.*pass one of the files"):
         read_lm_eval(tmp_path, task=MMLU)
     assert [t.task for t in read_lm_eval(tmp_path, task=ARC).tasks] == [ARC]
+    doc["group_subtasks"]["ghost"] = ["not_run"]
+    res.write_text(json.dumps(doc))
+    with pytest.raises(LlmcalError, match="group 'ghost' has no samples files of its tasks"):
+        read_lm_eval(tmp_path / "run", task="ghost")
+    only_gen = tmp_path / "gen"
+    only_gen.mkdir()
+    shutil.copy(samples(GEN), only_gen)
+    with pytest.raises(LlmcalError, match=r"no multiple-choice task llmcal can read \(.*generate_until"):
+        read_lm_eval(only_gen)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LlmcalError, match="no samples_.*--log_samples"):
@@ -200,6 +209,9 @@ def test_bad_input_names_file_and_line(tmp_path):
     bad(lambda r: r.__setitem__("target", "7"), "target 7 is outside the 4 options")
     bad(lambda r: r.__setitem__("target", "[0, 2]"), r"target \[0, 2\] names 2 gold options")
     bad(lambda r: r.__setitem__("target", "E"), "target 'E' is neither an option index nor one of the options")
+    bad(lambda r: r.__setitem__("target", "[a b]"), r"target '\[a b\]' is neither an option index")
+    assert _gold("[citation needed]", ["x", "[citation needed]"], "w") == 1  # bracketed text, as lm-eval reads it
+    assert _gold("[2]", ["x", "y", "z"], "w") == 2 and _gold(1, ["x", "y"], "w") == 1
     bad(lambda r: r.pop("target"), "no 'target'")
     bad(lambda r: r.__setitem__("doc_id", 0), "document 0 already on line 1")
     bad(lambda r: r["filtered_resps"].pop(), "3 responses for 4 requests")

@@ -89,7 +89,7 @@ class TaskSamples:
         return float(np.mean([p.correct for p in self.predictions]))
 
     def summary(self) -> dict:
-        return {"task": self.task, "file": str(self.path), "n": len(self.predictions), "norm": self.norm,
+        return {"task": self.task, "file": str(self.path.resolve()), "n": len(self.predictions), "norm": self.norm,
                 "llmcal_accuracy": self.accuracy, "acc": self.acc, "acc_norm": self.acc_norm,
                 "acc_bytes": self.acc_bytes, "logged": dict(self.logged), "results_json": dict(self.reported),
                 "per_sample_disagreements": self.disagreements}
@@ -173,7 +173,10 @@ def find_samples(path: str | Path, task: str | Sequence[str] | None = None) -> l
                 raise LlmcalError(f"{p}: no samples of task {name!r}; the folder has {', '.join(sorted(by_task))}")
 
         for name in wanted:
+            before = len(names)
             add(name)
+            if len(names) == before and name not in by_task:
+                raise LlmcalError(f"{p}: group {name!r} has no samples files of its tasks in this folder")
     chosen = []
     for name in names:
         if len(by_task[name]) > 1:
@@ -277,11 +280,14 @@ def _gold(target: Any, choices: Sequence[str], where: str, kind: str | None = No
         raise LlmcalError(f"{where}: target {target!r} is not an option")
     if isinstance(target, str):
         t = target.strip()
+        listed = None
         if re.fullmatch(r"\[.*\]", t, flags=re.S):  # lm-eval writes str(list) for several gold options
             try:
-                target = ast.literal_eval(t)
+                listed = ast.literal_eval(t)
             except (ValueError, SyntaxError):
-                raise LlmcalError(f"{where}: target {target!r} is not a list of option indices") from None
+                pass  # as lm-eval does: then it is text ("[citation needed]" may be an option)
+        if isinstance(listed, list):
+            target = listed
         elif t.isdigit() and kind != "text":
             idx = int(t)
             if kind is None and target in choices and choices.index(target) != idx:
@@ -386,11 +392,15 @@ def _logits(d: _Doc, norm: str, where: str) -> np.ndarray:
     return d.lls / n  # lm-eval's own expression (lls / completion_len), so ties break the same way
 
 
-def read_samples(sf: SamplesFile, norm: str = "none") -> TaskSamples:
-    """One samples file as a :class:`TaskSamples` (every line checked; errors name the file and line)."""
+def read_samples(sf: SamplesFile, norm: str = "none", results: dict | None = None) -> TaskSamples:
+    """One samples file as a :class:`TaskSamples` (every line checked; errors name the file and line).
+
+    ``results``: the parsed ``sf.results`` when the caller has it (every task of a run shares one file).
+    """
     if norm not in NORMS:
         raise LlmcalError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
-    results = _read_results(sf.results) if sf.results else {}
+    if results is None:
+        results = _read_results(sf.results) if sf.results else {}
     cfg = (results.get("configs") or {}).get(sf.task) or {}
     delimiter = cfg.get("target_delimiter", DEFAULT_DELIMITER)
     docs: list[_Doc] = []
@@ -458,23 +468,20 @@ def read_lm_eval(path: str | Path, *, norm: str = "none", task: str | Sequence[s
         raise LlmcalError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
     files = find_samples(path, task)
     lenient = Path(path).expanduser().is_dir() and task is None
+    docs = {r: _read_results(r) for r in {sf.results for sf in files} if r is not None}
     tasks, skipped = [], {}
     for sf in files:
         try:
-            tasks.append(read_samples(sf, norm))
+            tasks.append(read_samples(sf, norm, docs.get(sf.results, {})))
         except UnsupportedTask as e:
             if not lenient:
                 raise
             log.warning("skipping %s", e)
             skipped[sf.task] = str(e)
     if not tasks:
-        raise LlmcalError(f"{path}: no multiple-choice task llmcal can read ("
-                          + "; ".join(skipped.values()) + ")")
-    model = None
-    for sf in files:
-        if sf.results is not None:
-            model = _read_results(sf.results).get("model_name") or model
-            break
+        raise LlmcalError(f"{path}: no multiple-choice task llmcal can read"
+                          + (" (" + "; ".join(skipped.values()) + ")" if skipped else ""))
+    model = next((docs[sf.results].get("model_name") for sf in files if sf.results is not None), None)
     return LmEvalSamples(tasks=tuple(tasks), skipped=skipped, model=model)
 
 
