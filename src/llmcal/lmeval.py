@@ -520,7 +520,7 @@ def agreement_markdown(data: LmEvalSamples, norm: str) -> str:
 def run_from_lm_eval(path: str | Path, out: str | Path, *, norm: str = "none", task: str | Sequence[str] | None = None,
                      n_bins: int = 10, n_bootstrap: int = 1000, seed: int = 0, overwrite: bool = False,
                      progress: bool = True):
-    """``llmcal eval --from-lm-eval PATH``: an lm-eval run's samples as an llmcal run (metrics, diagram, report).
+    """An lm-eval run's samples as an llmcal evaluation run: predictions, metrics, diagram, report.
 
     Returns the finished :class:`~llmcal.runs.RunRecord`. The run's meta holds,
     per task, llmcal's accuracy and lm-eval's ``acc``/``acc_norm``/``acc_bytes``
