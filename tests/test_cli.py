@@ -191,3 +191,34 @@ def test_results_needs_finished_studies(tmp_path):
     r = invoke("results", tmp_path / "nostudy", "--out", tmp_path / "RESULTS.md")
     assert r.exit_code == 2 and "no study.json" in r.output
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+LM_EVAL = Path(__file__).parent / "data" / "lm_eval"
+
+
+def test_eval_from_lm_eval_samples(tmp_path):
+    """`eval --from-lm-eval` writes a complete run whose accuracy is lm-eval's own acc (results file)."""
+    out = tmp_path / "lm"
+    r = invoke("eval", "--from-lm-eval", LM_EVAL, "--lm-eval-task", "llmcal_lmeval_mmlu", "--n-bootstrap", 20,
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    assert RunDir(out).is_complete
+    results = json.loads(next(LM_EVAL.rglob("results_*.json")).read_text())["results"]
+    m = json.loads((out / "metrics.json").read_text())["results"][0]["metrics"]
+    assert m["n"] == 120 and m["accuracy"] == pytest.approx(results["llmcal_lmeval_mmlu"]["acc,none"], abs=1e-12)
+    assert "## lm-evaluation-harness" in (out / "report.md").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lm_eval_task"] == ["llmcal_lmeval_mmlu"] and not Path(cfg["from_lm_eval"]).is_absolute()
+
+
+def test_eval_from_lm_eval_refuses_model_flags(tmp_path, tiny_model_dir):
+    r = invoke("eval", "--from-lm-eval", LM_EVAL, "--dtype", "float32", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--dtype: not used with --from-lm-eval" in r.output
+    r = invoke("eval", "--from-lm-eval", LM_EVAL, "--lm-eval-norm", "bytes", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--lm-eval-norm 'bytes'" in r.output
+    r = invoke("eval", "--model", tiny_model_dir, "--out", tmp_path / "y")
+    assert r.exit_code == 2 and "eval needs --data" in r.output
+    r = invoke("eval", "--model", tiny_model_dir, "--data", "mmlu", "--lm-eval-norm", "acc_norm",
+               "--out", tmp_path / "y")
+    assert r.exit_code == 2 and "--lm-eval-norm goes with --from-lm-eval" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -77,21 +77,63 @@ def _build(cls, ctx, values: dict, *, from_file: dict | None = None, where: str 
     return from_mapping(cls, {**base, **typed}, where or "command line")
 
 
+LM_EVAL_NORMS = ("none", "acc_norm", "acc_bytes")
+
+
 def _eval_params():
     import inspect
 
     from .evaluate import EvalConfig
     from .options import cli_parameters
 
-    return cli_parameters(EvalConfig, exclude={"calib_fraction"}, required={"model", "data"}) + [
-        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=OutOpt, annotation=Path),
-        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool)]
+    P = inspect.Parameter
+    return cli_parameters(EvalConfig, exclude={"calib_fraction"}, optional={"model", "data"}) + [
+        P("from_lm_eval", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--from-lm-eval", help="Read an lm-evaluation-harness run instead of scoring a model: a "
+            "samples_*.jsonl file or an `lm_eval --log_samples` output folder (multiple-choice tasks).")),
+        P("lm_eval_norm", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "none", "--lm-eval-norm", help="--from-lm-eval confidence: softmax over the options' log-likelihoods "
+            "(none, lm-eval's acc), or over log-likelihoods per character (acc_norm) or per UTF-8 byte "
+            "(acc_bytes).")),
+        P("lm_eval_task", P.KEYWORD_ONLY, annotation=Optional[List[str]], default=typer.Option(
+            None, "--lm-eval-task", help="--from-lm-eval: keep only this task or group (repeatable; default: "
+            "every multiple-choice task in the folder).")),
+        P("out", P.KEYWORD_ONLY, default=OutOpt, annotation=Path),
+        P("overwrite", P.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool)]
 
 
-def eval_cmd(ctx, out: Path, overwrite: bool, **values):
-    """Evaluate a model's accuracy and calibration on a multiple-choice dataset."""
+# What a run read from lm-eval samples keeps from the eval flags (the rest describe a model to score).
+_LM_EVAL_KEEPS = {"n_bins", "n_bootstrap", "seed", "from_lm_eval", "lm_eval_norm", "lm_eval_task"}
+
+
+def eval_cmd(ctx, out: Path, overwrite: bool, from_lm_eval: Optional[Path], lm_eval_norm: str,
+             lm_eval_task: Optional[List[str]], **values):
+    """Evaluate a model's accuracy and calibration on a multiple-choice dataset (or read an lm-eval run)."""
     from .evaluate import EvalConfig, run_eval
+    from .options import flag_of, given
 
+    typed = given(ctx, {**values, "lm_eval_norm": lm_eval_norm, "lm_eval_task": lm_eval_task})
+    if from_lm_eval is not None:
+        from .lmeval import run_from_lm_eval
+
+        extra = sorted(set(typed) - _LM_EVAL_KEEPS)
+        if extra:
+            raise LlmcalError(f"{', '.join(flag_of(EvalConfig, k) for k in extra)}: not used with --from-lm-eval, "
+                              f"which reads the scores of an lm-eval run already made")
+        if lm_eval_norm not in LM_EVAL_NORMS:
+            raise LlmcalError(f"--lm-eval-norm {lm_eval_norm!r}: choose one of {', '.join(LM_EVAL_NORMS)}")
+        rec = run_from_lm_eval(from_lm_eval, out, norm=lm_eval_norm, task=lm_eval_task or None,
+                               n_bins=values["n_bins"], n_bootstrap=values["n_bootstrap"], seed=values["seed"],
+                               overwrite=overwrite)
+        _print_results(rec, f"{rec.model} (lm-eval samples, {from_lm_eval})")
+        out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
+        return
+    for name in ("lm_eval_norm", "lm_eval_task"):
+        if name in typed:
+            raise LlmcalError(f"--{name.replace('_', '-')} goes with --from-lm-eval")
+    missing = [flag_of(EvalConfig, k) for k in ("model", "data") if values.get(k) is None]
+    if missing:
+        raise LlmcalError(f"eval needs {' and '.join(missing)} (or --from-lm-eval PATH to read an lm-eval run)")
     cfg = _build(EvalConfig, ctx, values)
     rec = run_eval(cfg, out, overwrite=overwrite)
     _print_results(rec, f"{rec.model} on {cfg.data}")
