@@ -484,6 +484,7 @@ def test_cli_refuses_an_endpoint_without_logprobs_with_exit_2(tmp_path):
     ({"api_mode": "batch"}, "--api-mode 'batch'"),
     ({"gguf_file": "x.gguf"}, "--gguf-file does not apply to --backend openai"),
     ({"backend": "hf"}, "--base-url applies to --backend openai"),
+    ({"backend": "hf", "base_url": None, "api_key_env": "MY_KEY"}, "--api-key-env applies to --backend openai"),
 ])
 def test_bad_served_options_are_refused_before_the_run_starts(tmp_path, kw, msg):
     with pytest.raises(LlmcalError, match=msg):

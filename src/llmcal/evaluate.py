@@ -95,7 +95,7 @@ def _check(cfg: EvalConfig) -> None:
     _check_served(cfg)
 
 
-API_FIELDS = ("base_url", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
+API_FIELDS = ("base_url", "api_key_env", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
 
 
 def _check_served(cfg: EvalConfig) -> None:
