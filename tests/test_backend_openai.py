@@ -392,7 +392,7 @@ class FakeServer:
                     server.count += 1
                     n = server.count
                 if server.hold_after is not None and n > server.hold_after:
-                    server.gate.wait(30)
+                    server.gate.wait(600)  # released by the test (or at exit), never by a timeout
                 top = synthetic_top(_prompt_of(body), int(body.get("top_logprobs") or body.get("logprobs") or 1))
                 if self.path.endswith("/chat/completions"):
                     doc = chat_completion(top)
@@ -506,7 +506,7 @@ def test_a_killed_served_run_resumes_to_the_same_predictions_file(tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**os.environ, "LLMCAL_PROGRESS": "0"}, start_new_session=True)
         pred_file = out / "predictions.jsonl"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if srv.count > 1 + 10 and pred_file.exists() and len(pred_file.read_bytes().splitlines()) >= 10:
                 break
