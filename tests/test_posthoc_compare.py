@@ -135,3 +135,19 @@ def test_compare_run_refuses_an_incomplete_run(tmp_path):
     RunDir(tmp_path / "r").start({"model": "fake"})
     with pytest.raises(LlmcalError, match="not complete"):
         compare_run(tmp_path / "r", "ts")
+
+
+def test_contextual_calibration_refuses_a_served_models_run(tmp_path):
+    """A served run records an API 'model' (a base URL, not weights): contextual calibration cannot load it."""
+    from typer.testing import CliRunner
+
+    from llmcal.cli import app
+
+    run = make_run(tmp_path / "r", synthetic(60))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model_spec"] = {"name": "served", "kind": "api", "path": "http://127.0.0.1:9/v1"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["calibrate", "--from", str(run), "--method", "ts,contextual",
+                                 "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 2 and "contextual calibration scores content-free prompts" in r.output
+    assert not (tmp_path / "cmp").exists()

@@ -27,3 +27,15 @@ def test_interrupted_run_with_another_config_needs_overwrite_and_is_then_replace
     assert not (run.path / "predictions.jsonl").exists()  # nothing of the other run survives
     assert json.loads((run.path / "config.json").read_text())["limit"] == 9
     assert not run.is_complete
+
+
+def test_served_client_settings_do_not_block_a_resume(tmp_path):
+    """Concurrency, timeout, retries and the key variable change how requests are sent, not the numbers."""
+    cfg = {"model": "m", "backend": "openai", "concurrency": 4, "request_timeout": 60.0, "max_retries": 5,
+           "api_key_env": "OPENAI_API_KEY"}
+    run = RunDir(tmp_path / "r")
+    run.start(cfg)
+    other = {**cfg, "concurrency": 1, "request_timeout": 5.0, "max_retries": 0, "api_key_env": "MY_KEY"}
+    assert RunDir(tmp_path / "r").start(other) is True
+    with pytest.raises(LlmcalError, match="different configuration"):
+        RunDir(tmp_path / "r").start({**cfg, "top_logprobs": 5})

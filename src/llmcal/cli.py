@@ -44,15 +44,23 @@ def handle_errors(fn):
 
 
 def _print_results(record, title: str) -> None:
+    # A served model's letter coverage goes next to its metrics (docs/reference.md#served).
+    served = any(r.metrics.get("letter_coverage") for r in record.results)
+    cols = ["method", "split", "n", "accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "mean conf"]
     t = Table(title=title)
-    for col in ("method", "split", "n", "accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "mean conf"):
+    for col in cols + (["letter mass", "missing"] if served else []):
         t.add_column(col, justify="right" if col not in ("method", "split") else "left")
     for r in record.results:
         m = r.metrics
-        t.add_row(r.label, str(r.split), str(m["n"]),
-                  f"{m['accuracy']:.4f} [{m['ci']['accuracy'][0]:.3f}, {m['ci']['accuracy'][1]:.3f}]",
-                  f"{m['conf_ece']:.4f} [{m['ci']['conf_ece'][0]:.3f}, {m['ci']['conf_ece'][1]:.3f}]",
-                  f"{m['cw_ece']:.4f}", f"{m['brier']:.4f}", f"{m['nll']:.4f}", f"{m['mean_conf']:.4f}")
+        row = [r.label, str(r.split), str(m["n"]),
+               f"{m['accuracy']:.4f} [{m['ci']['accuracy'][0]:.3f}, {m['ci']['accuracy'][1]:.3f}]",
+               f"{m['conf_ece']:.4f} [{m['ci']['conf_ece'][0]:.3f}, {m['ci']['conf_ece'][1]:.3f}]",
+               f"{m['cw_ece']:.4f}", f"{m['brier']:.4f}", f"{m['nll']:.4f}", f"{m['mean_conf']:.4f}"]
+        if served:
+            cov = m.get("letter_coverage") or {}
+            row += [f"{cov['mean_letter_mass']:.3f} (min {cov['min_letter_mass']:.3f})" if cov else "-",
+                    f"{cov['missing_share']:.1%}" if cov else "-"]
+        t.add_row(*row)
     out_console.print(t)
 
 
@@ -226,6 +234,10 @@ def _posthoc_from(ctx, run_dir: Path, method: str, values: dict, out: Optional[P
         spec_doc = rec.config.get("model_spec")
         if not spec_doc:
             raise LlmcalError(f"{run_dir}: its config.json records no model_spec; contextual calibration needs it")
+        if spec_doc.get("kind") == "api":
+            raise LlmcalError(f"{run_dir}: a served model's run (--backend openai); contextual calibration scores "
+                              f"content-free prompts with a local model, so it cannot run here: leave 'contextual' "
+                              f"out of --method")
         _, test, source = select_predictions(run_dir, calib_fraction=values.get("calib_fraction") or 0.2)
         loaded = load_model(recorded_model_spec(spec_doc, run_dir), dtype=values.get("dtype") or "auto",
                             device=values.get("device") or "auto")

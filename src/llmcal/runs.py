@@ -37,7 +37,10 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 
 # Keys of config.json that must match for a run to be resumed.
-RESUME_KEYS_IGNORED = {"created", "resume", "overwrite", "out", "progress"}
+# Keys that do not change a run's numbers: changing them must not block a resume (the served-model client's
+# concurrency, timeout, retries and key variable only change how the same requests are sent).
+RESUME_KEYS_IGNORED = {"created", "resume", "overwrite", "out", "progress",
+                       "concurrency", "request_timeout", "max_retries", "api_key_env"}
 
 
 def _roots() -> list[tuple[Path, str]]:
