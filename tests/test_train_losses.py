@@ -169,6 +169,84 @@ def test_right_padded_batches_run_without_an_attention_mask(encoded, tiny_tokeni
     assert seen[0] is None and seen[1] is not None
 
 
+def _lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+
+
+def _varied(encoded, tiny_tokenizer, include_explanation=False):
+    from llmcal.train.collator import build_examples
+
+    examples = build_examples(encoded, tiny_tokenizer, include_explanation)
+    # questions of very different lengths: a longer prompt in front of some (the answer stays last)
+    return [dict(e, input_ids=e["input_ids"] * (1 + i % 3), targets=[-100] * (len(e["input_ids"]) * (i % 3))
+                 + e["targets"], answer_pos=e["answer_pos"] + len(e["input_ids"]) * (i % 3))
+            for i, e in enumerate(examples)]
+
+
+def test_packed_batch_layout(encoded, tiny_tokenizer):
+    from llmcal.train.collator import IGNORE, McqCollator
+
+    examples = _varied(encoded, tiny_tokenizer)
+    packed = McqCollator(0, packed=True)(examples)
+    padded = McqCollator(0)(examples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    start = 0
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        assert packed["input_ids"][0, start:start + n].tolist() == e["input_ids"]
+        assert packed["position_ids"][0, start:start + n].tolist() == list(range(n))  # restart per question
+        assert packed["answer_pos"][r] == start + e["answer_pos"]
+        assert packed["targets"][0, packed["answer_pos"][r]] == padded["targets"][r, padded["answer_pos"][r]] != IGNORE
+        start += n
+    for key in ("letter_ids", "letter_mask", "answer"):
+        assert torch.equal(packed[key], padded[key])
+
+
+@pytest.mark.parametrize("include_explanation", [False, True])
+def test_packed_batches_train_exactly_like_padded_ones(encoded, tiny_tokenizer, tiny_model_dir, include_explanation):
+    """The same loss, letter logits and gradients: each packed question sees only itself."""
+    from llmcal.train.collator import McqCollator
+    from llmcal.train.trainer import answer_forward, packs_questions
+
+    examples = _varied(encoded, tiny_tokenizer, include_explanation)
+    model = _lora_model(tiny_model_dir).train()
+    assert packs_questions(model)
+    results = {}
+    for packed in (False, True):
+        model.zero_grad()
+        out = answer_forward(model, McqCollator(0, packed=packed)(examples))
+        out.sft_loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results[packed] = (out.sft_loss.item(), out.letter_logits.detach(), grads)
+    (loss_a, letters_a, grads_a), (loss_b, letters_b, grads_b) = results[False], results[True]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert torch.allclose(letters_b, letters_a, atol=1e-4)
+    assert torch.allclose(grads_b, grads_a, rtol=1e-4, atol=1e-6)
+    # the check can fail: the same row with positions that run on lets the questions see each other
+    batch = McqCollator(0, packed=True)(examples)
+    run_on = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    with torch.no_grad():
+        leaked = answer_forward(model, run_on).letter_logits
+    assert not torch.allclose(leaked[1:], letters_a[1:], atol=1e-2)
+
+
+def test_packing_needs_transformers_mask_builder(tiny_model_dir):
+    from llmcal.train.trainer import packs_questions
+
+    class OwnMask(torch.nn.Module):  # a model with its own mask code (this test module has no create_causal_mask)
+        def forward(self, input_ids, position_ids=None):
+            return input_ids
+
+    assert packs_questions(_lora_model(tiny_model_dir))
+    assert not packs_questions(OwnMask())
+
+
 def _bf16_lora(tiny_model_dir, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -9,10 +9,18 @@ with ``"\\n" + explanation`` and the end-of-sequence token, and each of those
 tokens is a target too (the SFT loss then covers the explanation as well).
 The answer position and the K-letter logits stay those of the prompt.
 
-Batches are right-padded, like the scoring engine's, so the answer position of
-a row is where its prompt ends.  ``LengthBucketSampler`` orders an epoch so
-that questions of similar length share a batch (little padding) while the
-batches and their order still change from epoch to epoch.
+Batches are packed by default: the batch's questions end to end in one row,
+with position ids that restart at 0 for each question and no attention mask.
+That is transformers' packed layout (the layout of its
+``DataCollatorWithFlattening``): its mask builder reads the question
+boundaries off the position ids, so each question attends only to itself and
+its rotary positions are its own, as if it had a row to itself.  No compute
+goes to padding: a random batch of MMLU questions (26 to 600+ tokens) padded
+to its longest question is often half padding.  ``McqCollator(packed=False)``
+gives right-padded rows instead, like the scoring engine's, where the answer
+position of a row is where its prompt ends; for those, ``LengthBucketSampler``
+orders an epoch so that questions of similar length share a batch (little
+padding) while the batches and their order still change from epoch to epoch.
 """
 from __future__ import annotations
 
@@ -59,36 +67,57 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 class McqCollator:
-    """Feature dicts -> right-padded tensors: input_ids, attention_mask, targets, answer_pos,
-    letter_ids, letter_mask, answer."""
+    """Feature dicts -> tensors: input_ids, targets, answer_pos, letter_ids, letter_mask, answer, and
+    position_ids (packed, one row) or attention_mask (right-padded, one row per question).
 
-    def __init__(self, pad_id: int):
+    ``answer_pos`` is each question's answer position in its row (packed: in the one row)."""
+
+    def __init__(self, pad_id: int, packed: bool = False):
         self.pad_id = int(pad_id)
+        self.packed = bool(packed)
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return self._packed(features) if self.packed else self._padded(features)
+
+    @staticmethod
+    def _letters(features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        K = max(len(f["letter_ids"]) for f in features)
+        letters = torch.zeros((len(features), K), dtype=torch.long)
+        lmask = torch.zeros((len(features), K), dtype=torch.bool)
+        for r, f in enumerate(features):
+            letters[r, :len(f["letter_ids"])] = torch.tensor(f["letter_ids"])
+            lmask[r, :len(f["letter_ids"])] = True
+        return {"letter_ids": letters, "letter_mask": lmask,
+                "answer": torch.tensor([f["answer"] for f in features], dtype=torch.long)}
+
+    def _packed(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+        return {
+            "input_ids": torch.tensor([t for f in features for t in f["input_ids"]], dtype=torch.long)[None],
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "targets": torch.tensor([t for f in features for t in f["targets"]], dtype=torch.long)[None],
+            "answer_pos": starts + torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
+            **self._letters(features),
+        }
+
+    def _padded(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         n = len(features)
         L = max(len(f["input_ids"]) for f in features)
-        K = max(len(f["letter_ids"]) for f in features)
         ids = torch.full((n, L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, L), dtype=torch.long)
         targets = torch.full((n, L), IGNORE, dtype=torch.long)
-        letters = torch.zeros((n, K), dtype=torch.long)
-        lmask = torch.zeros((n, K), dtype=torch.bool)
         for r, f in enumerate(features):
-            m, k = len(f["input_ids"]), len(f["letter_ids"])
+            m = len(f["input_ids"])
             ids[r, :m] = torch.tensor(f["input_ids"])
             mask[r, :m] = 1
             targets[r, :m] = torch.tensor(f["targets"])
-            letters[r, :k] = torch.tensor(f["letter_ids"])
-            lmask[r, :k] = True
         return {
             "input_ids": ids,
             "attention_mask": mask,
             "targets": targets,
             "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
-            "letter_ids": letters,
-            "letter_mask": lmask,
-            "answer": torch.tensor([f["answer"] for f in features], dtype=torch.long),
+            **self._letters(features),
         }
 
 

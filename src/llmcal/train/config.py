@@ -54,6 +54,9 @@ class FinetuneConfig:
                                   "--lr-scheduler-type/--warmup-steps say otherwise).")
     batch_size: int = option(4, help="Questions per optimiser step and process (before --grad-accum).")
     grad_accum: int = option(1, help="Gradient accumulation steps.")
+    packed_batches: bool = option(True, help="Pack each batch's questions into one row (no padding; each question "
+                                             "attends only to itself) where the model supports it; "
+                                             "--no-packed-batches pads them to the longest.")
     lora_r: int = option(16, help="LoRA rank.")
     lora_alpha: int = option(32, help="LoRA alpha (scale alpha/r).")
     lora_dropout: float = option(0.05, help="LoRA dropout.")

@@ -37,7 +37,7 @@ from .estimate import Probe
 from .losses import RcftLoss
 from .model import add_lora, load_for_training, resolve_train_dtype, save_adapter, save_merged
 from .state import STATE_FILE, TrainState
-from .trainer import CalibrationTrainer
+from .trainer import CalibrationTrainer, packs_questions
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,12 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
         callbacks.append(AutoRegimeCallback(state, probe, probe_set, enc_heldout, cfg.tolerance))
     callbacks.append(StateCheckpointCallback(state))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    packed = cfg.packed_batches and packs_questions(model)
+    if cfg.packed_batches and not packed:
+        log.info("%s builds its own attention mask: training on padded batches", type(model).__name__)
     trainer = CalibrationTrainer(
         model=model, args=args, train_dataset=ExampleDataset(build_examples(enc_train, tok, cfg.include_explanation)),
-        data_collator=McqCollator(pad), callbacks=callbacks + extra_callbacks, train_state=state,
+        data_collator=McqCollator(pad, packed=packed), callbacks=callbacks + extra_callbacks, train_state=state,
         rcft_loss=RcftLoss(cfg.n_bins, cfg.nonmax_rule))
     if not progress_enabled(progress):
         trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout

@@ -17,7 +17,12 @@ scoring engine's ``option_logits`` for the same weights.
 
 What makes the step fast (bench/RESULTS.md, "Training", measures each):
 
-* no attention mask: batches are right-padded, and in a causal decoder a real
+* packed batches (``collator``): the batch's questions end to end in one row,
+  position ids restarting for each, no attention mask; transformers' mask
+  builder keeps each question to itself.  No compute goes to padding.  Used
+  when the model builds its mask that way (``packs_questions``), padded
+  batches otherwise;
+* no attention mask for padded batches either: they are right-padded, and in a causal decoder a real
   position never attends to a later one, so padding cannot reach a position
   with a target; without a mask, scaled-dot-product attention takes its causal
   path instead of building and applying a (B, 1, L, L) mask;
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,20 +82,41 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+def packs_questions(model) -> bool:
+    """Whether packed batches keep this model's questions apart.
+
+    True when the model builds its attention mask with transformers' ``create_causal_mask``, which,
+    given position ids and no attention mask, finds where the ids restart and masks each packed
+    sequence off from the others (and takes ``position_ids``, so the rotary positions restart too).
+    A model with its own mask code would let a packed question attend to the ones before it.
+    """
+    core = _core(model)
+    module = sys.modules.get(type(getattr(core, "model", core)).__module__)
+    return (module is not None and hasattr(module, "create_causal_mask")
+            and "position_ids" in inspect.signature(type(core).forward).parameters)
+
+
 def answer_forward(model, batch: dict) -> AnswerOutput:
-    """The training forward: SFT loss on the targets and the K-letter logits at the answer position."""
-    ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
-    if _right_padded(mask):
-        mask = None  # see the module docstring: padding comes after every real position
+    """The training forward: SFT loss on the targets and the K-letter logits at the answer position.
+
+    ``batch`` is a ``McqCollator`` batch, packed (``position_ids``, one row) or right-padded."""
+    ids, targets, answer_pos = batch["input_ids"], batch["targets"], batch["answer_pos"]
+    position_ids = batch.get("position_ids")
+    mask = batch.get("attention_mask")
+    if position_ids is not None or _right_padded(mask):
+        mask = None  # see the module docstring: packed rows need none, padding comes after every real position
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
     cols = torch.nonzero((targets != IGNORE).any(dim=0)).squeeze(1)  # positions with a target in some row
     if _takes_logits_to_keep(type(_core(model))):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=cols).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=cols, **kwargs).logits
     else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, cols]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, cols]
     B, P, V = logits.shape
     sft = answer_ce_loss(logits.reshape(B * P, V), targets[:, cols].reshape(B * P))
-    at = torch.searchsorted(cols, batch["answer_pos"])  # column of each row's answer position
-    answer_logits = logits[torch.arange(B, device=logits.device), at].float()  # (B, V)
+    at = torch.searchsorted(cols, answer_pos)  # column of each question's answer position
+    # the row of each question: all in row 0 when packed, one row each when padded
+    rows = torch.zeros_like(answer_pos) if position_ids is not None else torch.arange(B, device=logits.device)
+    answer_logits = logits[rows, at].float()  # (questions, V)
     letters = answer_logits.gather(1, batch["letter_ids"]).masked_fill(~batch["letter_mask"], float("-inf"))
     return AnswerOutput(sft_loss=sft, letter_logits=letters)
 
