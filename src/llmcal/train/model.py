@@ -7,6 +7,7 @@
 * A model that is already a LoRA adapter is trained further as it is (its own
   rank, alpha and target modules); anything else gets a new LoRA adapter
   (peft ``LoraConfig``, task CAUSAL_LM) initialised from the run's seed.
+  Either way the adapters' dropout draws its CPU masks with ``dropout.CpuMaskDropout``.
 * The adapter is saved with the tokenizer and ``llmcal_base.json`` (the full
   base-model spec), so ``resolve_model(adapter)`` reloads it on the right base.
 """
@@ -25,6 +26,7 @@ from ..errors import LlmcalError
 from ..models import (ADAPTER_BASE_FILE, LoadedModel, ModelSpec, _from_pretrained, dtype_name, load_model,
                       load_tokenizer, weights_dir)
 from .config import FinetuneConfig
+from .dropout import use_cpu_mask_dropout
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def add_lora(loaded: LoadedModel, cfg: FinetuneConfig):
     model = loaded.model
     if isinstance(model, PeftModel):
         log.info("training the adapter %s further (its own LoRA settings apply)", loaded.spec.path)
+        use_cpu_mask_dropout(model)
         model.train()
         return model
     if loaded.extra.get("quantization"):
@@ -94,6 +97,7 @@ def add_lora(loaded: LoadedModel, cfg: FinetuneConfig):
             model = get_peft_model(model, lc)
     except ValueError as e:
         raise LlmcalError(f"cannot add LoRA to {loaded.spec.name} with target modules {cfg.target_modules!r}: {e}")
+    use_cpu_mask_dropout(model)  # peft's dropout draws its CPU masks slowly (train/dropout.py)
     model.train()
     return model
 
