@@ -49,6 +49,7 @@ from bench_eval import HZ, _busy_jiffies, _version, machine_info, wait_quiet  # 
 TARGETS = {"speedup_vs_trl": 2.5, "peak_fraction": 0.65}
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 LR = 2e-4
+TRL_PADDING_FREE = "trl-padding-free"
 
 
 # ---- child: one side, one process ----------------------------------------------------------------------------
@@ -121,18 +122,24 @@ def child_llmcal(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
     from llmcal.train.state import TrainState
     from llmcal.train.trainer import CalibrationTrainer
 
+    try:  # packed batches where the model supports them, as llmcal's run does (absent from older versions)
+        from llmcal.train.trainer import packs_questions
+    except ImportError:
+        packs_questions = None
     cfg = FinetuneConfig(model=args.model, train=args.data, evals=[args.data], lora_r=LORA["r"],
                          lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                          target_modules=LORA["target_modules"], lr=LR, batch_size=args.batch, seed=0)
     model = add_lora(loaded, cfg)
     tok = loaded.tokenizer
+    collator = (McqCollator(tok.pad_token_id, packed=packs_questions(model)) if packs_questions
+                else McqCollator(tok.pad_token_id))
     timers = []
     for part, steps in ((warm, args.warmup), (measured, args.steps)):
         timer = StepTimer()
         targs = TrainingArguments(**_common_args(args.tmp, steps, args.batch))
         trainer = CalibrationTrainer(
             model=model, args=targs, train_dataset=ExampleDataset(build_examples(part, tok)),
-            data_collator=McqCollator(tok.pad_token_id), callbacks=[timer.callback],
+            data_collator=collator, callbacks=[timer.callback],
             train_state=TrainState.initial("cft", 1.0, 10), rcft_loss=RcftLoss(10))
         trainer.train()
         timers.append(timer)
@@ -156,7 +163,7 @@ def child_trl(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
     for part, steps in ((warm, args.warmup), (measured, args.steps)):
         timer = StepTimer()
         cfg = SFTConfig(**_common_args(args.tmp, steps, args.batch), completion_only_loss=True, max_length=None,
-                        packing=False, padding_free=False, dataset_num_proc=None)
+                        packing=False, padding_free=args.padding_free, dataset_num_proc=None)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset(part), processing_class=tok,
                              peft_config=peft_config, callbacks=[timer.callback])
         trainer.train()
@@ -246,10 +253,12 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
     if src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 else {"quiet": None}
-    kind = "trl" if side == "trl" else "llmcal"
+    kind = "trl" if side.startswith("trl") else "llmcal"
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-out", str(out),
             "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--batch", str(args.batch),
             "--warmup", str(args.warmup), "--steps", str(args.steps), "--tmp", str(work / f"tmp-{slug}")]
+    if side == TRL_PADDING_FREE:
+        argv.append("--padding-free")
     b0 = _busy_jiffies()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(work))
@@ -284,13 +293,14 @@ def summarise(runs: list[dict], sides: list[str], flops_fn, peak: float, batch: 
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                       "train_rss_mb": max(r["train_rss_mb"] for r in rs),
                       "first_loss": rs[0]["first_loss"], "other_cores_max": max(r["other_cores"] for r in rs)}
-    trl = rows.get("trl")
-    for side, row in rows.items():
-        if trl and side != "trl":
-            row["speedup_vs_trl"] = trl["measured_s"] / row["measured_s"]
-            paired = [t["measured_s"] / r["measured_s"] for r in runs if r["side"] == side
-                      for t in runs if t["side"] == "trl" and t["round"] == r["round"]]
-            row["speedup_vs_trl_paired"] = statistics.median(paired) if paired else None
+    for peer, key in (("trl", "speedup_vs_trl"), (TRL_PADDING_FREE, "speedup_vs_trl_padding_free")):
+        ref = rows.get(peer)
+        for side, row in rows.items():
+            if ref and not side.startswith("trl"):
+                row[key] = ref["measured_s"] / row["measured_s"]
+                paired = [t["measured_s"] / r["measured_s"] for r in runs if r["side"] == side
+                          for t in runs if t["side"] == peer and t["round"] == r["round"]]
+                row[key + "_paired"] = statistics.median(paired) if paired else None
     return rows
 
 
@@ -301,6 +311,8 @@ def table(rows: dict, peak: float) -> str:
         vs = ("1.00x" if side == "trl" else
               f"{r['speedup_vs_trl']:.2f}x (paired {r['speedup_vs_trl_paired']:.2f}x)" if "speedup_vs_trl" in r
               else "")
+        if "speedup_vs_trl_padding_free" in r:
+            vs += f"; {r['speedup_vs_trl_padding_free']:.2f}x {TRL_PADDING_FREE}"
         out.append(f"| {side} | {r['measured_s']:.1f} | {r['examples_per_s']:.3f} | {r['gflops']:.1f} | "
                    f"{100 * r['peak_fraction']:.0f}% of {peak:.0f} | {r['peak_rss_mb']:.0f} | "
                    f"{r['train_rss_mb']:.0f} | {vs} |")
@@ -320,6 +332,10 @@ def main() -> int:
                     help="also run llmcal from source tree SRC (a directory holding the llmcal package) in every "
                          "round; repeatable")
     ap.add_argument("--no-trl", action="store_true", help="llmcal sides only")
+    ap.add_argument("--trl-padding-free", action="store_true",
+                    help=f"also run TRL with padding_free=True ({TRL_PADDING_FREE}): its packed batches, not its "
+                         "default; the targets stay measured against the default")
+    ap.add_argument("--padding-free", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for the peak and every side (0: torch's default, one per core). On a "
                          "shared machine --threads 1 measures one core that others leave alone: a torch "
@@ -371,7 +387,8 @@ def main() -> int:
         if not name or not src or not Path(src, "llmcal").is_dir():
             raise SystemExit(f"--variant {text}: give NAME=SRC with SRC holding the llmcal package")
         variants[name] = src
-    sides = ["llmcal"] + list(variants) + ([] if args.no_trl else ["trl"])
+    sides = (["llmcal"] + list(variants) + ([] if args.no_trl else ["trl"])
+             + ([TRL_PADDING_FREE] if args.trl_padding_free and not args.no_trl else []))
     if args.quiet_cores > 0:
         wait_quiet(args.quiet_cores, args.max_wait)
     peaks = [matmul_peak(shapes)]
@@ -397,7 +414,7 @@ def main() -> int:
     losses = {s: r["first_loss"] for s, r in rows.items()}
     print(f"\nfirst-step loss (same first batch, LoRA B = 0): {losses}")
     for side, r in rows.items():
-        if side == "trl":
+        if side.startswith("trl"):
             continue
         for key, want in TARGETS.items():
             if key in r:
@@ -413,6 +430,7 @@ def main() -> int:
     doc = {"label": args.label, "started": started.isoformat(), "machine": info,
            "setup": {"model": args.model, "data": args.data, "seed": args.seed, "batch": args.batch,
                      "warmup_steps": args.warmup, "steps": args.steps, "rounds": args.rounds, "dtype": "bfloat16",
+                     "trl_padding_free": args.trl_padding_free,
                      "threads": args.threads or info["torch_threads"],
                      "lora": LORA, "lr": LR, "variants": list(variants),
                      "flops_count": "forward 2Pn + attention 4hd n(n+1)/2 per layer + LoRA 2nr(din+dout) + "
