@@ -2,16 +2,16 @@
 
 peft's LoRA layers drop their input with ``torch.nn.Dropout``.  On CPU that
 draws one Bernoulli variate per activation (``bernoulli_``, one generator call
-per element), divides and multiplies: in the profile of a bfloat16 training
-step on a Qwen2.5-1.5B-shaped model it took about a fifth of the step
-(bench/RESULTS.md, "Training").  No library has a faster CPU dropout, so this
+per element), divides and multiplies: in a bfloat16 training step of a
+Qwen2.5-1.5B-shaped model it took about a fifth of the step
+(``bench/profile_train.py``; bench/RESULTS.md, "Training").  No library has a faster CPU dropout, so this
 one is written here: each 64-bit random integer from torch's generator gives
 four 16-bit uniform draws, an element is kept when its draw is at or above
 p * 65536 (rounded), and the 1 / (1 - p) scale is folded into the mask.  The
 same Bernoulli(1 - p) mask, with p rounded to a multiple of 1/65536
-(0.05 -> 0.0500031), from the same seeded generator, about twice as fast
-(``aten::bernoulli_`` 177 ms -> ``aten::random_`` 66 ms per 4 layers in the
-profile).  On other devices ``torch.nn.Dropout`` runs as before.
+(0.05 -> 0.0500031), from the same seeded generator, at a fraction of the
+cost (``aten::bernoulli_`` 16% of that step, ``aten::random_`` 4%).  On other
+devices ``torch.nn.Dropout`` runs as before.
 """
 from __future__ import annotations
 
