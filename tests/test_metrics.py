@@ -327,7 +327,8 @@ def test_compute_metrics_keys_types_and_json():
     r = compute_metrics(p, a, n_bootstrap=100, subjects=subjects)
     assert set(r) == {"n", "accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc",
                       "mean_conf", "ci", "reliability", "per_subject", "n_bins", "smece", "smece_sigma",
-                      "l2_ce_debiased", "aurc", "acc_at_80", "acc_at_50", "estimators"}
+                      "l2_ce_debiased", "aurc", "acc_at_80", "acc_at_50", "estimators", "rms_ce", "ece_1_bin",
+                      "platt_ece_1_bin", "platt_ece_10_bin", "platt_coef", "platt_intercept", "selective_acc_at_10"}
     assert r["n"] == 200 and r["n_bins"] == 10
     for key in ("accuracy", "conf_ece", "cw_ece", "em_ece", "mce", "brier", "nll", "auroc", "mean_conf",
                 "smece", "smece_sigma", "l2_ce_debiased", "aurc", "acc_at_80", "acc_at_50"):

@@ -13,6 +13,7 @@ from .bootstrap import bootstrap_ci
 from .core import (_check_inputs, _check_n_bins, _conf_correct, accuracy, auroc, brier, classwise_ece, conf_ece,
                    equal_mass_ece, mce, mean_confidence, nll, reliability_bins)
 from .estimators import debiased_l2_ce
+from .harness import harness_estimators, harness_metrics
 from .selective import aurc, selective_accuracy
 from .smooth import smooth_ece_fixed_point
 
@@ -39,6 +40,7 @@ def estimators(n_bins: int = 10, n_bootstrap: int = 1000) -> dict[str, str]:
         "aurc": "area under the risk-coverage curve, (1/N) sum_k risk of the k most confident (ties: expectation)",
         "acc_at_80": "accuracy on the 80% most confident questions",
         "acc_at_50": "accuracy on the 50% most confident questions",
+        **harness_estimators(n_bins),
         "ci": f"95% percentile bootstrap, {n_bootstrap} resamples of the questions",
     }
 
@@ -50,7 +52,9 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
     Keys: n, accuracy, conf_ece, cw_ece, em_ece, mce, brier, nll, auroc (NaN
     when all answers are right or all wrong), mean_conf, smece and
     smece_sigma (smooth ECE and its bandwidth), l2_ce_debiased, aurc,
-    acc_at_80, acc_at_50, ci ({"accuracy", "conf_ece", "aurc"} -> [lo, hi],
+    acc_at_80, acc_at_50, the harnesses' numbers (rms_ce, ece_1_bin,
+    platt_ece_1_bin, platt_ece_10_bin, platt_coef, platt_intercept,
+    selective_acc_at_10: :mod:`llmcal.metrics.harness`), ci ({"accuracy", "conf_ece", "aurc"} -> [lo, hi],
     percentile bootstrap with ``n_bootstrap`` resamples; values None when
     ``n_bootstrap`` is 0), reliability (:func:`reliability_bins`), per_subject
     (subject -> {n, accuracy, conf_ece}; None subjects under "(none)"; {} when
@@ -105,6 +109,7 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
         "aurc": aurc(p, a),
         "acc_at_80": selective_accuracy(p, a, 0.8),
         "acc_at_50": selective_accuracy(p, a, 0.5),
+        **harness_metrics(p, a, m),
         "ci": ci,
         "reliability": reliability_bins(p, a, m),
         "per_subject": per_subject,
