@@ -77,3 +77,45 @@ def test_real_smollm2_handful_of_mmlu_questions(tmp_path):
     assert m["accuracy"] == pytest.approx(np.mean([r["pred"] == r["answer"] for r in rows]), abs=1e-12)
     assert all(r["pred"] == int(np.argmax(r["logits"])) for r in rows)
     assert rec.meta["template"] == "chat"
+
+
+def test_fewshot_eval_uses_train_split_examples_and_equals_the_engine_without_prefix_cache(tiny_model_dir, tmp_path,
+                                                                                        mcq_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcal.data import load_dataset
+    from llmcal.data.fewshot import choose_shots
+    from llmcal.predictions import load_predictions
+    from llmcal.prompts import encode_questions
+    from llmcal.scoring import ScoreOptions, score
+
+    cfg = EvalConfig(model=str(tiny_model_dir), data=str(mcq_file), split="test", num_fewshot=2, template="plain",
+                     n_bootstrap=20, batch_tokens=64)
+    rec = run_eval(cfg, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_fewshot"] == 2
+    got = {p.id: p for p in load_predictions(tmp_path / "r" / "predictions.jsonl")}
+    test = load_dataset(str(mcq_file), split="test").questions
+    train = load_dataset(str(mcq_file), split="train").questions
+    assert set(got) == {q.id for q in test} and rec.results[0].metrics["n"] == len(test)
+    shots = choose_shots(test, train, 2)
+    assert not {s.id for v in shots.values() for s in v} & set(got)  # examples never evaluated
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    enc = encode_questions(test, tok, "plain", shots)
+    assert all(e.prefix_len > 0 for e in enc)
+    want = score(model, tok, enc, options=ScoreOptions(progress=False, prefix_cache=False))
+    for p in want:
+        np.testing.assert_allclose(got[p.id].logits, p.logits, rtol=1e-4, atol=1e-5)
+    zero = run_eval(EvalConfig(model=str(tiny_model_dir), data=str(mcq_file), split="test", template="plain",
+                               n_bootstrap=20), tmp_path / "z", progress=False)
+    assert zero.results[0].metrics["n"] == len(test)
+    zp = {p.id: p for p in load_predictions(tmp_path / "z" / "predictions.jsonl")}
+    assert any(abs(zp[k].logits[0] - got[k].logits[0]) > 1e-3 for k in got)  # the examples change the prompt
+
+
+def test_fewshot_with_a_too_small_subject_pool_is_an_error(tiny_model_dir, tmp_path, mcq_file):
+    from llmcal.errors import LlmcalError
+
+    cfg = EvalConfig(model=str(tiny_model_dir), data=str(mcq_file), split="test", num_fewshot=40, template="plain")
+    with pytest.raises(LlmcalError, match="--num-fewshot 40: the train split has"):
+        run_eval(cfg, tmp_path / "r", progress=False)

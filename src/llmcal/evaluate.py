@@ -18,12 +18,13 @@ from typing import Any
 
 from . import distributed
 from .data import load_dataset
+from .data.fewshot import check_num_fewshot, choose_shots
 from .data.schema import Question
 from .errors import LlmcalError
 from .models import LoadedModel, ModelSpec, resolve_model
 from .options import option, shared
 from .pipeline import Run
-from .prompts import resolve_template
+from .prompts import encode_questions, resolve_template
 from .runs import RunRecord
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class EvalConfig:
     limit: int | None = option(None, help="Use a fixed, seeded subset of this many questions of --data.")
     seed: int = shared("seed")
     template: str = shared("template")
+    num_fewshot: int = option(0, help="Worked examples before each question (lm-eval's few-shot MMLU format with "
+                                      "--template plain): N questions of the same subject from the train split "
+                                      "of --data, the same N for every question of a subject (a seeded choice; "
+                                      "use --split test so that they are never evaluated).")
     dtype: str = shared("dtype")
     device: str = shared("device")
     batch_tokens: int = shared("batch_tokens")
@@ -92,6 +97,9 @@ def _check(cfg: EvalConfig) -> None:
         raise LlmcalError(f"--limit must be a positive integer (got {cfg.limit!r})")
     if not 0 < cfg.calib_fraction < 1:
         raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
+    check_num_fewshot(cfg.num_fewshot)
+    if cfg.num_fewshot and cfg.backend == "openai":
+        raise LlmcalError("--num-fewshot is not supported with --backend openai yet (the request is one question)")
     _check_served(cfg)
 
 
@@ -174,7 +182,16 @@ def _prepared(cfg: EvalConfig, loaded: LoadedModel, questions: list[Question]) -
     """
     if loaded.extra.get("backend") == "openai":
         return loaded.extra["template"], loaded.extra["engine"].encode(questions), False
-    return resolve_template(cfg.template, loaded.tokenizer), None, True
+    template = resolve_template(cfg.template, loaded.tokenizer)
+    if not getattr(cfg, "num_fewshot", 0):
+        return template, None, True
+    return template, encode_questions(questions, loaded.tokenizer, template, fewshot_for(cfg, questions)), True
+
+
+def fewshot_for(cfg: Any, questions: list[Question]) -> dict[str, tuple[Question, ...]]:
+    """``--num-fewshot``: each question's examples from the train split of ``cfg.data`` (data/fewshot.py)."""
+    pool = load_dataset(cfg.data, split="train", subjects=cfg.subjects, seed=cfg.seed, mapping=cfg.mapping)
+    return choose_shots(questions, pool.questions, cfg.num_fewshot, cfg.seed)
 
 
 def _served_meta(loaded: LoadedModel) -> dict:
