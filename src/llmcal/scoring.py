@@ -14,9 +14,24 @@ positions after them, so the decoder runs without an attention mask (the fast
 causal path of scaled-dot-product attention, or on CPU attention.py's kernel);
 the padding rows' outputs are never read.  See bench/RESULTS.md for what each
 choice here bought.
+
+**Shared prefixes** (few-shot prompts: every question of a subject starts with
+the same examples, hundreds of tokens).  Questions whose ``prefix_len`` first
+tokens are the same form a group; each group is batched on its own (by the
+length of what follows the prefix), the prefix's key/value cache is computed
+once per group with transformers' ``DynamicCache``, and every batch of the group
+runs only its own tokens against it.  The batch's cache (``PrefixCache``) hands
+each layer the prefix keys and values broadcast over the batch rows and keeps
+nothing, so only one layer's expanded copy exists at a time.  The numbers equal
+the full prompts' up to float rounding (tests/test_scoring.py).  Models with
+sliding-window layers score the full prompts (the same groups and batches).
+Groups come in the order of their first question, so batches stay a
+deterministic function of the dataset.  Without shared prefixes (zero-shot),
+batching is exactly ``make_batches`` over the whole prompts.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -72,6 +87,85 @@ def make_batches(lengths: Sequence[int], batch_tokens: int,
     return batches
 
 
+def plan_batches(encoded: Sequence[EncodedQuestion], batch_tokens: int,
+                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Batches of indices into ``encoded``: ``make_batches`` per shared-prefix group (see the module docstring).
+
+    Every batch's questions have the same first ``prefix_len`` tokens; the budget
+    counts the tokens after the prefix.  Questions without a prefix form one group.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(tuple(e.input_ids[: e.prefix_len]), []).append(i)
+    if len(groups) == 1 and () in groups:
+        return make_batches([len(e.input_ids) for e in encoded], batch_tokens, overhead_tokens)
+    out: list[list[int]] = []
+    for idx in groups.values():
+        sub = make_batches([len(encoded[i].input_ids) - encoded[i].prefix_len for i in idx],
+                           batch_tokens, overhead_tokens)
+        out += [[idx[j] for j in b] for b in sub]
+    return out
+
+
+def prefix_kv(model, prefix_ids) -> list | None:
+    """(keys, values) per layer of the decoder after ``prefix_ids`` (1-D), or None for sliding-window models."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    decoder = _head_parts(model)[0]
+    cache = DynamicCache(config=_text_config(model))
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    ids = torch.as_tensor(prefix_ids, dtype=torch.long, device=next(model.parameters()).device)[None]
+    decoder(input_ids=ids, use_cache=True, **{_cache_arg(decoder): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_arg(decoder) -> str:
+    """The decoder's name for its cache argument: ``cache`` from transformers 5.25 on, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _text_config(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    return getattr(cfg, "get_text_config", lambda: cfg)()
+
+
+def prefix_cache(kv: list):
+    """A transformers Cache that puts ``kv`` (from :func:`prefix_kv`) before a batch's own keys, keeping nothing."""
+    from transformers.cache_utils import Cache
+
+    layer = _prefix_layer_class()
+    return Cache(layers=[layer(k, v) for k, v in kv])
+
+
+@functools.cache
+def _prefix_layer_class():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """Returns the prefix's keys/values broadcast over the batch, then the new ones; stores nothing."""
+
+        def __init__(self, keys, values):
+            super().__init__()
+            self.keys, self.values = keys, values
+            self.device = keys.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            b = key_states.shape[0]
+            k = torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2)
+            v = torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2)
+            return k, v
+
+    return PrefixLayer
+
+
 def _head_parts(model):
     """(decoder, output-embedding weight, bias, final softcap) for a causal LM, peft-wrapped or not."""
     inner = model
@@ -90,19 +184,26 @@ def _head_parts(model):
     return decoder, head.weight, getattr(head, "bias", None), softcap, scale
 
 
-def option_logits(model, input_ids, attention_mask, letter_ids, letter_mask=None):
+def option_logits(model, input_ids, attention_mask, letter_ids, letter_mask=None, prefix=None):
     """Logits of the option letters at each row's last real token, in float32.
 
     input_ids, attention_mask: (B, L) right-padded; letter_ids: (B, K) token ids
-    (padded rows masked by letter_mask, filled with -inf).  Differentiable: the
-    training loss calls this too.
+    (padded rows masked by letter_mask, filled with -inf).  ``prefix``: the
+    per-layer keys and values (:func:`prefix_kv`) of tokens that come before every
+    row.  Differentiable: the training loss calls this too.
     """
     import torch
 
     decoder, weight, bias, softcap, scale = _head_parts(model)
-    # Right padding cannot reach a real position through causal attention: no mask needed.
-    mask = None if _right_padded(attention_mask) else attention_mask
-    out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    if prefix is not None:
+        if not _right_padded(attention_mask):
+            raise LlmcalError("a shared prefix needs right-padded rows")
+        # The causal mask over prefix + rows is built by the model from the cache's length.
+        out = decoder(input_ids=input_ids, use_cache=True, **{_cache_arg(decoder): prefix_cache(prefix)})
+    else:
+        # Right padding cannot reach a real position through causal attention: no mask needed.
+        mask = None if _right_padded(attention_mask) else attention_mask
+        out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     last = attention_mask.sum(dim=1) - 1
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
@@ -127,20 +228,20 @@ def _right_padded(attention_mask) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
-def collate(encoded: Sequence[EncodedQuestion], pad_id: int, device):
-    """Right-padded tensors for a batch of encoded questions."""
+def collate(encoded: Sequence[EncodedQuestion], pad_id: int, device, start: int = 0):
+    """Right-padded tensors for a batch of encoded questions, from token ``start`` on (after a shared prefix)."""
     import torch
 
     n = len(encoded)
-    L = max(len(e.input_ids) for e in encoded)
+    L = max(len(e.input_ids) - start for e in encoded)
     K = max(len(e.letter_ids) for e in encoded)
     ids = torch.full((n, L), pad_id, dtype=torch.long)
     mask = torch.zeros((n, L), dtype=torch.long)
     letters = torch.zeros((n, K), dtype=torch.long)
     lmask = torch.zeros((n, K), dtype=torch.bool)
     for r, e in enumerate(encoded):
-        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[r, : len(e.input_ids)] = 1
+        ids[r, : len(e.input_ids) - start] = torch.tensor(e.input_ids[start:])
+        mask[r, : len(e.input_ids) - start] = 1
         letters[r, : len(e.letter_ids)] = torch.tensor(e.letter_ids)
         lmask[r, : len(e.letter_ids)] = True
     return ids.to(device), mask.to(device), letters.to(device), lmask.to(device)
@@ -190,6 +291,8 @@ class ScoreOptions:
     shard: tuple[int, int] = (0, 1)  # (rank, world): process batches b with b % world == rank
     # On CPU, llmcal's causal attention instead of sdpa's flash kernel (attention.py says why).
     cpu_attention: bool = True
+    # Compute a shared prefix's key/value cache once per group (False: every row reads its full prompt).
+    prefix_cache: bool = True
 
 
 def score(
@@ -215,7 +318,7 @@ def score(
     if device.type == "cpu":
         keep_freed_memory()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_batches([len(e.input_ids) for e in encoded], opt.batch_tokens)
+    batches = plan_batches(encoded, opt.batch_tokens)
     rank, world = opt.shard
     mine = [b for bi, b in enumerate(batches) if bi % world == rank]
     todo = [b for b in mine if any(encoded[i].question.id not in done for i in b)]
@@ -230,10 +333,15 @@ def score(
         with torch.inference_mode(), scoring_attention(model, opt.cpu_attention), \
                 bar(opt.description, total, show=opt.progress,
                     completed=total - sum(len(b) for b in todo)) as task:
+            held: tuple = ((), None)  # (prefix tokens, their keys/values): one group's batches are adjacent
             for b in todo:
                 batch = [encoded[i] for i in b]
-                ids, mask, letters, lmask = collate(batch, pad_id, device)
-                logits = option_logits(model, ids, mask, letters, lmask).cpu().numpy()
+                key = tuple(batch[0].input_ids[: batch[0].prefix_len]) if opt.prefix_cache else ()
+                if key and key != held[0]:
+                    held = (key, prefix_kv(model, key))
+                kv = held[1] if key else None
+                ids, mask, letters, lmask = collate(batch, pad_id, device, start=len(key) if kv else 0)
+                logits = option_logits(model, ids, mask, letters, lmask, prefix=kv).cpu().numpy()
                 preds = []
                 bad = []
                 for r, e in enumerate(batch):
