@@ -358,6 +358,42 @@ def regime_cmd(ctx, out: Path, overwrite: bool, **values):
 _register("regime", _regime_params(), regime_cmd)
 
 
+@app.command("conformal")
+@handle_errors
+def conformal_cmd(
+    from_run: Path = typer.Option(..., "--from", help="A finished run directory; its stored predictions are used "
+                                  "(no model is loaded)."),
+    alpha: float = typer.Option(0.1, help="Miscoverage level: the sets contain the answer with probability >= 1 - alpha."),
+    score: str = typer.Option("lac", help="Conformity score: lac (1 - p_k), aps (cumulative mass) or raps (APS + a "
+                              "rank penalty)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Report coverage per group: subject."),
+    mondrian: bool = typer.Option(False, "--mondrian/--no-mondrian", help="One threshold per --by group, calibrated "
+                                  "on that group's questions (coverage guaranteed within each group)."),
+    result: Optional[str] = typer.Option(None, help="Which result of the run (its label, e.g. none or ts; default: "
+                                         "the uncalibrated one)."),
+    dataset: Optional[str] = typer.Option(None, help="Which dataset of the run's results (e.g. test or ood)."),
+    calib_fraction: float = typer.Option(0.2, help="Calibration slice of a run without predictions-calib.jsonl "
+                                         "(the held-out rule the post-hoc methods use)."),
+    raps_lambda: float = typer.Option(0.1, help="RAPS penalty per rank beyond --raps-k-reg."),
+    raps_k_reg: int = typer.Option(1, help="RAPS: ranks up to this one are not penalised."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where conformal.json, conformal.md and the plot "
+                                       "go (default RUN/conformal)."),
+):
+    """Conformal prediction sets with a coverage guarantee, from a finished run's stored predictions."""
+    from .conformal import conformal_run
+
+    res, files = conformal_run(from_run, alpha=alpha, score=score, by=by, mondrian=mondrian, result=result,
+                               dataset=dataset, calib_fraction=calib_fraction, lam=raps_lambda, k_reg=raps_k_reg,
+                               out_dir=out)
+    s = res.summary
+    exp = "n/a" if s["expected_range"] is None else f"[{s['expected_range'][0]:.3f}, {s['expected_range'][1]:.3f}]"
+    out_console.print(f"{res.score} at alpha {res.alpha:g}: coverage {s['coverage']:.3f} "
+                      f"[{s['coverage_ci'][0]:.3f}, {s['coverage_ci'][1]:.3f}] (expected {exp}) on {s['n']} test "
+                      f"questions, {len(res.calibration_ids)} calibration; mean set size {s['mean_size']:.2f}, "
+                      f"singletons {s['singleton_share']:.1%}, empty {s['empty_share']:.1%}", highlight=False)
+    out_console.print(f"written to [bold]{files['json'].parent}[/] (conformal.json, conformal.md, conformal-alpha.png)")
+
+
 @app.command("study")
 @handle_errors
 def study_cmd(
