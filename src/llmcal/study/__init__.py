@@ -41,6 +41,7 @@ Config format
     regime: {from: cft, tolerance: 0.05}       # optional; `regime: false` turns the diagnosis off
     posthoc: [vector, isotonic]    # optional; default all: every post-hoc method that runs without the model
                                    # (docs/posthoc.md), fitted on the ts cell's stored predictions; false: none
+    conformal: {alpha: 0.1, score: lac}   # optional, off by default: conformal sets of every cell (conformal.py)
 
 A data entry is a dataset spec string or a mapping with ``spec`` (any spec of
 ``llmcal.data.load_dataset``), ``subjects``, ``split`` (a hash split of

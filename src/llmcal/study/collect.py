@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import LlmcalError
+from .conformal import conformal_doc
 from .grid import METRIC_KEYS, REGIME, TRAINING, Cell
 from .posthoc import posthoc_section
 from .util import now, read_json, rel
@@ -144,6 +145,7 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
              for e in cells if e["kind"] == "auto" and e["status"] == "complete"]
     walls = [e["wall_s"] for e in cells if isinstance(e.get("wall_s"), (int, float))]
     posthoc = posthoc_section(ctx.out, cells, study.posthoc)
+    conformal = conformal_doc(ctx.out, cells, study.conformal, study.seed)
     return {
         "llmcal_version": __version__, "name": study.name, "description": study.description,
         "config": json.loads(json.dumps(study.raw, default=str)), "config_file": str(study.path), "updated": now(),
@@ -152,7 +154,7 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
                    for m in study.models},
         "methods": {m.key: {"method": m.method, "options": m.options} for m in study.methods},
         "points": [p.name for p in study.points], "data": data, "cells": cells, "diagnoses": diagnoses,
-        "auto": autos, "posthoc": posthoc, "wall_s_total": sum(walls) if walls else None,
+        "auto": autos, "posthoc": posthoc, "conformal": conformal, "wall_s_total": sum(walls) if walls else None,
     }
 
 

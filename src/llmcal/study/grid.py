@@ -20,7 +20,8 @@ TRAINING = ("cft", "rcft", "auto")
 METHODS = POSTHOC + TRAINING
 REGIME = "regime"
 
-TOP_KEYS = ("name", "description", "seed", "defaults", "models", "data", "methods", "sweep", "regime", "posthoc")
+TOP_KEYS = ("name", "description", "seed", "defaults", "models", "data", "methods", "sweep", "regime", "posthoc",
+            "conformal")
 DATA_KEYS = ("spec", "subjects", "split", "limit", "mapping", "fractions")
 POINT_KEYS = ("vars", "data", "options")
 REGIME_KEYS = ("from", "tolerance")
@@ -136,6 +137,8 @@ class Study:
     point_roles: dict = field(default_factory=dict, repr=False)
     # post-hoc methods fitted on each ts cell's stored predictions (study.posthoc); () = none
     posthoc: tuple[str, ...] = ()
+    # conformal sets on every cell's stored predictions (study.conformal): {"alpha", "score"}, None = off
+    conformal: dict | None = None
 
     def methods_of(self, model: ModelEntry) -> list[MethodEntry]:
         return [m for m in self.methods if model.methods is None or m.key in model.methods]

@@ -191,7 +191,8 @@ def load_study(path: str | os.PathLike) -> Study:
                   description=(f.description or "").strip(), seed=f.seed, defaults=_given(raw.get("defaults")),
                   models=tuple(models), data=data, methods=tuple(methods), points=points,
                   regime_from=regime_from, tolerance=tolerance, raw=raw,
-                  point_roles={p.name: _point_data(where, data, p) for p in points}, posthoc=tuple(f.posthoc))
+                  point_roles={p.name: _point_data(where, data, p) for p in points}, posthoc=tuple(f.posthoc),
+                  conformal=None if f.conformal is None else {"alpha": f.conformal.alpha, "score": f.conformal.score})
     _check_cells(where, study)
     return study
 

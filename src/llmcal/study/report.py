@@ -231,6 +231,9 @@ def write_report(doc: dict, root: Path) -> dict[str, Path]:
 
     r.h(2, "Post-hoc calibrators")
     _posthoc_section(r, doc, has_point)
+    if doc.get("conformal"):
+        r.h(2, "Conformal prediction sets")
+        _conformal_section(r, doc)
     r.h(2, "Selective prediction (risk-coverage)")
     _risk_section(r, doc, figs, root)
 
@@ -315,6 +318,27 @@ def _posthoc_section(r: _Doc, doc: dict, has_point: bool) -> None:
     r.ul(notes)
     r.p("Lowest conf-ECE per model and domain, among every row of the tables above:")
     r.ul(best_rows(doc))
+
+
+def _conformal_section(r: _Doc, doc: dict) -> None:
+    from .conformal import conformal_rows
+
+    cf = doc["conformal"]
+    r.p(f"Split conformal prediction sets, score `{cf['score']}`, alpha {cf['alpha']:g} (target coverage "
+        f"{1 - cf['alpha']:g}), on each cell's stored predictions of a test role: {cf['calib_fraction']:.0%} of "
+        "its questions (the held-out rule, the study's seed) calibrate, the rest are measured, the same questions "
+        "for every method, so the rows compare set sizes at the same guaranteed coverage. *coverage*: share of "
+        "test questions whose answer is in its set, 95% Clopper-Pearson interval; *expected*: the central 95% "
+        "range of that share under exchangeability; *size*: mean number of options in a set. docs/posthoc.md#conformal.")
+    cols = [("model", "model"), ("point", "point"), ("domain", "domain"), ("method", "method"), ("n_calib", "N calib"),
+            ("n", "N test"), ("coverage", "coverage"), ("expected", "expected"), ("mean_size", "size"),
+            ("singleton_share", "singletons"), ("empty_share", "empty")]
+    rows = conformal_rows(doc)
+    if not any(x["point"] for x in rows):
+        cols = [c for c in cols if c[0] != "point"]
+    r.table(rows, cols)
+    errors = [f"{e['model']} {e['method']} ({e['role']}): {e['error']}" for e in cf["entries"] if e.get("error")]
+    r.ul(errors)
 
 
 def _risk_section(r: _Doc, doc: dict, figs: dict, root: Path) -> None:

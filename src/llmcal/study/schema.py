@@ -256,6 +256,32 @@ class _Regime(ConfigModel):
         return v
 
 
+class _Conformal(ConfigModel):
+    WHAT: ClassVar[str] = "false, true or a mapping with alpha / score"
+    alpha: StrictFloat = 0.1
+    score: StrictStr = "lac"
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 < v < 1.0):
+            raise ValueError(f"must be a number strictly between 0 and 1, got {v!r}")
+        return v
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, v: str) -> str:
+        from ..conformal import SCORES
+
+        if v not in SCORES:
+            raise ValueError(f"unknown conformity score {v!r}; choose one of {', '.join(SCORES)}")
+        return v
+
+
+def _conformal_in(v: Any) -> Any:
+    return {} if v is True else None if v is False else v
+
+
 def _regime_in(v: Any) -> Any:
     return {} if v is True else None if v is False else v
 
@@ -295,6 +321,7 @@ class _FileBase(ConfigModel):
     regime: typing.Annotated[Optional[_Regime], BeforeValidator(_regime_in)] = Field(default_factory=_Regime)
     posthoc: typing.Annotated[list[StrictStr], BeforeValidator(_posthoc_in)] = Field(default="all",
                                                                                     validate_default=True)
+    conformal: typing.Annotated[Optional[_Conformal], BeforeValidator(_conformal_in)] = None
 
     @classmethod
     def unknown(cls, key: str) -> str:
