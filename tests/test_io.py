@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import llmcal.io as io
+from llmcal.errors import LlmcalError
 
 
 def _leftovers(directory: Path, name: str) -> list[str]:
@@ -178,10 +179,13 @@ def test_reader_drops_torn_last_line(tmp_path):
 def test_reader_raises_on_corrupt_line_that_is_not_last(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"i": 0}\n{"i": \n{"i": 2}\n')
-    it = io.read_jsonl_tolerant(path)
+    it = io.read_jsonl_tolerant(path, hint="pass --overwrite")
     assert next(it) == {"i": 0}
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(LlmcalError, match=r"p\.jsonl line 2: not a JSON record \(.*\); pass --overwrite"):
         next(it)
+    path.write_bytes(b'{"i": 0}\n\xff\xfe\n{"i": 2}\n')  # bytes that are not UTF-8
+    with pytest.raises(LlmcalError, match=r"p\.jsonl line 2: not a JSON record \(not UTF-8\)"):
+        list(io.read_jsonl_tolerant(path))
 
 
 def test_reader_skips_blank_lines_and_missing_file(tmp_path):

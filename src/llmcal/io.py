@@ -100,23 +100,33 @@ class JsonlAppender:
         self.close()
 
 
-def read_jsonl_tolerant(path: str | os.PathLike) -> Iterator[dict]:
+def read_jsonl_tolerant(path: str | os.PathLike, *, hint: str = "", numbered: bool = False) -> Iterator[Any]:
     """Read a JSONL file we wrote ourselves, dropping a torn final line.
 
     Only for our own append-only outputs (resume); user data goes through the
-    strict loaders in ``llmcal.data``.
+    strict loaders in ``llmcal.data``.  Any other line that is not JSON (or not
+    UTF-8) is damage, not an interruption: an LlmcalError naming the file and the
+    line, followed by ``hint`` (what the user can do).  ``numbered``: yield
+    (line number, record) pairs.
     """
+    from .errors import LlmcalError
+
     path = Path(path)
     if not path.exists():
         return
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the file ends with a newline
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i == len(lines) - 1:
                 return  # interrupted mid-write; the question will be scored again
-            raise
+            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise LlmcalError(f"{path} line {i + 1}: not a JSON record ({why})" + (f"; {hint}" if hint else "")) \
+                from None
+        yield (i + 1, rec) if numbered else rec

@@ -13,7 +13,10 @@
   ``overwrite``.  Under a launcher (torchrun, accelerate) every process joins
   the process group here and rank 0 alone touches the directory.
 - **score** appends each finished batch to the predictions file, so a killed
-  run loses at most one batch; under several processes each scores its share
+  run loses at most one batch; a prediction that is not a distribution (a
+  non-finite value, probabilities that do not add up to 1) is refused before it
+  is written, and one found on resume (written by an older llmcal) is scored
+  again; under several processes each scores its share
   into a partial file and rank 0 merges them in question order, so the file
   equals a single-process run's.  With ``cache=True`` (the unchanged model) a
   finished pass is stored in, and served from, the scoring cache
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +86,7 @@ class Run:
         run = cls(out, config, progress=progress)
 
         def begin() -> bool:
-            if restart and run.dir.is_started and not run.dir.is_complete:
-                import shutil
-
-                shutil.rmtree(run.path)
-            return run.dir.start(config, overwrite=overwrite)
+            return run.dir.start(config, overwrite=overwrite, restart=restart)
 
         resumed = distributed.on_main(begin, what=f"starting the run in {out}")
         run.resumed = bool(distributed.broadcast_object(resumed) if distributed.is_initialized() else resumed)
@@ -187,12 +187,50 @@ def _partial_files(run: RunDir, filename: str) -> list[Path]:
     return sorted(run.path.glob(pattern))
 
 
+def invalid_prediction(p: Prediction) -> str | None:
+    """What makes ``p`` no distribution over its options, or None: every number finite, probabilities in [0, 1]
+    adding up to 1, pred and answer valid options, the letter mass (served models) in [0, 1]."""
+    k = len(p.probs)
+    if k < 2 or len(p.logits) != k:
+        return f"{len(p.logits)} logits and {k} probabilities"
+    bad = [v for v in (*p.logits, *p.probs, p.conf) if not math.isfinite(v)]
+    if bad:
+        return f"a non-finite value ({bad[0]!r})"
+    if any(not 0.0 <= v <= 1.0 for v in p.probs) or abs(math.fsum(p.probs) - 1.0) > 1e-6:
+        return f"probabilities {list(p.probs)} are not a distribution"
+    if not (0 <= p.pred < k and 0 <= p.answer < k):
+        return f"prediction {p.pred} / answer {p.answer} outside the {k} options"
+    if p.letter_mass is not None and not (math.isfinite(p.letter_mass) and 0.0 <= p.letter_mass <= 1.0):
+        return f"letter mass {p.letter_mass!r} outside [0, 1]"
+    if any(not 0 <= j < k for j in p.missing):
+        return f"missing options {list(p.missing)} outside the {k} options"
+    return None
+
+
+DAMAGED = "the run cannot resume from it: pass --overwrite to start it again"
+
+
 def _read_scored(paths: Sequence[Path], wanted: set[str]) -> dict[str, Prediction]:
+    """What earlier attempts scored.  A record that is no valid prediction (an older llmcal wrote a server's
+    NaN) is left out, so its question is scored again; a line that is not JSON is damage: an error."""
     have: dict[str, Prediction] = {}
     for path in paths:
-        for rec in read_jsonl_tolerant(path):
-            if rec.get("id") in wanted and rec["id"] not in have:
-                have[rec["id"]] = Prediction.from_dict(rec)
+        for lineno, rec in read_jsonl_tolerant(path, hint=DAMAGED, numbered=True):
+            qid = rec.get("id") if isinstance(rec, dict) else None
+            if not isinstance(qid, str):
+                raise LlmcalError(f"{path} line {lineno}: not a prediction record (no id); {DAMAGED}")
+            if qid not in wanted or qid in have:
+                continue
+            try:
+                p = Prediction.from_dict(rec)
+                problem = invalid_prediction(p)
+            except (KeyError, TypeError, ValueError) as e:
+                problem = f"unreadable ({type(e).__name__}: {e})"
+            if problem is not None:
+                log.warning("%s line %d: the prediction of %s is not valid (%s); scoring it again", path, lineno,
+                            qid, problem)
+                continue
+            have[qid] = p
     return have
 
 
@@ -232,6 +270,10 @@ def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Que
         with JsonlAppender(out_path) as out:
             def flush(preds: list[Prediction]) -> None:
                 for p in preds:
+                    problem = invalid_prediction(p)
+                    if problem is not None:  # nothing invalid is ever appended: the run fails instead
+                        raise LlmcalError(f"{out_path}: the scores of question {p.id} are no distribution "
+                                          f"({problem}); nothing was written for it")
                     out.write(p.to_dict())
                     have[p.id] = p
 

@@ -20,7 +20,12 @@ that letter, and several spellings of one letter are added (logsumexp).  A
 letter outside the top N gets an upper bound of its log-probability; the
 record keeps how much probability the letters carried and which were missing
 (docs/reference.md, "Served models").  An endpoint that returns no logprobs is
-refused: without them there is no distribution to calibrate.  (A model
+refused: without them there is no distribution to calibrate.  Every value is
+checked where it enters (``check_logprob``, ``read_letters``): a log-probability
+that is not a finite number <= 0, or a top list whose probabilities add up to
+more than 1, makes the response invalid; an invalid response is retried like a
+server fault and then refused, naming the URL, the question and the value, so
+nothing invalid ever reaches a predictions file.  (A model
 whose greedy first token ends the sequence gets no logprobs from llama.cpp's
 server: that request is sent again with ``min_tokens=1``, see ``post_scored``.)
 
@@ -46,6 +51,7 @@ from ..errors import LlmcalError
 from ..models import LoadedModel, ModelSpec
 from ..predictions import Prediction
 from ..prompts import TEMPLATES, chat_user_message, plain_prompt
+from ..redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ API_MODES = ("completions", "chat", "auto")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 MASS_FLOOR = 1e-12  # the mass outside the top N is floored here before its log (as NLL floors p_y)
 WINDOW_PER_WORKER = 4  # questions finished out of order wait at most this many per worker for their turn
+LOGPROB_ROUNDING = 1e-6  # a log-probability in (0, this] is log(1) rounded up by the server's float arithmetic
+MASS_ROUNDING = 1e-3  # the returned top-N probabilities may add up to at most 1 + this
 # Raw tokenizer pieces for a leading space: GPT-2 byte-level BPE and SentencePiece.
 SPACE_PIECES = (" ", "\u0120", "\u2581")
 
@@ -77,10 +85,15 @@ class ApiSettings:
     def root(self) -> str:
         return self.base_url.rstrip("/")
 
+    @property
+    def shown_root(self) -> str:
+        """The endpoint as messages and records show it: without the credentials a URL may carry."""
+        return redact_text(self.root)
+
 
 def api_spec(model: str, base_url: str) -> ModelSpec:
     """The run's record of a served model: its name on the server and where it was served."""
-    return ModelSpec(name=model, kind="api", path=base_url.rstrip("/"))
+    return ModelSpec(name=model, kind="api", path=redact_text(base_url.rstrip("/")))
 
 
 def mode_for_template(template: str, mode: str) -> tuple[str, str]:
@@ -141,6 +154,9 @@ def first_token_logprobs(response: Any) -> list[tuple[str, float]] | None:
     token in ``logprobs.tokens[0]``) and the chat one, which vLLM and llama.cpp
     also use for completions (``logprobs.content[0].top_logprobs`` a list of
     ``{token, logprob}``).  The sampled token is added when the list lacks it.
+
+    Raises ``BadResponse`` when a value is not a finite log-probability
+    (``check_logprob``) or an entry of the list is not a (token, logprob) pair.
     """
     try:
         lp = response["choices"][0].get("logprobs")
@@ -154,14 +170,14 @@ def first_token_logprobs(response: Any) -> list[tuple[str, float]] | None:
     if isinstance(content, list) and content and isinstance(content[0], dict):
         first = content[0]
         pairs = _pairs(first.get("top_logprobs"))
-        if isinstance(first.get("token"), str) and _number(first.get("logprob")) is not None:
-            sampled = (first["token"], _number(first["logprob"]))
+        if isinstance(first.get("token"), str) and first.get("logprob") is not None:
+            sampled = (first["token"], check_logprob(first["logprob"], first["token"]))
     elif isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"]:
         pairs = _pairs(lp["top_logprobs"][0])
         tokens, values = lp.get("tokens"), lp.get("token_logprobs")
         if isinstance(tokens, list) and isinstance(values, list) and tokens and values:
-            if isinstance(tokens[0], str) and _number(values[0]) is not None:
-                sampled = (tokens[0], _number(values[0]))
+            if isinstance(tokens[0], str) and values[0] is not None:
+                sampled = (tokens[0], check_logprob(values[0], tokens[0]))
     if sampled is not None and sampled[0] not in {t for t, _ in pairs}:
         pairs.append(sampled)
     return pairs or None
@@ -192,7 +208,11 @@ def post_scored(client: "OpenAIClient", path: str, body: dict) -> Any:
     refuses the parameter gets the usual no-logprobs error.
     """
     response = client.post(path, body)
-    if first_token_logprobs(response) is None and stopped_at_once(response) and "min_tokens" not in body:
+    try:
+        without = first_token_logprobs(response) is None
+    except BadResponse:  # it has logprobs, invalid ones: the caller refuses or retries them
+        without = False
+    if without and stopped_at_once(response) and "min_tokens" not in body:
         try:
             return client.post(path, {**body, "min_tokens": 1})
         except ApiStatusError as e:
@@ -200,19 +220,48 @@ def post_scored(client: "OpenAIClient", path: str, body: dict) -> Any:
     return response
 
 
-def _number(v: Any) -> float | None:
+class BadResponse(LlmcalError):
+    """A response whose log-probabilities are not a distribution; ``problem`` says which value and why.
+
+    A server fault as far as the client is concerned: the request is retried,
+    then the question is refused (``fetch_prediction``).
+    """
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+
+
+def check_logprob(v: Any, token: Any) -> float:
+    """``v`` as a log-probability: a finite number <= 0 (up to ``LOGPROB_ROUNDING``, read as 0), else ``BadResponse``."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v)
+        raise BadResponse(f"the log-probability of token {token!r} is {_short(v)}, not a number")
+    x = float(v)
+    if not math.isfinite(x):
+        raise BadResponse(f"the log-probability of token {token!r} is {x!r}, not a finite number")
+    if x > LOGPROB_ROUNDING:
+        raise BadResponse(f"the log-probability of token {token!r} is {x!r} > 0 (a probability above 1)")
+    return min(x, 0.0)
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _pairs(top: Any) -> list[tuple[str, float]]:
+    if top is None:
+        return []
     if isinstance(top, dict):
-        return [(t, float(v)) for t, v in top.items() if isinstance(t, str) and _number(v) is not None]
+        return [(t, check_logprob(v, t)) for t, v in top.items()]
     if isinstance(top, list):
-        return [(e["token"], float(e["logprob"])) for e in top
-                if isinstance(e, dict) and isinstance(e.get("token"), str) and _number(e.get("logprob")) is not None]
-    return []
+        out = []
+        for e in top:
+            if not (isinstance(e, dict) and isinstance(e.get("token"), str)):
+                raise BadResponse(f"a top_logprobs entry is {_short(e)}, not {{token, logprob}}")
+            out.append((e["token"], check_logprob(e.get("logprob"), e["token"])))
+        return out
+    raise BadResponse(f"top_logprobs is {_short(top)}, not a list or a mapping")
 
 
 @dataclass(frozen=True)
@@ -244,12 +293,16 @@ def read_letters(pairs: Sequence[tuple[str, float]], k: int) -> LetterReading:
     """
     if not pairs:
         raise LlmcalError("no top logprobs to read the option letters from")
+    pairs = [(token, check_logprob(v, token)) for token, v in pairs]
     found: dict[int, list[float]] = {}
     for token, v in pairs:
         j = letter_of(token, k)
         if j is not None:
             found.setdefault(j, []).append(v)
     returned = math.fsum(math.exp(v) for _, v in pairs)
+    if returned > 1.0 + MASS_ROUNDING:
+        shown = ", ".join(f"{t!r}: {v:.6g}" for t, v in pairs[:6]) + (", ..." if len(pairs) > 6 else "")
+        raise BadResponse(f"the returned top log-probabilities add up to probability {returned:.6g} > 1 ({shown})")
     floor = min(min(v for _, v in pairs), math.log(max(1.0 - returned, MASS_FLOOR)))
     values = [_logsumexp(found[j]) if j in found else floor for j in range(k)]
     mass = math.fsum(math.exp(values[j]) for j in found)
@@ -263,7 +316,11 @@ def _logsumexp(vs: Sequence[float]) -> float:
 
 
 def prediction_from_response(item: ApiQuestion, response: Any, *, where: str) -> Prediction:
-    """A ``Prediction`` from one response; a response without logprobs is refused (nothing to calibrate)."""
+    """A ``Prediction`` from one response; a response without logprobs is refused (nothing to calibrate).
+
+    ``BadResponse`` for invalid values (the caller retries); the prediction
+    returned is always a finite distribution.
+    """
     q = item.question
     pairs = first_token_logprobs(response)
     if pairs is None:
@@ -273,7 +330,32 @@ def prediction_from_response(item: ApiQuestion, response: Any, *, where: str) ->
             f"server that returns logprobs (vLLM, llama.cpp, TGI do), or check that it accepts "
             f"{'logprobs=N' if 'prompt' in item.body else 'logprobs=true with top_logprobs=N'}")
     r = read_letters(pairs, q.k)
-    return Prediction.from_logits(q.id, q.subject, q.answer, r.logprobs, letter_mass=r.mass, missing=r.missing)
+    p = Prediction.from_logits(q.id, q.subject, q.answer, r.logprobs, letter_mass=r.mass, missing=r.missing)
+    if not all(math.isfinite(v) for v in (*p.logits, *p.probs)) or not 0.0 <= p.letter_mass <= 1.0:
+        raise BadResponse(f"its option log-probabilities {list(r.logprobs)} give no distribution")
+    return p
+
+
+def fetch_prediction(client: "OpenAIClient", path: str, item: ApiQuestion) -> Prediction:
+    """One question's prediction; an invalid response (``BadResponse``) is retried as a server fault, with the
+    client's backoff and retry count, then refused naming the URL, the question and the value."""
+    s = client.settings
+    where = f"{s.shown_root}/{path}"
+    attempts = s.max_retries + 1
+    for attempt in range(attempts):
+        response = post_scored(client, path, item.body)
+        try:
+            return prediction_from_response(item, response, where=where)
+        except BadResponse as e:
+            last = e
+            if attempt + 1 < attempts:
+                delay = client.delay(attempt)
+                log.warning("%s: question %s: invalid response (%s); retrying in %.1f s (%d of %d)", where,
+                            item.question.id, e.problem, delay, attempt + 1, attempts - 1)
+                client.sleep(delay)
+    raise LlmcalError(f"{where}: question {item.question.id}: invalid response: {last.problem} (in each of "
+                      f"{attempts} attempts); nothing was recorded for this question: rerun the same command once "
+                      f"the server answers correctly to resume")
 
 
 # ---- the HTTP client -----------------------------------------------------------------------
@@ -296,7 +378,7 @@ class OpenAIClient:
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if key:  # local servers need no key; the key itself is never written anywhere
             headers["Authorization"] = f"Bearer {key}"
-        self._sleep = sleep
+        self.sleep = sleep
         self._http = httpx.Client(base_url=settings.root + "/", headers=headers, transport=transport,
                                   timeout=httpx.Timeout(settings.timeout_s),
                                   limits=httpx.Limits(max_connections=max(1, settings.concurrency)))
@@ -307,32 +389,37 @@ class OpenAIClient:
     def post(self, path: str, body: dict) -> Any:
         import httpx
 
-        url = f"{self.settings.root}/{path}"
+        url = f"{self.settings.shown_root}/{path}"
         attempts = self.settings.max_retries + 1
         for attempt in range(attempts):
             retry_after = None
             try:
                 r = self._http.post(path, json=body)
             except httpx.TransportError as e:  # connection refused or reset, timeouts
-                why = f"{type(e).__name__}: {e}"
+                why = redact_text(f"{type(e).__name__}: {e}")
             else:
                 if r.status_code < 300:
                     try:
                         return r.json()
                     except ValueError:
-                        raise LlmcalError(f"{url}: the response is not JSON ({r.text[:200]!r})") from None
-                why = f"HTTP {r.status_code}: {_error_text(r)}"
+                        raise LlmcalError(f"{url}: the response is not JSON ({redact_text(r.text[:200])!r})") \
+                            from None
+                why = f"HTTP {r.status_code}: {redact_text(_error_text(r))}"
                 if r.status_code not in RETRY_STATUS:
                     raise ApiStatusError(f"{url}: {why}{_hint(r.status_code, why, self.settings)}", r.status_code)
                 retry_after = _retry_after(r.headers.get("retry-after"))
             if attempt + 1 == attempts:
                 raise LlmcalError(f"{url}: no answer after {attempts} attempts (last: {why}); the run keeps what "
                                   f"was scored: rerun the same command to resume")
-            delay = min(self.settings.backoff_cap_s, self.settings.backoff_s * 2 ** attempt)
-            delay = max(delay * (1 + 0.25 * random.random()), retry_after or 0.0)  # jitter spreads the clients
+            delay = self.delay(attempt, retry_after)
             log.warning("%s: %s; retrying in %.1f s (%d of %d)", url, why, delay, attempt + 1, attempts - 1)
-            self._sleep(delay)
+            self.sleep(delay)
         raise AssertionError("unreachable")
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``attempt + 1``: doubling backoff, capped, plus jitter; Retry-After wins."""
+        delay = min(self.settings.backoff_cap_s, self.settings.backoff_s * 2 ** attempt)
+        return max(delay * (1 + 0.25 * random.random()), retry_after or 0.0)  # jitter spreads the clients
 
 
 def _error_text(r: Any) -> str:
@@ -375,9 +462,7 @@ class OpenAIEngine:
         return [ApiQuestion(q, request_body(q, self.mode, s.model, s.top_logprobs)) for q in questions]
 
     def score_one(self, item: ApiQuestion) -> Prediction:
-        path = endpoint(self.mode)
-        return prediction_from_response(item, post_scored(self.client, path, item.body),
-                                        where=f"{self.settings.root}/{path}")
+        return fetch_prediction(self.client, endpoint(self.mode), item)
 
     def score(self, encoded: Sequence[ApiQuestion], *, options=None, done: Iterable[str] = (),
               on_batch: Callable[[list[Prediction]], None] | None = None) -> list[Prediction]:
@@ -444,11 +529,16 @@ def probe_mode(client: OpenAIClient) -> str:
                 raise
             tried.append(f"{mode}: {e}")
             continue
-        if first_token_logprobs(response) is not None:
-            log.info("%s: --api-mode auto chose %s", s.root, mode)
+        try:
+            pairs = first_token_logprobs(response)
+        except BadResponse as e:
+            raise LlmcalError(f"{s.shown_root}/{endpoint(mode)}: question {probe.id} (the --api-mode auto probe): "
+                              f"invalid response: {e.problem}") from None
+        if pairs is not None:
+            log.info("%s: --api-mode auto chose %s", s.shown_root, mode)
             return mode
         tried.append(f"{mode}: answered without log-probabilities")
-    raise LlmcalError(f"{s.root}: no request mode returns log-probabilities, which llmcal needs to read the option "
+    raise LlmcalError(f"{s.shown_root}: no request mode returns log-probabilities, which llmcal needs to read the option "
                       f"distribution ({'; '.join(tried)})")
 
 

@@ -1,0 +1,259 @@
+"""The fault suite: nothing wrong gets in, nothing half-done looks done (docs/reference.md#refused).
+
+A misbehaving OpenAI-compatible server on 127.0.0.1 (NaN, infinite and positive log-probabilities,
+garbage entries, probabilities adding up past 1), concurrent writers on one run directory, damaged run
+files, unwritable output, duplicate YAML keys, columns a mapping names that a file lacks, credentials in
+URLs and markup in data text.  Property tests generate malformed server responses, datasets and study
+files and check the promise: a clean result or an LlmcalError (exit 2), never another exception, never a
+complete-looking run with bad numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmcal.backends.openai import (ApiQuestion, BadResponse, check_logprob, prediction_from_response, read_letters,
+                                    request_body)
+from llmcal.data.schema import Question
+from llmcal.errors import LlmcalError
+from llmcal.evaluate import EvalConfig, run_eval
+from llmcal.pipeline import invalid_prediction
+from llmcal.predictions import Prediction, load_predictions
+
+DATA = "synthetic:arithmetic?n=12"
+Q4 = Question(id="q1", question="What is 2 + 2?", choices=("3", "4", "5", "6"), answer=1, subject="math")
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- a server that misbehaves --------------------------------------------------------------------
+def good_top(prompt: str, n: int = 5) -> dict:
+    """A valid first-token top list: a fixed function of the prompt (log-probabilities of one softmax)."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little"))
+    vocab = [" A", " B", " C", " D", "The", " It", "\n", " w1", " w2", " w3"]
+    z = rng.normal(size=len(vocab)) * 2.0
+    z[:4] += 2.0
+    lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    order = np.argsort(-lp)[:n]
+    return {vocab[i]: float(lp[i]) for i in order}
+
+
+def completion_doc(top: dict) -> dict:
+    best = max(top, key=lambda t: top[t] if isinstance(top[t], (int, float)) else -1e9)
+    return {"object": "text_completion", "choices": [{"index": 0, "text": best, "logprobs": {
+        "tokens": [best], "token_logprobs": [top[best]], "top_logprobs": [top], "text_offset": [0]}}]}
+
+
+class MisbehavingServer:
+    """An OpenAI-compatible /completions endpoint on 127.0.0.1 (bounded: one thread per request, daemon).
+
+    ``fault(prompt, n)`` returns a replacement top list (or None for a correct answer) for the n-th
+    request; ``hold``: requests whose prompt contains it block until ``release()``.
+    """
+
+    def __init__(self, fault=None, *, hold: str | None = None):
+        self.fault, self.hold = fault, hold
+        self.count, self.lock, self.gate = 0, threading.Lock(), threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.count += 1
+                    n = server.count
+                prompt = body.get("prompt") or body["messages"][-1]["content"]
+                if server.hold and server.hold in prompt:
+                    server.gate.wait(60)
+                top = good_top(prompt, int(body.get("logprobs") or 5))
+                bad = server.fault(prompt, n) if server.fault else None
+                data = json.dumps(completion_doc(bad if bad is not None else top), allow_nan=True).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def release(self):
+        self.gate.set()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def served(url: str, **kw) -> EvalConfig:
+    return EvalConfig(**{"model": "m", "data": DATA, "backend": "openai", "base_url": url, "api_mode": "completions",
+                         "n_bootstrap": 20, "top_logprobs": 5, "concurrency": 2, "max_retries": 1, **kw})
+
+
+def questions():
+    from llmcal.data import load_dataset
+
+    return list(load_dataset(DATA).questions)
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from llmcal.cli import main; main()", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "LLMCAL_PROGRESS": "0", **(env or {})})
+
+
+def assert_clean_failure(r: subprocess.CompletedProcess) -> str:
+    """Exit 2, one `error:` line, no traceback."""
+    err = r.stderr
+    assert r.returncode == 2, (r.returncode, err)
+    assert "Traceback" not in err and "error:" in err, err
+    return " ".join(err.split())
+
+
+# ---- values from a server ------------------------------------------------------------------------
+@pytest.mark.parametrize("value, words", [
+    (float("nan"), "nan, not a finite number"), (float("inf"), "inf, not a finite number"),
+    (float("-inf"), "-inf, not a finite number"), (2.5, "2.5 > 0"), (1.0, "1.0 > 0"), ("-0.5", "not a number"),
+    (None, "None, not a number"), (True, "True, not a number"),
+])
+def test_a_log_probability_that_is_not_finite_and_at_most_zero_is_refused(value, words):
+    with pytest.raises(BadResponse, match=words.replace("(", r"\(").replace(".", r"\.")):
+        check_logprob(value, " A")
+    item = ApiQuestion(Q4, request_body(Q4, "completions", "m", 5))
+    with pytest.raises(BadResponse):
+        prediction_from_response(item, completion_doc({" A": value, " B": -2.0}), where="u")
+
+
+def test_rounding_above_zero_reads_as_log_one_and_a_list_adding_past_one_is_refused():
+    assert check_logprob(4e-7, "A") == 0.0 and check_logprob(-0.25, "A") == -0.25
+    with pytest.raises(BadResponse, match=r"add up to probability 1\.8"):
+        read_letters([(" A", math.log(0.9)), ("A", math.log(0.9))], 4)
+    r = read_letters([(" A", math.log(0.6)), (" B", math.log(0.4000004))], 4)  # float rounding is fine
+    assert r.mass == 1.0
+
+
+def test_a_nan_from_the_server_is_refused_naming_url_question_and_value_and_the_run_resumes_when_fixed(tmp_path):
+    qs = questions()
+    poisoned = qs[4]
+    state = {"broken": True}
+
+    def nan_for_one(prompt, n):
+        if state["broken"] and poisoned.question.strip() in prompt:
+            return {" A": float("nan"), " B": -1.0}
+        return None
+
+    with MisbehavingServer() as srv:
+        run_eval(served(srv.url), tmp_path / "whole", progress=False)
+    whole = (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+
+    out = tmp_path / "run"
+    with MisbehavingServer(nan_for_one) as srv:
+        with pytest.raises(LlmcalError) as e:
+            run_eval(served(srv.url), out, progress=False)
+        msg = str(e.value)
+        assert f"{srv.url}/completions: question {poisoned.id}: invalid response" in msg, msg
+        assert "nan" in msg and "in each of 2 attempts" in msg and "rerun the same command" in msg, msg
+        text = (out / "predictions.jsonl").read_text()
+        assert "NaN" not in text and "Infinity" not in text
+        assert all(invalid_prediction(p) is None for p in load_predictions(out / "predictions.jsonl"))
+        assert poisoned.id not in text and not (out / "metrics.json").exists()
+        state["broken"] = False  # the server is fixed: the same command resumes to a complete run
+        before = srv.count
+        rec = run_eval(served(srv.url), out, progress=False)
+        assert 0 < srv.count - before < len(qs)  # only what was not recorded is asked again
+    assert (out / "predictions.jsonl").read_bytes() == whole
+    assert rec.results[0].metrics["n"] == len(qs) and math.isfinite(rec.results[0].metrics["conf_ece"])
+
+
+def test_positive_log_probabilities_never_make_a_complete_looking_run(tmp_path):
+    with MisbehavingServer(lambda prompt, n: {" A": 2.5, " B": 1.0, " C": -0.5}) as srv:
+        r = cli("eval", "--backend", "openai", "--base-url", srv.url, "--model", "m", "--data", DATA,
+                "--api-mode", "completions", "--max-retries", "0", "--out", str(tmp_path / "run"))
+    msg = assert_clean_failure(r)
+    assert "2.5 > 0" in msg and "question arithmetic/" in msg, msg
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "predictions.jsonl").read_text().strip()
+
+
+def test_an_invalid_record_left_by_an_older_llmcal_is_scored_again_on_resume(tmp_path):
+    """Before this check a served NaN was written into predictions.jsonl and every rerun failed the same way."""
+    with MisbehavingServer() as srv:
+        run_eval(served(srv.url), tmp_path / "whole", progress=False)
+        whole = (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()
+        out = tmp_path / "run"  # what the older llmcal left: an interrupted run whose first record holds a NaN
+        out.mkdir()
+        (out / "config.json").write_text((tmp_path / "whole" / "config.json").read_text())
+        (out / "INCOMPLETE").write_text("")
+        bad = json.loads(whole[0])
+        bad["logits"][0] = float("nan")
+        (out / "predictions.jsonl").write_text(json.dumps(bad) + "\n" + whole[1] + "\n")
+        before = srv.count
+        rec = run_eval(served(srv.url), out, progress=False)
+        assert srv.count - before == len(whole) - 1  # the NaN question is asked again, the good one is not
+    assert (out / "predictions.jsonl").read_text().splitlines() == whole
+    assert math.isfinite(rec.results[0].metrics["nll"])
+
+
+def test_a_prediction_that_is_no_distribution_is_never_appended(tmp_path, tiny_model_dir, monkeypatch):
+    """A local model's NaN logits (say, a float16 overflow) stop the run before they reach the file."""
+    import llmcal.scoring as scoring
+
+    real = scoring.score
+
+    def nan_scores(*a, on_batch=None, **kw):
+        def poisoned(batch):
+            on_batch([batch[0].__class__.from_logits(batch[0].id, batch[0].subject, batch[0].answer,
+                                                     [float("nan")] * len(batch[0].logits))] + batch[1:])
+        return real(*a, on_batch=poisoned, **kw)
+
+    monkeypatch.setattr(scoring, "score", nan_scores)
+    cfg = EvalConfig(model=str(tiny_model_dir), data=DATA, n_bootstrap=10, device="cpu", dtype="float32")
+    with pytest.raises(LlmcalError, match=r"predictions\.jsonl: the scores of question arithmetic/\S+ are no "
+                                          r"distribution \(a non-finite value"):
+        run_eval(cfg, tmp_path / "run", progress=False)
+    assert "NaN" not in (tmp_path / "run" / "predictions.jsonl").read_text()
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from([" A", " B", "C", "\u0120D", "The", "x"]),
+                       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.none(),
+                                 st.text(max_size=3), st.booleans()), min_size=1, max_size=6),
+       st.sampled_from(["completions", "chat"]))
+def test_any_response_gives_a_distribution_or_a_refusal(top, shape):
+    """Property: whatever the server puts into its top list, the result is a valid prediction or an error."""
+    item = ApiQuestion(Q4, request_body(Q4, shape, "m", 5))
+    if shape == "completions":
+        doc = {"choices": [{"text": "A", "logprobs": {"tokens": ["A"], "token_logprobs": [None], "top_logprobs": [top]}}]}
+    else:
+        doc = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [
+            {"token": "A", "logprob": None, "top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()]}]}}]}
+    try:
+        p = prediction_from_response(item, doc, where="u")
+    except LlmcalError:
+        return
+    assert invalid_prediction(p) is None
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 1e-6 for v in top.values())
