@@ -12,7 +12,12 @@ Layout (every file written atomically through ``llmcal.io``)::
 
 A run is complete when ``metrics.json`` exists and ``INCOMPLETE`` does not.
 Starting a run on a directory that holds an incomplete run of the same config
-resumes it; a complete run is only replaced with ``overwrite=True``.
+resumes it; a complete run is only replaced with ``overwrite=True``.  The
+process that starts a run holds ``RUN/.llmcal.lock`` (``llmcal.lock``) until
+it finishes: a second process on the same directory is refused.
+
+Recorded documents hold no credentials: ``portable`` also redacts the secrets a
+URL may carry (``llmcal.redact``).
 
 Recorded paths are portable (:func:`portable`): config.json and metrics.json
 hold no absolute path of the machine that wrote them, so a run directory can
@@ -31,6 +36,8 @@ from typing import Any
 
 from .errors import LlmcalError
 from .io import atomic_write_json, atomic_write_text
+from .lock import LOCK_NAME, RunLock
+from .redact import redact_text
 
 MARKER = "INCOMPLETE"
 CONFIG = "config.json"
@@ -56,7 +63,8 @@ def portable(obj: Any, base: str | Path) -> Any:
     A path under the llmcal cache becomes ``<llmcal-cache>/...``, one under the
     Python environment's site-packages ``<site-packages>/...`` (where the asset
     packages put their files); any other absolute path becomes relative to
-    ``base`` (the run folder).  Relative paths and other strings are kept.
+    ``base`` (the run folder).      Relative paths and other strings are kept, except that credentials in a
+    URL are replaced by ``***`` (``llmcal.redact``).
     """
     base = Path(base).resolve()
     roots = _roots()
@@ -66,6 +74,8 @@ def portable(obj: Any, base: str | Path) -> Any:
             return {k: one(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [one(x) for x in v]
+        if isinstance(v, str) and "://" in v:
+            return redact_text(v)
         if not isinstance(v, str) or not v.startswith(("/", "\\")) or "\n" in v or not os.path.isabs(v):
             return v
         p = Path(v).resolve()
@@ -135,9 +145,43 @@ class RunRecord:
     meta: dict
 
 
+def _own(name: str) -> bool:
+    """Files a run directory has from its first instant (the lock, the marker, their temporary files)."""
+    return name in (LOCK_NAME, MARKER) or (name.startswith((f".{MARKER}.", f".{CONFIG}.")) and name.endswith(".tmp"))
+
+
+def _clear(path: Path) -> None:
+    """Remove everything in the run directory but its lock (which this process holds)."""
+    for p in path.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def read_config(path: Path, *, overwrite_hint: bool = True) -> dict:
+    """A run's config.json; a damaged one is an error naming the file and line."""
+    f = path / CONFIG
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        doc, why = None, f"not UTF-8 text ({e.reason})"
+    except json.JSONDecodeError as e:
+        doc, why = None, f"line {e.lineno}: not valid JSON ({e.msg})"
+    else:
+        why = "not a JSON object"
+    if not isinstance(doc, dict):
+        hint = "; the run cannot resume from it: pass --overwrite to start it again" if overwrite_hint else ""
+        raise LlmcalError(f"{f} {why}{hint}")
+    return doc
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: RunLock | None = None
 
     # ---- state -------------------------------------------------------
     @property
@@ -152,35 +196,68 @@ class RunDir:
         return self.path / name
 
     # ---- lifecycle ---------------------------------------------------
-    def start(self, config: dict, *, overwrite: bool = False) -> bool:
-        """Create or reopen the run; returns True when it resumes an interrupted run."""
+    def _foreign(self) -> bool:
+        """The directory holds files that are not a run's (checked before the lock file is put there)."""
+        return self.path.is_dir() and not self.is_started and any(not _own(p.name) for p in self.path.iterdir())
+
+    def start(self, config: dict, *, overwrite: bool = False, restart: bool = False) -> bool:
+        """Take the run's lock, then create or reopen the run; returns True when it resumes an interrupted run.
+
+        ``restart``: an interrupted run is removed first, whatever its configuration.
+        The lock is held until ``finish`` (or until this process ends).
+        """
         if self.path.exists() and not self.path.is_dir():
             raise LlmcalError(f"{self.path}: exists and is not a directory")
+        if self._foreign() and not overwrite:  # before the lock file is put into somebody else's directory
+            raise LlmcalError(f"{self.path}: directory is not empty and holds no llmcal run; choose another --out")
+        self._lock = RunLock.acquire(self.path)
+        try:
+            return self._start_locked(config, overwrite=overwrite, restart=restart)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run's lock (``finish`` does; a refused ``start`` does)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _start_locked(self, config: dict, *, overwrite: bool, restart: bool) -> bool:
+        if restart and self.is_started and not self.is_complete:
+            _clear(self.path)
         if self.is_complete:
             if not overwrite:
                 raise LlmcalError(
                     f"{self.path}: already holds a complete run; pass --overwrite to replace it "
                     f"or choose another --out"
                 )
-            shutil.rmtree(self.path)
+            _clear(self.path)
         resumed = False
         config = portable(_jsonable(config), self.path)
         if self.is_started:
-            old = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
-            a = {k: v for k, v in old.items() if k not in RESUME_KEYS_IGNORED}
+            try:
+                old = portable(read_config(self.path), self.path)
+            except LlmcalError:
+                if not overwrite:
+                    raise
+                old = None
+            a = {k: v for k, v in (old or {}).items() if k not in RESUME_KEYS_IGNORED}
             b = {k: v for k, v in config.items() if k not in RESUME_KEYS_IGNORED}
-            if a == b:
+            if old is not None and a == b:
                 resumed = True
             elif overwrite:  # a different run was interrupted here: start this one from nothing
-                shutil.rmtree(self.path)
+                _clear(self.path)
             else:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise LlmcalError(
                     f"{self.path}: holds an interrupted run with a different configuration "
                     f"({', '.join(diff)} differ); resume with the same options, or pass --overwrite"
                 )
-        elif self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            raise LlmcalError(f"{self.path}: directory is not empty and holds no llmcal run; choose another --out")
+        elif self._foreign():
+            if not overwrite:
+                raise LlmcalError(f"{self.path}: directory is not empty and holds no llmcal run; choose another "
+                                  f"--out")
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / MARKER, "this run has not finished; rerun the same command to resume\n")
         if not resumed:
@@ -202,6 +279,7 @@ class RunDir:
         }
         atomic_write_json(self.path / METRICS, doc)
         (self.path / MARKER).unlink(missing_ok=True)
+        self.release()
 
 
 def load_run(path: str | Path) -> RunRecord:
