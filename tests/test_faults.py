@@ -257,3 +257,90 @@ def test_any_response_gives_a_distribution_or_a_refusal(top, shape):
         return
     assert invalid_prediction(p) is None
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 1e-6 for v in top.values())
+
+
+# ---- one writer per run directory ----------------------------------------------------------------
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from llmcal.runs import RunDir
+    RunDir(sys.argv[1]).start({"kind": "eval", "x": 1})
+    Path(sys.argv[2]).write_text("started")
+    time.sleep(120)
+""")
+
+
+def _holder(tmp_path: Path, run: Path) -> tuple[subprocess.Popen, Path]:
+    flag = tmp_path / f"started-{time.monotonic_ns()}"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), str(flag)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, flag
+
+
+def test_a_second_process_on_a_live_run_is_refused_with_the_owners_pid_and_a_dead_owners_lock_is_taken(tmp_path):
+    from llmcal.runs import RunDir
+
+    run = tmp_path / "run"
+    proc, _ = _holder(tmp_path, run)
+    try:
+        with pytest.raises(LlmcalError, match=rf"another llmcal process \(pid {proc.pid}\) is writing this run"):
+            RunDir(run).start({"kind": "eval", "x": 1})
+        with pytest.raises(LlmcalError, match=rf"pid {proc.pid}"):  # --overwrite does not take a live run either
+            RunDir(run).start({"kind": "eval", "x": 2}, overwrite=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    rd = RunDir(run)
+    assert rd.start({"kind": "eval", "x": 1}) is True  # the owner died: its lock is stale, the run resumes
+    assert (run / ".llmcal.lock").read_text().split()[0] == str(os.getpid())
+    rd.finish(kind="eval", model="m", results=[])
+    assert not (run / ".llmcal.lock").exists() and rd.is_complete
+
+
+def test_two_processes_started_at_the_same_instant_one_runs_and_the_other_is_told_why(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        from llmcal.errors import LlmcalError
+        from llmcal.runs import RunDir
+        while time.time() < float(sys.argv[2]):
+            pass
+        try:
+            RunDir(sys.argv[1]).start({"kind": "eval"})
+        except LlmcalError as e:
+            print("REFUSED", e)
+            sys.exit(2)
+        print("STARTED")
+        time.sleep(3)
+    """)
+    run, at = tmp_path / "run", time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(run), str(at)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert sum("STARTED" in o for o in outs) == 1, outs
+    refused = [o for o in outs if "REFUSED" in o]
+    assert len(refused) == 2 and all("another llmcal process (pid" in o for o in refused), outs
+
+
+def test_a_second_cli_run_on_the_same_out_is_refused_while_the_first_scores(tmp_path):
+    qs = questions()
+    out = tmp_path / "run"
+    with MisbehavingServer(hold=qs[5].question.strip()) as srv:
+        first = subprocess.Popen([sys.executable, "-c", "from llmcal.cli import main; main()", "eval", "--backend",
+                                  "openai", "--base-url", srv.url, "--model", "m", "--data", DATA, "--api-mode",
+                                  "completions", "--n-bootstrap", "20", "--out", str(out)],
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "LLMCAL_PROGRESS": "0"})
+        deadline = time.monotonic() + 60
+        while srv.count < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = cli("eval", "--backend", "openai", "--base-url", srv.url, "--model", "m", "--data", DATA, "--api-mode",
+                "completions", "--n-bootstrap", "20", "--out", str(out))
+        msg = assert_clean_failure(r)
+        assert f"another llmcal process (pid {first.pid}) is writing this run" in msg, msg
+        srv.release()
+        assert first.wait(120) == 0, first.stderr.read()
+        assert srv.count == len(qs)  # one request per question: the refused process sent none
+    assert len(load_predictions(out / "predictions.jsonl")) == len(qs) and not (out / ".llmcal.lock").exists()
