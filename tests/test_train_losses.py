@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from llmcal.train.losses import RcftLoss, answer_ce_loss, nonmax_targets
+from llmcal.train.losses import (OFFICIAL_SCALE, OfficialRcftLoss, RcftLoss, answer_ce_loss, bins_of, nonmax_targets,
+                                 official_bins, official_calibration_loss)
 
 NAN = float("nan")
 
@@ -89,6 +90,117 @@ def test_all_bins_empty_gives_zero_loss_with_a_graph():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.all(logits.grad == 0)
+
+
+# ---- the official variant (the authors' Custom_Trainer.compute_calibration_loss) ----------------
+def _official_term(p, a):
+    """By hand, the authors' way: sort the probabilities, the three after the largest are the non-max ones;
+    a = 1 gives targets 0 (their alpha = beta = 0)."""
+    srt = sorted(p, reverse=True)
+    c, rest = srt[0], srt[1:]
+    if a == 1.0:
+        targets = [0.0] * len(rest)
+    else:
+        gamma = math.log(3) / rest[0] * (1 / (1 - a))
+        T = sum(math.tanh(gamma * q) for q in rest)
+        alpha = (1 - a) / (T + 3)
+        targets = [alpha * math.tanh(gamma * q) + alpha for q in rest]
+    return (c - a) ** 2 + sum((q - t) ** 2 for q, t in zip(rest, targets))
+
+
+OFFICIAL_ROWS = [
+    [0.72, 0.13, 0.10, 0.05],  # conf 0.72 -> bin 7
+    [0.10, 0.74, 0.10, 0.06],  # conf 0.74 -> bin 7 (with the row above: both divided by N_7)
+    [0.05, 0.05, 0.35, 0.55],  # conf 0.55 -> bin 5, a_5 = 1: targets 0
+    [0.95, 0.02, 0.02, 0.01],  # conf 0.95 -> bin 9, the top bin
+    [0.40, 0.30, 0.20, 0.10],  # conf 0.40 -> bin 4: N_4 = 0 in the E-step, skipped
+]
+OFFICIAL_ACC = torch.tensor([NAN, NAN, 0.3, 0.2, NAN, 1.0, 0.5, 0.6, 0.7, 0.9])
+OFFICIAL_COUNT = torch.tensor([0, 0, 5, 10, 0, 8, 20, 4, 30, 12], dtype=torch.float32)
+
+
+def test_official_bins_are_the_authors_bucketize_right_true_indexed_k_minus_1():
+    conf = torch.tensor([0.0, 0.05, 0.0999, 0.1, 0.25, 0.3, 0.55, 0.8999, 0.9, 0.97, 1.0], dtype=torch.float64)
+    # torch.bucketize(c, [0, .1, ..., .9], right=True) is k in 1..10 with edges[k-1] <= c < edges[k]
+    edges = torch.tensor([0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6000000000000001, 0.7000000000000001,
+                          0.8, 0.9], dtype=torch.float64)  # numpy.linspace(0, 1, 10, endpoint=False)
+    k = torch.bucketize(conf, edges, right=True)
+    # (0.3 lies below its edge 3 * 0.1 = 0.30000000000000004: float rounding at an edge)
+    assert k.tolist() == [1, 1, 1, 2, 3, 3, 6, 9, 10, 10, 10]
+    # their lists hold bin k at position k - 1: an edge belongs to the bin above it, 1.0 to the top bin
+    assert official_bins(conf).tolist() == [0, 0, 0, 1, 2, 2, 5, 8, 9, 9, 9] == (k - 1).tolist()
+    away = torch.tensor([0.05, 0.25, 0.55, 0.97])  # away from the edges, llmcal's own bins
+    assert official_bins(away).tolist() == bins_of(away, 10).tolist()
+    # at an edge, float rounding decides: float32 0.9 is 0.89999998, below the float64 edge 0.9
+    assert official_bins(torch.tensor([0.9])).tolist() == [8]
+
+
+def test_official_calibration_loss_hand_computed():
+    logits = _logits(OFFICIAL_ROWS)
+    bin7 = (_official_term(OFFICIAL_ROWS[0], 0.6) + _official_term(OFFICIAL_ROWS[1], 0.6)) / 4  # N_7 = 4
+    bin5 = _official_term(OFFICIAL_ROWS[2], 1.0) / 8
+    top = _official_term(OFFICIAL_ROWS[3], 0.9) / 12
+    assert bin5 == pytest.approx(((0.55 - 1) ** 2 + 0.35 ** 2 + 0.05 ** 2 + 0.05 ** 2) / 8)  # a = 1: targets 0
+    r = official_calibration_loss(logits, OFFICIAL_ACC, OFFICIAL_COUNT)
+    assert r.item() == pytest.approx(bin7 + bin5 + top, rel=1e-5)
+    # the authors' loop visits bins 0..8 only: the top bin's question drops out
+    r9 = official_calibration_loss(logits, OFFICIAL_ACC, OFFICIAL_COUNT, skip_top_bin=True)
+    assert r9.item() == pytest.approx(bin7 + bin5, rel=1e-5)
+    # a sum over the bin divided by the training set's N_k, not a mean over the batch: doubling N_7 halves it
+    count = OFFICIAL_COUNT.clone()
+    count[7] = 8
+    assert official_calibration_loss(logits, OFFICIAL_ACC, count).item() == pytest.approx(bin7 / 2 + bin5 + top,
+                                                                                          rel=1e-5)
+
+
+def test_official_targets_carry_gradient_unlike_llmcals_tanh_rule():
+    row = [[0.70, 0.15, 0.10, 0.05]]
+    acc, count = torch.full((10,), 0.6), torch.ones(10)
+    logits = _logits(row).requires_grad_(True)
+    official_calibration_loss(logits, acc, count).backward()
+    g_official = logits.grad.clone()
+    logits.grad = None
+    RcftLoss(10, "tanh")(logits, acc).backward()  # the same term, targets detached
+    g_detached = logits.grad
+    assert RcftLoss(10, "tanh")(logits, acc).item() == pytest.approx(
+        official_calibration_loss(logits, acc, count).item(), rel=1e-6)  # same value for one question, N = 1
+    assert torch.all(torch.isfinite(g_official)) and not torch.allclose(g_official, g_detached, atol=1e-6)
+    # by finite differences: the official gradient is the derivative of the official value
+    eps, z = 1e-3, _logits(row).double()
+    for j in range(4):
+        up, dn = z.clone(), z.clone()
+        up[0, j] += eps
+        dn[0, j] -= eps
+        fd = (official_calibration_loss(up, acc.double(), count) - official_calibration_loss(dn, acc.double(), count))
+        assert fd.item() / (2 * eps) == pytest.approx(g_official[0, j].item(), rel=2e-3, abs=1e-6)
+
+
+def test_official_loss_skips_empty_bins_and_keeps_a_graph():
+    logits = _logits([OFFICIAL_ROWS[4]]).requires_grad_(True)  # bin 4: N_4 = 0
+    r = official_calibration_loss(logits, OFFICIAL_ACC, OFFICIAL_COUNT)
+    assert r.item() == 0.0
+    r.backward()
+    assert torch.all(logits.grad == 0)
+    logits = _logits(OFFICIAL_ROWS).requires_grad_(True)
+    official_calibration_loss(logits, OFFICIAL_ACC, OFFICIAL_COUNT).backward()
+    assert torch.all(torch.isfinite(logits.grad)) and torch.all(logits.grad[4] == 0)
+    with pytest.raises(ValueError, match="bins"):
+        official_calibration_loss(logits, OFFICIAL_ACC, torch.ones(9))
+
+
+def test_official_mix_weighs_sft_and_r_as_the_authors_do():
+    from llmcal.train.state import TrainState
+
+    st = TrainState.initial("rcft", 1.0, 10)
+    st.set_targets([None if math.isnan(a) else a for a in OFFICIAL_ACC.tolist()], "once:0", {},
+                   counts=[int(c) for c in OFFICIAL_COUNT.tolist()])
+    assert TrainState.from_dict(st.to_dict()).counts == st.counts  # the counts travel with the checkpoint
+    logits, sft = _logits(OFFICIAL_ROWS), torch.tensor(2.0)
+    r = official_calibration_loss(logits, OFFICIAL_ACC, OFFICIAL_COUNT).item()
+    for alpha in (0.0, 0.5, 1.0):
+        total = OfficialRcftLoss(alpha).total(sft, logits, st)
+        assert total.item() == pytest.approx((1 - alpha) * 2.0 + alpha * 1e-3 * r, rel=1e-6)
+    assert OFFICIAL_SCALE == 1e-3
 
 
 def test_answer_ce_loss_is_full_vocabulary_cross_entropy():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,12 @@ def test_validation_and_presets():
     validate(cfg_for("m", estep_every=5, method="rcft"))
     paper = apply_preset(cfg_for("m", preset="paper", lr=2e-4, epochs=1))
     assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout, paper.batch_size) == (128, 64, 0.05, 2)
-    assert paper.lr == 5e-4  # lr was at its default: the preset's
+    assert paper.lr == 5e-6  # lr was at its default: the preset's (the authors' submit_training.sh)
     assert paper.epochs == 1  # set explicitly: kept
     assert paper.dtype == "bf16-if-supported" and paper.target_modules == "all-linear"
+    assert paper.training_args == {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+    mine = apply_preset(cfg_for("m", preset="paper", training_args={"warmup_steps": 3, "weight_decay": 0.1}))
+    assert mine.training_args == {"lr_scheduler_type": "cosine", "warmup_steps": 3, "weight_decay": 0.1}
     assert apply_preset(cfg_for("m")).lora_r == 16
 
 
@@ -173,6 +177,92 @@ def test_rcft_with_lambda_zero_equals_cft_step_for_step(tmp_path, sharp_model):
     assert w_cft.keys() == w_rcft.keys()
     for k in w_cft:
         assert torch.equal(w_cft[k], w_rcft[k]), k
+
+
+# ---- the official RCFT variant and the authors' epoch loop ---------------------------------------
+class StepRecorder:
+    """A TrainerCallback keeping each step's logged loss and learning rate, and the optimizer state size."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        rec = self
+        self.losses, self.lrs, self.state_sizes = [], [], []
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    rec.losses.append(logs["loss"])
+                    rec.lrs.append(logs["learning_rate"])
+
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                rec.state_sizes.append((state.global_step, len(optimizer.state)))
+
+        self.callback = _CB()
+
+
+def test_official_rcft_trains_with_one_estep_on_the_training_set(tmp_path, sharp_model, monkeypatch):
+    from llmcal.train import estimate
+
+    calls = []
+    real = estimate.Probe.__call__
+
+    def spy(self, name, model, encoded, step):
+        calls.append((name, len(encoded), step))
+        return real(self, name, model, encoded, step)
+
+    monkeypatch.setattr(estimate.Probe, "__call__", spy)
+    cft, off = StepRecorder(), StepRecorder()
+    run_finetune(cfg_for(sharp_model, method="cft", epochs=2), tmp_path / "cft", progress=False, callbacks=[cft.callback])
+    rec = run_finetune(cfg_for(sharp_model, method="rcft", rcft_variant="official", rcft_alpha=0.5, epochs=2),
+                       tmp_path / "off", progress=False, callbacks=[off.callback])
+    n_train = rec.meta["n_train"]
+    # one E-step, before the first batch, on every training question; never refreshed at the second epoch
+    assert [c for c in calls if c[0].startswith("estep")] == [("estep-train", n_train, 0)]
+    (e,) = rec.meta["estep"]
+    assert e["tag"] == "once:0" and e["set"] == "train" and e["variant"] == "official"
+    assert e["n_questions"] == sum(e["count"]) == n_train and len(e["count"]) == 10
+    assert e["targets"] == [None if c == 0 else a for a, c in zip(e["raw_accuracy"], e["count"])]
+    # it trained (2 epochs, adapter written) with the official mix: the first step's loss is
+    # 0.5 * the same SFT loss as CFT's first step + 0.5 * 1e-3 * R, with 0 < R <= 2 * batch
+    assert len(off.losses) == len(cft.losses) == rec.meta["global_step"] > 2
+    assert (tmp_path / "off" / "adapter").is_dir()
+    assert 0 < off.losses[0] - 0.5 * cft.losses[0] <= 0.5e-3 * 2 * 4 + 1e-6
+    assert "official variant" in (tmp_path / "off" / "report.md").read_text()
+
+
+def test_official_variant_options_are_checked():
+    with pytest.raises(LlmcalError, match="--rcft-lambda applies to --rcft-variant llmcal"):
+        validate(cfg_for("m", method="rcft", rcft_variant="official", rcft_lambda=3.0))
+    with pytest.raises(LlmcalError, match="--rcft-alpha applies to --rcft-variant official"):
+        validate(cfg_for("m", method="rcft", rcft_alpha=0.5))
+    with pytest.raises(LlmcalError, match="--rcft-alpha must be a number in \\[0, 1\\]"):
+        validate(cfg_for("m", method="rcft", rcft_variant="official", rcft_alpha=1.5))
+    with pytest.raises(LlmcalError, match="unknown --rcft-variant 'paper'"):
+        validate(cfg_for("m", rcft_variant="paper"))
+    with pytest.raises(LlmcalError, match="--squared-epochs"):
+        validate(cfg_for("m", squared_epochs=True, epochs=1.5))
+    with pytest.raises(LlmcalError, match="--squared-epochs"):
+        validate(cfg_for("m", squared_epochs=True, max_steps=4))
+
+
+def test_squared_epochs_restart_the_schedule_and_the_optimizer_every_round(tmp_path, sharp_model):
+    plain, squared = StepRecorder(), StepRecorder()
+    run_finetune(cfg_for(sharp_model, epochs=2, save_steps=100), tmp_path / "plain", progress=False,
+                 callbacks=[plain.callback])
+    rec = run_finetune(cfg_for(sharp_model, epochs=2, squared_epochs=True, save_steps=100,
+                               training_args={"lr_scheduler_type": "cosine", "warmup_steps": 0.1}),
+                       tmp_path / "sq", progress=False, callbacks=[squared.callback])
+    # 2 epochs, twice over: 4 passes; the cosine schedule (10% warm-up) of one 2-epoch round, twice
+    n = len(plain.lrs)  # steps of one round: the plain 2-epoch run's
+    assert rec.meta["global_step"] == 2 * n and len(squared.lrs) == 2 * n and n > 4
+    assert squared.lrs[:n] == pytest.approx(squared.lrs[n:]) and squared.lrs[0] == squared.lrs[n] == 0.0
+    warm = math.ceil(0.1 * n)  # warm-up steps of one round, as the authors' Trainer counts them
+    assert squared.lrs[warm] == pytest.approx(5e-3) and squared.lrs[n - 1] < 5e-4  # then cosine down
+    assert plain.lrs[0] == 5e-3  # llmcal's default: linear, no warm-up
+    # AdamW's moments start afresh at the first step of round 2 (step n), and only there
+    sizes = dict(squared.state_sizes)
+    assert sizes[0] == 0 and sizes[n] == 0 and all(sizes[s] > 0 for s in range(1, 2 * n) if s != n)
 
 
 # ---- kill and resume ----------------------------------------------------------------------------

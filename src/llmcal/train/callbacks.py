@@ -7,6 +7,12 @@
   yet, then at the start of every epoch (or every N optimizer steps).  Each
   E-step logs how many questions it used, and warns when they are too few for
   the number of bins.
+* ``OfficialEStepCallback`` (``--rcft-variant official``): the authors' E-step,
+  once, on the whole training set, before the RCFT term first applies: raw bin
+  accuracies and question counts, never refreshed.
+* ``SquaredEpochsCallback`` (``--squared-epochs``): the authors' epoch loop in
+  one Trainer run: the learning-rate schedule restarts, and the optimizer state
+  is dropped, every ``--epochs`` epochs.
 * ``AutoRegimeCallback`` (``--method auto``): at each epoch end, compares
   train and held-out accuracy; once ``left_calibratable`` says the model has
   left the calibratable regime, the RCFT term is on from then on.  Every check
@@ -33,6 +39,7 @@ from typing import Sequence
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from ..errors import LlmcalError
 from ..prompts import EncodedQuestion
 from ..regime import diagnose, left_calibratable
 from .estimate import DEFAULT_PRIOR_STRENGTH, MIN_QUESTIONS_PER_BIN, Probe, estimate_bin_accuracy, too_few
@@ -104,6 +111,84 @@ class EStepCallback(TrainerCallback):
         if self.ts.rcft_on and self.every_steps and state.global_step % self.every_steps == 0:
             if state.global_step < state.max_steps:
                 self._refresh(state, model, self._tag(state))
+
+
+class OfficialEStepCallback(TrainerCallback):
+    """The official code's E-step (``accuracy_all_sample`` in its trainer.py): one pass over the training set.
+
+    Bin accuracies are the raw per-bin accuracies (no prior) and the counts N_k are kept for the loss's
+    1 / N_k; a bin without questions has no estimate.  It runs when the RCFT term is on and has no
+    estimates yet: before the first batch for ``--method rcft``, at the switch for ``--method auto``;
+    the estimates travel with the checkpointed state, so a resumed run does not re-estimate them.
+    """
+
+    def __init__(self, train_state: TrainState, probe: Probe, encoded: Sequence[EncodedQuestion]):
+        self.ts = train_state
+        self.probe = probe
+        self.encoded = encoded
+
+    def _estimate(self, state, model) -> None:
+        if not self.ts.rcft_on or self.ts.targets is not None:
+            return
+        stats = self.probe("estep-train", model, self.encoded, state.global_step)
+        count = [int(round(c)) for c in stats.bins.count]
+        acc = [float(s / c) if c else None for s, c in zip(stats.bins.sum_correct, count)]
+        self.ts.set_targets(acc, f"once:{state.global_step}", {
+            "step": state.global_step, "epoch": state.epoch or 0.0, "set": "train", "variant": "official",
+            "n_questions": stats.n, "count": count, "raw_accuracy": acc, **stats.summary()}, counts=count)
+        log.info("official E-step at step %d: %d training questions (per bin %s); bin accuracies %s",
+                 state.global_step, stats.n, count, _rounded(self.ts.targets))
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._estimate(state, model)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kw):
+        self._estimate(state, model)
+
+
+class SquaredEpochsCallback(TrainerCallback):
+    """``--squared-epochs``: ``rounds`` restarts of a ``max_steps / rounds``-step schedule in one Trainer run.
+
+    The authors' ``train()`` calls the base ``train()`` once per epoch, and each call builds a new
+    optimizer and schedule and trains every epoch: with E epochs the data is seen E * E times, the
+    schedule (cosine with warm-up) restarting E times and AdamW's moments starting from zero each
+    time.  Here the Trainer runs E * E epochs (``training_args``); at the start the schedule's
+    lambdas are replaced by the same schedule built for one round, taken modulo the round, and at
+    the first step of every later round the optimizer state is cleared.  Global steps, checkpoints
+    and ``--resume`` stay the Trainer's (a resume inside a round keeps the optimizer state it saved).
+    """
+
+    def __init__(self, rounds: int):
+        self.rounds = int(rounds)
+        self._cleared_at: int | None = None
+
+    def _round_steps(self, state) -> int:
+        if state.max_steps % self.rounds:
+            raise LlmcalError(f"--squared-epochs: {state.max_steps} steps do not split into {self.rounds} rounds")
+        return state.max_steps // self.rounds
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kw):
+        import torch
+        from transformers import get_scheduler
+
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
+        if not hasattr(sched, "lr_lambdas"):
+            raise LlmcalError(f"--squared-epochs needs a step-wise learning-rate schedule (lr_scheduler_type "
+                              f"{args.lr_scheduler_type!r} is not one)")
+        n = self._round_steps(state)
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # only to build the lambda
+        one = get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=args.get_warmup_steps(n),
+                            num_training_steps=n, scheduler_specific_kwargs=args.lr_scheduler_kwargs).lr_lambdas[0]
+        sched.lr_lambdas = [lambda step, f=one: f(step % n) for _ in sched.lr_lambdas]
+        log.info("--squared-epochs: %d rounds of %d steps, the schedule restarting each round", self.rounds, n)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        n = self._round_steps(state)
+        step = state.global_step
+        if step and step % n == 0 and self._cleared_at != step and optimizer is not None:
+            getattr(optimizer, "optimizer", optimizer).state.clear()  # AdamW starts its moments afresh
+            self._cleared_at = step
+            log.info("--squared-epochs: round %d of %d starts at step %d", step // n + 1, self.rounds, step)
 
 
 def _rounded(values) -> list:

@@ -3,7 +3,8 @@
 ``FinetuneConfig`` is a plain dataclass: the CLI builds it, ``run_finetune``
 stores it as the run's config.json.  ``validate`` runs before anything is
 loaded, so a typo costs nothing.  ``apply_preset`` fills in a preset's
-hyper-parameters (``paper``: the settings of Xiao et al., ICML 2025).
+hyper-parameters (``paper``: the settings of the authors' training script for
+Xiao et al., ICML 2025); ``resolved_config`` is what ``calibrate --dry-run`` prints.
 """
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ ESTEP_SETS = ("heldout", "train")
 PRESETS = ("default", "paper")
 SPLITS = ("train", "calib", "test")  # the named splits of data.splits.SPLITS
 
-# The paper's QLoRA settings (docs/reference.md, "CFT").  4-bit base weights are used on
-# top of these when bitsandbytes and a GPU are present.
+RCFT_VARIANTS = ("llmcal", "official")
+
+# The authors' settings (docs/reference.md, "Paper preset"): scripts/submit_training.sh (lr, epochs, batch per
+# GPU), utils/util_olmo.py (LoRA), train/trainer.py (SFTConfig: cosine schedule, warmup ratio 0.1, bf16) of
+# github.com/ZhanliangAaronWang/RestoreLLMCalibration.  4-bit base weights are used on top of these when
+# bitsandbytes and a GPU are present.  The schedule goes through TrainingArguments (warmup_steps < 1 is a ratio).
 PAPER = {"lora_r": 128, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear",
-         "lr": 5e-4, "epochs": 5, "batch_size": 2, "dtype": "bf16-if-supported"}
+         "lr": 5e-6, "epochs": 5, "batch_size": 2, "dtype": "bf16-if-supported"}
+PAPER_TRAINING_ARGS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}
 
 
 @dataclass
@@ -76,6 +82,14 @@ class FinetuneConfig:
     eval_subjects: list[str] | None = option(None, flag="--eval-subject",
                                              help="Keep only this subject of the --eval sets (repeatable).")
     rcft_lambda: float = option(1.0, help="RCFT: weight of the ECE term (loss = CFT + lambda * L_ECE).")
+    rcft_variant: str = option("llmcal", help="RCFT objective: llmcal (CFT + lambda * L_ECE, E-step every epoch on "
+                                              "the held-out slice) or official (the authors' code: (1 - alpha) * "
+                                              "SFT + alpha * 1e-3 * R, one E-step on the training set before "
+                                              "training; docs/reference.md#rcft-official).")
+    rcft_alpha: float = option(1.0, help="--rcft-variant official: the mix alpha in [0, 1] (1.0: the authors' RCFT "
+                                         "runs, 0.0: their CFT).")
+    rcft_skip_top_bin: bool = option(False, help="--rcft-variant official: leave the top bin [0.9, 1] "
+                                                 "unregularised, as the authors' loss loop does.")
     n_bins: int = shared("n_bins")
     estep_every: str | int = option("epoch", parse=parse_every, cli_type=str,
                                     help="RCFT E-step frequency: epoch, or a number of optimiser steps.")
@@ -85,9 +99,13 @@ class FinetuneConfig:
     nonmax_rule: str = option("proportional", help="RCFT targets of the non-max options: proportional or tanh.")
     tolerance: float = option(DEFAULT_TOLERANCE, help="auto: the RCFT term switches on once train minus "
                                                       "held-out accuracy exceeds this.")
-    preset: str = option("default", help="default (small models) or paper (r=128, alpha=64, lr 5e-4, 5 epochs, "
-                                         "batch 2, bf16; 4-bit base where bitsandbytes and a GPU are present). "
-                                         "Options you set win over the preset.")
+    preset: str = option("default", help="default (small models) or paper (the authors' script: r=128, alpha=64, "
+                                         "dropout 0.05, all linear layers, lr 5e-6, 5 epochs, batch 2, cosine "
+                                         "schedule with 10% warm-up, bf16; 4-bit base where bitsandbytes and a GPU "
+                                         "are present). Options you set win over the preset.")
+    squared_epochs: bool = option(False, help="The authors' epoch loop: their train() runs the whole --epochs-epoch "
+                                              "training --epochs times over, optimizer and schedule starting afresh "
+                                              "each time (5 epochs: 25 passes over the data).")
     merge: bool = option(False, help="Also write the merged model (base + adapter) to RUN/merged.")
     include_explanation: bool = option(False, help="Also train on the explanation text that follows the answer, "
                                                    "when the data has one.")
@@ -149,7 +167,15 @@ def apply_preset(cfg: FinetuneConfig) -> FinetuneConfig:
     changes = {k: v for k, v in PAPER.items() if getattr(cfg, k) == defaults.get(k, object())}
     if cfg.dtype == "auto":
         changes["dtype"] = PAPER["dtype"]
+    changes["training_args"] = {**PAPER_TRAINING_ARGS, **cfg.training_args}  # training arguments given win
     return dataclasses.replace(cfg, **changes)
+
+
+def resolved_config(cfg: FinetuneConfig) -> dict:
+    """Every option of ``cfg`` as a run would use it (the preset applied, validated): ``calibrate --dry-run``."""
+    cfg = apply_preset(cfg)
+    validate(cfg)
+    return cfg.to_dict()
 
 
 def estep_steps(cfg: FinetuneConfig) -> int | None:
@@ -179,6 +205,10 @@ def validate(cfg: FinetuneConfig) -> None:
         bad(f"unknown --estep-set {cfg.estep_set!r}; choose one of {', '.join(ESTEP_SETS)}")
     if cfg.preset not in PRESETS:
         bad(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_rcft_variant(cfg)
+    if cfg.squared_epochs and (cfg.max_steps != -1 or float(cfg.epochs) != int(cfg.epochs) or cfg.epochs < 1):
+        bad(f"--squared-epochs repeats a whole number of epochs that many times: give --epochs as a whole number "
+            f">= 1 and no --max-steps (got --epochs {cfg.epochs}, --max-steps {cfg.max_steps})")
     if cfg.estep_every != "epoch":
         try:
             n = int(cfg.estep_every)
@@ -223,6 +253,29 @@ def validate(cfg: FinetuneConfig) -> None:
     if not isinstance(cfg.training_args, dict):
         bad(f"training_args must be a mapping of TrainingArguments fields to values (got {cfg.training_args!r})")
     check_training_args(cfg.training_args)
+
+
+# Options of llmcal's RCFT that the official variant has no use for (its E-step and its mix are fixed).
+_LLMCAL_ONLY = ("rcft_lambda", "estep_every", "estep_prior", "estep_set", "nonmax_rule")
+_OFFICIAL_ONLY = ("rcft_alpha", "rcft_skip_top_bin")
+
+
+def _check_rcft_variant(cfg: FinetuneConfig) -> None:
+    """The variant exists, and no option of the other variant is set away from its default."""
+    if cfg.rcft_variant not in RCFT_VARIANTS:
+        raise LlmcalError(f"unknown --rcft-variant {cfg.rcft_variant!r}; choose one of {', '.join(RCFT_VARIANTS)}")
+    alpha = cfg.rcft_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise LlmcalError(f"--rcft-alpha must be a number in [0, 1] (got {alpha!r})")
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    unused = _LLMCAL_ONLY if cfg.rcft_variant == "official" else _OFFICIAL_ONLY
+    for name in unused:
+        if getattr(cfg, name) != defaults[name]:
+            other = "official" if cfg.rcft_variant == "llmcal" else "llmcal"
+            why = (" (the official objective mixes with --rcft-alpha and estimates its bins once, on the training "
+                   "set, with the tanh targets)" if cfg.rcft_variant == "official" else "")
+            raise LlmcalError(f"{flag_of(FinetuneConfig, name)} applies to --rcft-variant {other}, not to "
+                              f"--rcft-variant {cfg.rcft_variant}{why}")
 
 
 def _positive(value, name: str, allow_zero: bool = False) -> None:

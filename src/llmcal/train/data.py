@@ -54,7 +54,9 @@ def slug(name: str) -> str:
 
 
 def needs_heldout(cfg: FinetuneConfig) -> bool:
-    return cfg.method == "auto" or (cfg.method == "rcft" and cfg.estep_set == "heldout")
+    # the official variant estimates its bins on the training set
+    return cfg.method == "auto" or (cfg.method == "rcft" and cfg.estep_set == "heldout"
+                                    and cfg.rcft_variant == "llmcal")
 
 
 def _load(spec: str, cfg: FinetuneConfig, split: str | None, subjects, limit):

@@ -28,13 +28,14 @@ from ..pipeline import Run
 from ..progress import enabled as progress_enabled
 from ..prompts import encode_questions, resolve_template
 from ..runs import RunRecord, RunResult
-from .callbacks import AutoRegimeCallback, CurveCallback, EStepCallback, LossBarCallback, StateCheckpointCallback
+from .callbacks import (AutoRegimeCallback, CurveCallback, EStepCallback, LossBarCallback, OfficialEStepCallback,
+                        SquaredEpochsCallback, StateCheckpointCallback)
 from .collator import ExampleDataset, McqCollator, build_examples
 from .config import FinetuneConfig, apply_preset, estep_steps, validate
 from .curve import curve_points, write_curve
 from .data import EvalSet, TrainingData, load_training_data
 from .estimate import Probe
-from .losses import RcftLoss
+from .losses import OfficialRcftLoss, RcftLoss
 from .model import add_lora, load_for_training, resolve_train_dtype, save_adapter, save_merged
 from .state import STATE_FILE, TrainState
 from .trainer import CalibrationTrainer, packs_questions
@@ -139,7 +140,8 @@ def training_args(cfg: FinetuneConfig, output_dir: Path, progress: bool):
     device = "cpu" if use_cpu else "cuda"
     bf16 = not use_cpu and resolve_train_dtype(cfg, device) in ("bfloat16", "bf16")
     kwargs = dict(
-        output_dir=str(output_dir), num_train_epochs=float(cfg.epochs), max_steps=cfg.max_steps,
+        output_dir=str(output_dir), max_steps=cfg.max_steps,
+        num_train_epochs=float(cfg.epochs) * (int(cfg.epochs) if cfg.squared_epochs else 1),  # SquaredEpochsCallback
         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, data_seed=cfg.seed,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
@@ -167,10 +169,14 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
     enc_heldout = encode_questions(data.heldout, tok, template) if data.heldout else []
     probe = Probe(tok, n_bins=cfg.n_bins, batch_tokens=cfg.batch_tokens, progress=False)
     callbacks = []
-    if cfg.method in ("rcft", "auto"):
+    if cfg.method in ("rcft", "auto") and cfg.rcft_variant == "official":
+        callbacks.append(OfficialEStepCallback(state, probe, enc_train))
+    elif cfg.method in ("rcft", "auto"):
         est = enc_heldout if cfg.estep_set == "heldout" else enc_train
         callbacks.append(EStepCallback(state, probe, est, estep_steps(cfg), cfg.estep_set,
                                        prior_strength=cfg.estep_prior))
+    if cfg.squared_epochs:
+        callbacks.append(SquaredEpochsCallback(int(cfg.epochs)))
     callbacks.append(CurveCallback(state, probe, enc_heldout))
     if cfg.method == "auto":
         probe_set = encode_questions(data.train_probe(cfg.seed), tok, template)
@@ -183,7 +189,8 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
     trainer = CalibrationTrainer(
         model=model, args=args, train_dataset=ExampleDataset(build_examples(enc_train, tok, cfg.include_explanation)),
         data_collator=McqCollator(pad, packed=packed), callbacks=callbacks + extra_callbacks, train_state=state,
-        rcft_loss=RcftLoss(cfg.n_bins, cfg.nonmax_rule))
+        rcft_loss=(OfficialRcftLoss(cfg.rcft_alpha, cfg.rcft_skip_top_bin) if cfg.rcft_variant == "official"
+                   else RcftLoss(cfg.n_bins, cfg.nonmax_rule)))
     if not progress_enabled(progress):
         trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
     elif trainer.pop_callback(ProgressCallback) is not None:
@@ -247,7 +254,11 @@ def training_section(cfg: FinetuneConfig, data: TrainingData, meta: dict) -> str
                  f"({meta['epochs_trained']:.2f} epochs)")
     lines.append(f"- **data**: {len(data.train)} training and {len(data.heldout)} held-out questions of "
                  f"{data.train_name}")
-    if cfg.method != "cft":
+    if cfg.method != "cft" and cfg.rcft_variant == "official":
+        lines.append(f"- **RCFT term** (official variant): (1 - alpha) * SFT + alpha * 1e-3 * R, alpha="
+                     f"{cfg.rcft_alpha}, bins estimated once on the training set"
+                     + (", top bin not regularised" if cfg.rcft_skip_top_bin else "") + f"; {len(meta['estep'])} E-steps")
+    elif cfg.method != "cft":
         every = "every epoch" if cfg.estep_every == "epoch" else f"every {cfg.estep_every} steps"
         lines.append(f"- **RCFT term**: lambda={cfg.rcft_lambda}, {cfg.n_bins} bins, E-step {every} on the "
                      f"{cfg.estep_set} set (bin accuracies shrunk toward a prior worth {cfg.estep_prior:g} questions per "

@@ -1,7 +1,7 @@
 """What the loss and the callbacks share, and what a checkpoint must carry besides the weights.
 
 ``TrainState`` holds the RCFT bin targets (written by the E-step, read by the
-loss), whether the RCFT term is on (``--method auto`` turns it on mid-run), the
+loss; the official variant also the per-bin question counts), whether the RCFT term is on (``--method auto`` turns it on mid-run), the
 history of E-steps and regime checks, and the per-epoch held-out curve.  It is
 saved as JSON next to each Trainer checkpoint (``llmcal_train_state.json``)
 and read back on ``--resume``, so a resumed run continues with exactly the
@@ -28,7 +28,8 @@ class TrainState:
     n_bins: int
     rcft_on: bool  # rcft: from the start; auto: once the model leaves the calibratable regime
     targets: list[float | None] | None = None  # per-bin accuracy a_b (None: empty bin); None: no E-step yet
-    targets_tag: str | None = None  # "epoch:E" or "step:S": when the targets were estimated
+    targets_tag: str | None = None  # "epoch:E" or "step:S" ("once:S", official variant): when they were estimated
+    counts: list[int] | None = None  # official variant: questions per bin N_k of its one E-step
     estep_history: list[dict] = field(default_factory=list)
     regime_checks: list[dict] = field(default_factory=list)
     switched: dict | None = None  # auto: when and why the RCFT term was turned on
@@ -43,8 +44,12 @@ class TrainState:
             return None
         return torch.tensor([math.nan if a is None else float(a) for a in self.targets], dtype=torch.float32)
 
-    def set_targets(self, accuracy, tag: str, record: dict) -> None:
+    def counts_tensor(self) -> torch.Tensor | None:
+        return None if self.counts is None else torch.tensor([float(c) for c in self.counts], dtype=torch.float32)
+
+    def set_targets(self, accuracy, tag: str, record: dict, counts=None) -> None:
         self.targets = [None if (a is None or math.isnan(float(a))) else float(a) for a in accuracy]
+        self.counts = None if counts is None else [int(c) for c in counts]
         self.targets_tag = tag
         self.estep_history.append({**record, "tag": tag, "targets": self.targets})
 

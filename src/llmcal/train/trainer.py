@@ -6,6 +6,8 @@ multi-process training all stay the base class's.  The loss is
     loss = answer SFT loss                                  (CFT)
          + lambda * L_ECE(K-letter logits; bin targets)     (when the RCFT term is on)
 
+or, with ``--rcft-variant official``, (1 - alpha) * SFT + alpha * 1e-3 * R (``losses.OfficialRcftLoss``).
+
 The bin targets live in a ``TrainState`` that the E-step callback refreshes.
 
 The forward goes through the (possibly DDP-wrapped) model, so gradients are
@@ -54,7 +56,7 @@ import torch
 from transformers import Trainer
 
 from .collator import IGNORE, LengthBucketSampler
-from .losses import RcftLoss, answer_ce_loss
+from .losses import OfficialRcftLoss, RcftLoss, answer_ce_loss
 from .state import TrainState
 
 
@@ -145,11 +147,11 @@ def training_precision(model):
 
 
 class CalibrationTrainer(Trainer):
-    """Trainer whose loss is the answer SFT loss plus, when ``state.rcft_on``, lambda * L_ECE."""
+    """Trainer whose loss is the answer SFT loss plus, when ``state.rcft_on``, the RCFT term (``rcft_loss.total``)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by grad_accum
 
-    def __init__(self, *args, train_state: TrainState, rcft_loss: RcftLoss, **kwargs):
+    def __init__(self, *args, train_state: TrainState, rcft_loss: RcftLoss | OfficialRcftLoss, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_state = train_state
         self.rcft_loss = rcft_loss
@@ -168,6 +170,6 @@ class CalibrationTrainer(Trainer):
         loss = out.sft_loss
         st = self.train_state
         if st.rcft_on and st.targets is not None:
-            ece = self.rcft_loss(out.letter_logits, st.targets_tensor(), inputs["letter_mask"])
-            loss = loss + st.lam * ece
+            # RcftLoss: SFT + lambda * L_ECE; OfficialRcftLoss: (1 - alpha) * SFT + alpha * 1e-3 * R
+            loss = self.rcft_loss.total(loss, out.letter_logits, st, inputs["letter_mask"])
         return (loss, {"logits": out.letter_logits}) if return_outputs else loss
