@@ -292,6 +292,7 @@ class ConformalResult:
     params: dict
     sweep: dict
     source: dict = field(default_factory=dict)
+    risk_control: dict | None = None
 
     def to_dict(self) -> dict:
         def q(x):
@@ -301,7 +302,7 @@ class ConformalResult:
                 "by": self.by, "mondrian": self.mondrian,
                 "qhat_by_group": None if self.qhat_by_group is None else {k: q(v) for k, v in self.qhat_by_group.items()},
                 "n_calib": len(self.calibration_ids), **self.summary, "per_group": self.per_group,
-                "sweep": self.sweep, "source": self.source, "calibration_ids": self.calibration_ids,
+                "sweep": self.sweep, "risk_control": self.risk_control, "source": self.source, "calibration_ids": self.calibration_ids,
                 "sets": self.sets}
 
 
@@ -378,8 +379,8 @@ def _select(run_dir: Path, result: str | None, dataset: str | None, calib_fracti
 
 def conformal_run(run_dir: str | Path, *, alpha: float = 0.1, score: str = "lac", by: str | None = None,
                   mondrian: bool = False, result: str | None = None, dataset: str | None = None,
-                  calib_fraction: float = 0.2, lam: float = 0.1, k_reg: int = 1,
-                  out_dir: str | Path | None = None) -> tuple[ConformalResult, dict[str, Path]]:
+                  calib_fraction: float = 0.2, lam: float = 0.1, k_reg: int = 1, risk: float | None = None,
+                  delta: float = 0.1, out_dir: str | Path | None = None) -> tuple[ConformalResult, dict[str, Path]]:
     """Conformal sets on a finished run's stored predictions (no model); writes ``RUN/conformal/``.
 
     Calibration questions are those the post-hoc methods fit on: the run's
@@ -396,6 +397,10 @@ def conformal_run(run_dir: str | Path, *, alpha: float = 0.1, score: str = "lac"
     res = conformal_predictions(calib, test, alpha=alpha, score=score, by=by, mondrian=mondrian, lam=lam,
                                 k_reg=k_reg)
     res.source = source
+    if risk is not None:
+        from .risk import risk_control
+
+        res.risk_control = risk_control(calib, test, risk, delta)
     out = Path(out_dir) if out_dir is not None else run / "conformal"
     title = f"{source['model']}: conformal sets ({source['result']}, {source['dataset']})"
     files = {"json": atomic_write_json(out / "conformal.json", res.to_dict()),
@@ -438,6 +443,23 @@ def conformal_section(rows: Sequence[tuple[str, ConformalResult]], *, plot: str 
             lines += [f"| {g} | {v['n']} | {v['coverage']:.3f} [{v['coverage_ci'][0]:.3f}, {v['coverage_ci'][1]:.3f}] "
                       f"| {v['mean_size']:.2f} |" for g, v in r.per_group.items()]
             lines.append("")
+    for label, r in rows:
+        rc = r.risk_control
+        if rc:
+            cal, te = rc["calibration"], rc["test"]
+            lines += [f"Abstention with a guarantee, {label}: answer only when the confidence is at least the threshold "
+                      f"whose selective error is <= {rc['epsilon']:g} with probability >= {1 - rc['delta']:g} "
+                      "(selection with guaranteed risk, Geifman and El-Yaniv 2017; docs/posthoc.md#risk-control).", ""]
+            if rc["threshold"] is None:
+                lines += [f"No threshold is certified on the {cal['n']} calibration questions: abstain on every "
+                          "question (or ask for a larger risk).", ""]
+            else:
+                err = "n/a" if te["selective_error"] is None else (
+                    f"{te['selective_error']:.3f} [{te['selective_error_ci'][0]:.3f}, {te['selective_error_ci'][1]:.3f}]")
+                lines += ["| threshold | calib coverage | calib error | bound | test coverage | test error |",
+                          "|---|---|---|---|---|---|",
+                          f"| {rc['threshold']:.4f} | {cal['coverage']:.3f} | {cal['selective_error']:.3f} | "
+                          f"{cal['bound']:.3f} | {te['coverage']:.3f} | {err} |", ""]
     if plot:
         lines += [f"![coverage and set size against alpha]({plot})", ""]
     return lines
