@@ -222,3 +222,39 @@ def test_eval_from_lm_eval_refuses_model_flags(tmp_path, tiny_model_dir):
                "--out", tmp_path / "y")
     assert r.exit_code == 2 and "--lm-eval-norm goes with --from-lm-eval" in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_calibrate_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch):
+    import yaml
+
+    import llmcal.train.run as train_run
+
+    def no_training(*a, **kw):
+        raise AssertionError("--dry-run must not train")
+
+    monkeypatch.setattr(train_run, "run_finetune", no_training)
+    out = tmp_path / "run"
+    args = ["calibrate", "--method", "rcft", "--preset", "paper", "--model", "no-such-model-is-loaded",
+            "--train", "mmlu", "--eval", "mmlu", "--epochs", "2", "--out", out, "--dry-run"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load(r.stdout)
+    # the authors' script values, the option given on the command line kept, every option present
+    assert (doc["lr"], doc["lora_r"], doc["lora_alpha"], doc["lora_dropout"]) == (5e-6, 128, 64, 0.05)
+    assert (doc["batch_size"], doc["target_modules"], doc["dtype"]) == (2, "all-linear", "bf16-if-supported")
+    assert doc["training_args"] == {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+    assert doc["epochs"] == 2 and doc["method"] == "rcft" and doc["preset"] == "paper"
+    from dataclasses import fields
+
+    from llmcal.train import FinetuneConfig
+
+    assert list(doc) == [f.name for f in fields(FinetuneConfig)]
+    assert not out.exists()
+    # the printout is a --config file that resolves to itself
+    (tmp_path / "resolved.yaml").write_text(r.stdout)
+    again = invoke("calibrate", "--config", tmp_path / "resolved.yaml", "--dry-run")
+    assert again.exit_code == 0, again.output
+    assert yaml.safe_load(again.stdout) == doc
+    # bad options are still refused, with status 2
+    bad = invoke(*args[:-1], "--rcft-variant", "official", "--rcft-lambda", "3", "--dry-run")
+    assert bad.exit_code == 2 and "--rcft-lambda applies to --rcft-variant llmcal" in bad.output
