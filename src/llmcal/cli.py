@@ -1,6 +1,11 @@
 """The ``llmcal`` command line: a thin typer layer over the library API.
 
-Every command maps LlmcalError to a red message on stderr and exit status 2.
+Every command maps LlmcalError and OSError (a path that cannot be read or
+written, a full disk) to one red ``error:`` line on stderr and exit status 2;
+anything else is a bug: one line and exit status 1.  No traceback is shown
+unless ``llmcal --debug ...`` or ``LLMCAL_DEBUG=1`` asks for one.  Every
+message is redacted (``llmcal.redact``): a URL's credentials never reach the
+terminal.
 """
 from __future__ import annotations
 
@@ -28,17 +33,70 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
+DEBUG_ENV = "LLMCAL_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """``LLMCAL_DEBUG=1`` (or ``llmcal --debug``): let errors raise with their traceback."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_ERRNO_WORDS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+                "EACCES": "permission denied", "EPERM": "operation not permitted",
+                "EROFS": "read-only file system", "ENOENT": "no such file or directory",
+                "ENOTDIR": "a part of the path is not a directory", "EISDIR": "is a directory",
+                "EEXIST": "already exists", "ENAMETOOLONG": "file name too long", "EIO": "input/output error"}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the path(s), what failed, and what to do."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or -1, "")
+    what = _ERRNO_WORDS.get(name) or e.strerror or str(e) or type(e).__name__
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = ""
+    if name in ("ENOSPC", "EDQUOT"):
+        hint = "; free some space and rerun the same command (a run resumes from what was written)"
+    elif name in ("EACCES", "EPERM", "EROFS"):
+        hint = "; choose another --out, or fix the permissions"
+    return f"{paths}: {what}{hint}" if paths else f"{what}{hint}"
+
+
+def fail(message: str, code: int = 2):
+    """Print ``error: message`` (redacted, Markdown/markup-free) and exit with ``code``."""
+    from rich.text import Text
+
+    from .redact import redact_text
+
+    err_console.print(Text.assemble(("error: ", "bold red"), redact_text(str(message))), highlight=False,
+                      soft_wrap=True)
+    raise typer.Exit(code)
+
+
 def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LlmcalError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+        except (typer.Exit, typer.Abort):
+            raise
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; rerun the same command to resume[/]")
             raise typer.Exit(130)
+        except LlmcalError as e:
+            if debug_enabled():
+                raise
+            fail(str(e))
+        except OSError as e:
+            if debug_enabled():
+                raise
+            fail(describe_os_error(e))
+        except Exception as e:
+            if debug_enabled() or type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {e} (a bug in llmcal; rerun with llmcal --debug, or "
+                 f"{DEBUG_ENV}=1, for the traceback, and please report it)", code=1)
 
     return wrapper
 
@@ -179,6 +237,10 @@ def _calibrate_params():
             None, "--out", "-o", help="Run directory to write (an interrupted run there resumes); with --from, "
                                       "where the comparison goes (default RUN/posthoc).")),
         P("overwrite", P.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool),
+        P("dry_run", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--dry-run/--no-dry-run", help="Print the fully resolved configuration (every option, the preset "
+                                                  "applied) as YAML and exit, without loading a model or writing a "
+                                                  "run (the output is a valid --config file).")),
     ]
 
 
@@ -195,11 +257,18 @@ def _training_args_from(tokens: list[str]) -> dict:
         raise LlmcalError(f"no such option: {tokens[0] if not names else '--' + unknown[0].replace('_', '-')} "
                           f"(not an llmcal calibrate option nor a transformers TrainingArguments field; see "
                           f"llmcal calibrate --help)")
+    parser = HfArgumentParser(TrainingArguments)
+
+    def refuse(message: str):  # argparse would print its 7 KB usage, then exit: one line instead
+        raise LlmcalError(f"training argument: {message} (see llmcal calibrate --help and transformers' "
+                          f"TrainingArguments)")
+
+    parser.error = refuse  # type: ignore[method-assign]
     try:
-        args, rest = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args, rest = parser.parse_args_into_dataclasses(
             args=["--output_dir", "unused", *tokens], return_remaining_strings=True)
-    except SystemExit:
-        raise LlmcalError(f"bad training arguments: {' '.join(tokens)}") from None
+    except ValueError as e:  # TrainingArguments.__post_init__ refusing a value (--warmup-steps -5)
+        raise LlmcalError(f"bad training arguments {' '.join(tokens)}: {e}") from None
     if rest:
         raise LlmcalError(f"cannot read training arguments {' '.join(rest)}")
     out = {}
@@ -265,14 +334,16 @@ def _posthoc_from(ctx, run_dir: Path, method: str, values: dict, out: Optional[P
 
 
 def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[Path], out: Optional[Path],
-                  overwrite: bool, **values):
+                  overwrite: bool, dry_run: bool, **values):
     """Calibrate a model: post-hoc methods (temperature scaling; with --from, every post-hoc method on a finished
     run), or calibration-aware fine-tuning (CFT/RCFT/auto)."""
     import dataclasses
 
     if from_run is not None:
+        if dry_run:
+            raise LlmcalError("--dry-run does not apply to calibrate --from (it loads no model and trains nothing)")
         return _posthoc_from(ctx, from_run, method, values, out)
-    if out is None:
+    if out is None and not dry_run:
         raise LlmcalError("missing option --out (the run directory to write)")
 
     from .evaluate import EvalConfig
@@ -308,6 +379,14 @@ def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[P
     for need, flag in (("model", "--model"), ("data", "--data"), ("train", "--train")):
         if need in mine and not getattr(cfg, need, None):
             raise LlmcalError(f"--method {method} needs {flag}")
+    if dry_run:
+        import yaml
+
+        from .train.config import resolved_config
+
+        doc = resolved_config(cfg) if cls is FinetuneConfig else dataclasses.asdict(cfg)
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        return
     if cls is EvalConfig:
         from .evaluate import run_calibrate_ts
 
@@ -536,8 +615,24 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    if sys.argv[1:2] == ["--debug"]:  # llmcal --debug COMMAND ...: tracebacks instead of one-line errors
+        del sys.argv[1]
+        os.environ[DEBUG_ENV] = "1"
     logging.basicConfig(level=os.environ.get("LLMCAL_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
     app()
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """A logging filter: the message with a URL's credentials redacted (``llmcal.redact``)."""
+    from .redact import redact_text
+
+    msg = record.getMessage()
+    clean = redact_text(msg)
+    if clean != msg:
+        record.msg, record.args = clean, None
+    return True
 
 
 if __name__ == "__main__":
