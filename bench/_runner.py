@@ -4,11 +4,13 @@
     python bench/_runner.py lmeval TIMING.json -- run --model hf ... --log_samples
 
 The tool runs exactly as its own CLI would; the runner only wraps, without
-changing them, the function that loads the model and the one that scores the
+changing them, the function that loads the model and the ones that score the
 questions, and writes how long each took to TIMING.json.  ``eval_s`` is the
-scoring step with tokenisation (llmcal: ``score_questions_into``, which also
-flushes predictions to disk; lm-eval: ``HFLM.loglikelihood``); ``load_s`` is
-the model load (``load_for_backend`` / ``HFLM.__init__``).
+scoring step with tokenisation (llmcal: ``evaluate._prepared``, which encodes
+few-shot prompts and loads their examples' split, plus ``pipeline.Run.score``,
+which encodes the others, scores and flushes predictions to disk; lm-eval:
+``HFLM.loglikelihood``); ``load_s`` is the model load (``evaluate.load_for`` /
+``HFLM.__init__``).  bench_eval.py runs llmcal with its scoring cache off.
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ def main() -> int:
     argv = sys.argv[sys.argv.index("--") + 1:]
     if tool == "llmcal":
         import llmcal.evaluate as ev
+        import llmcal.pipeline as pipe
 
-        ev.score_questions_into = timed("eval_s", ev.score_questions_into)
-        ev._load = timed("load_s", ev._load)
+        ev._prepared = timed("eval_s", ev._prepared)
+        pipe.Run.score = timed("eval_s", pipe.Run.score)
+        ev.load_for = timed("load_s", ev.load_for)
         from llmcal.cli import main as cli
 
         sys.argv = ["llmcal", *argv]

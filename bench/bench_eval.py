@@ -20,6 +20,15 @@ What it does (bench/README.md has the details):
 5. prints the table (Markdown) and the targets, and saves everything to
    bench/results/<time>-<label>.json.
 
+With ``--num-fewshot 5`` the same comparison runs on lm-eval's 5-shot MMLU prompt: the
+questions come from llmcal's ``test`` split of ``--fewshot-subjects`` subjects (a seeded
+choice), each subject's examples are the ones ``llmcal eval --num-fewshot`` picks from the
+``train`` split, and lm-eval gets one task per subject whose few-shot split holds exactly those
+examples in that order (``sampler: first_n``), so lm-eval renders the few-shot context itself
+and the script checks it against llmcal's prompt byte for byte.
+
+    python bench/bench_eval.py --num-fewshot 5 --n 120 --rounds 2 --no-bf16
+
 Exit status 0 when the agreement checks pass (targets are reported, not enforced), 1 otherwise.
 """
 from __future__ import annotations
@@ -63,12 +72,40 @@ metadata:
   version: 1.0
 """
 
+# The few-shot variant: lm-eval's MMLU task (tasks/mmlu/default) with its own description and a
+# few-shot split that holds exactly llmcal's examples for the subject, in llmcal's order.
+FEWSHOT_TASK = "llmcal_bench_fs"
+FEWSHOT_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+    train: {shots}
+test_split: test
+fewshot_split: train
+fewshot_config:
+  sampler: first_n
+num_fewshot: {n}
+output_type: multiple_choice
+description: {description}
+doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
 PROB_TOL = 1e-4  # float32: |p_llmcal - p_lmeval| per option
 BF16_AGREE = 0.99
 BF16_METRIC_TOL = 0.005
 BF16_METRICS = ("accuracy", "conf_ece", "cw_ece", "brier", "mean_conf")
 RSS_LIMIT_MB = 1.5 * 1024
-TARGETS = {"fp32_speedup": 1.3, "bf16_speedup": 2.0, "peak_fraction": 0.60}
+TARGETS = {"fp32_speedup": 1.3, "bf16_speedup": 2.0, "peak_fraction": 0.60, "fewshot_speedup": 3.0}
 
 
 # ---- machine -----------------------------------------------------------------------------------
@@ -150,8 +187,38 @@ def matmul_peak(reps: int = 10) -> dict:
 
 
 # ---- model and questions -----------------------------------------------------------------------
+def _doc(q) -> dict:
+    return {"id": q.id, "subject": q.subject, "question": q.question, "choices": list(q.choices), "answer": q.answer}
+
+
+def _write_jsonl(path: Path, questions) -> None:
+    path.write_text("".join(json.dumps(_doc(q)) + "\n" for q in questions), encoding="utf-8")
+
+
+def fewshot_subjects(data: str, k: int, n: int, seed: int) -> list[str]:
+    """``k`` subjects of ``data``'s test split with at least n/k questions each, the first by a seeded hash."""
+    from llmcal.data import hash_unit, load_dataset
+
+    counts: dict[str, int] = {}
+    for q in load_dataset(data, split="test", seed=seed).questions:
+        counts[q.subject or ""] = counts.get(q.subject or "", 0) + 1
+    big = [s for s, c in counts.items() if s and c >= -(-n // k)]
+    return sorted(sorted(big, key=lambda s: hash_unit(s, f"bench-subjects:{seed}"))[:k])
+
+
+def fewshot_questions(args) -> tuple[list, dict, list[str]]:
+    """(test-split questions, their examples, subjects): what ``llmcal eval --num-fewshot`` scores."""
+    from llmcal.data import load_dataset
+    from llmcal.data.fewshot import choose_shots
+
+    subjects = fewshot_subjects(args.data, args.fewshot_subjects, args.n, args.seed)
+    qs = list(load_dataset(args.data, split="test", subjects=subjects, limit=args.n, seed=args.seed).questions)
+    pool = load_dataset(args.data, split="train", subjects=subjects, seed=args.seed).questions
+    return qs, choose_shots(qs, pool, args.num_fewshot, args.seed), subjects
+
+
 def prepare(args) -> dict:
-    """The float32 HF directory, the questions, the lm-eval task, per-question tokens and FLOPs."""
+    """The float32 HF directory, the questions, the lm-eval task(s), per-question tokens and FLOPs."""
     from transformers import AutoConfig, AutoTokenizer
 
     from llmcal.data import load_dataset
@@ -159,29 +226,66 @@ def prepare(args) -> dict:
     from llmcal.prompts import encode_questions
 
     model_dir = Path(weights_dir(resolve_model(args.model)))
-    questions = list(load_dataset(args.data, limit=args.n, seed=args.seed).questions)
+    shots, subjects = {}, []
+    if args.num_fewshot:
+        questions, shots, subjects = fewshot_questions(args)
+    else:
+        questions = list(load_dataset(args.data, limit=args.n, seed=args.seed).questions)
     if any(q.k != 4 for q in questions):
         raise SystemExit("the lm-eval task here is the 4-option MMLU format; use a 4-option dataset")
     work = Path(args.work)
     (work / "tasks").mkdir(parents=True, exist_ok=True)
-    data = work / f"{args.data}-{args.n}-seed{args.seed}.jsonl"
-    data.write_text("".join(json.dumps({"id": q.id, "subject": q.subject, "question": q.question,
-                                        "choices": list(q.choices), "answer": q.answer}) + "\n"
-                            for q in questions), encoding="utf-8")
-    (work / "tasks" / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data.resolve()))
+    for old in (work / "tasks").glob("*.yaml"):  # only this run's tasks on the include path
+        old.unlink()
+    tasks = []
+    if not args.num_fewshot:
+        data = work / f"{args.data}-{args.n}-seed{args.seed}.jsonl"
+        _write_jsonl(data, questions)
+        (work / "tasks" / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data.resolve()))
+        tasks = [TASK]
+    else:
+        data = work / f"{args.data}-{args.n}-seed{args.seed}-{args.num_fewshot}shot"
+        data.mkdir(exist_ok=True)
+        for subject in subjects:
+            slug = "".join(c if c.isalnum() else "_" for c in subject)
+            task = f"{FEWSHOT_TASK}_{slug}"
+            mine = [q for q in questions if q.subject == subject]
+            examples = {shots[q.id] for q in mine}
+            if len(examples) != 1:
+                raise SystemExit(f"{subject}: the questions do not share one set of examples")
+            _write_jsonl(data / f"{slug}.test.jsonl", mine)
+            _write_jsonl(data / f"{slug}.shots.jsonl", next(iter(examples)))
+            description = json.dumps(f"The following are multiple choice questions (with answers) about {subject}.\n\n")
+            (work / "tasks" / f"{task}.yaml").write_text(FEWSHOT_YAML.format(
+                task=task, data=(data / f"{slug}.test.jsonl").resolve(), shots=(data / f"{slug}.shots.jsonl").resolve(),
+                n=args.num_fewshot, description=description))
+            tasks.append(task)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode_questions(questions, tok, "plain")
+    encoded = encode_questions(questions, tok, "plain", shots)
     lengths = [len(e.input_ids) for e in encoded]
     config = AutoConfig.from_pretrained(model_dir)
-    flops, per_token = model_flops(model_dir, config, lengths)
+    flops, per_token = model_flops(model_dir, config, lengths, prefixes=_prefix_groups(encoded))
     return {"model_dir": str(model_dir), "questions": questions, "lengths": lengths, "flops": flops,
-            "flops_per_token_linear": per_token, "work": work, "data": str(data)}
+            "flops_per_token_linear": per_token, "work": work, "data": str(data), "tasks": tasks,
+            "shots": shots, "subjects": subjects,
+            "prefix_tokens": sum(p for p, _ in _prefix_groups(encoded))}
 
 
-def model_flops(model_dir: Path, config, lengths: list[int]) -> tuple[float, float]:
+def _prefix_groups(encoded) -> list[tuple[int, list[int]]]:
+    """(shared prefix length, suffix lengths of its questions) per group of questions with one prefix."""
+    groups: dict[tuple, list] = {}
+    for e in encoded:
+        groups.setdefault(tuple(e.input_ids[: e.prefix_len]), []).append(len(e.input_ids) - e.prefix_len)
+    return [(len(k), v) for k, v in groups.items()]
+
+
+def model_flops(model_dir: Path, config, lengths: list[int], prefixes=None) -> tuple[float, float]:
     """Matmul FLOPs to score the questions: 2 x (linear-layer parameters) per token, plus causal
     attention scores and values (2 x 2 x heads x head_dim per query-key pair), plus the K letter rows
-    of the output layer at the answer position.  Counted once per real token (padding is not work)."""
+    of the output layer at the answer position.  Counted once per real token (padding is not work).
+
+    ``prefixes``: (prefix length, suffix lengths) per group of questions sharing their first tokens
+    (few-shot): the prefix is work once per group, and each suffix token attends to the prefix too."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -193,11 +297,14 @@ def model_flops(model_dir: Path, config, lengths: list[int]) -> tuple[float, flo
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     layers = text.num_hidden_layers
+    attn = layers * 2 * 2 * heads * head_dim  # QK^T and AV per query-key pair
     total = 0.0
-    for n in lengths:
-        total += 2.0 * linear * n  # q, k, v, o, gate, up, down
-        total += layers * 2 * 2 * heads * head_dim * n * (n + 1) / 2  # QK^T and AV, causal
-        total += 2 * text.hidden_size * 4  # the 4 letter rows at the answer position
+    for p, suffixes in (prefixes if prefixes and any(p for p, _ in prefixes) else [(0, lengths)]):
+        total += 2.0 * linear * p + attn * p * (p + 1) / 2  # the shared prefix, once
+        for n in suffixes:
+            total += 2.0 * linear * n  # q, k, v, o, gate, up, down
+            total += attn * (n * p + n * (n + 1) / 2)  # causal, over the prefix and the question
+            total += 2 * text.hidden_size * 4  # the 4 letter rows at the answer position
     return total, 2.0 * linear
 
 
@@ -242,17 +349,22 @@ def run_tool(kind: str, rnd: int, prep: dict, args, limit: int | None = None) ->
         argv = ["eval", "--model", prep["model_dir"], "--data", args.data, "--limit", str(limit or args.n),
                 "--seed", str(args.seed) if limit is None else "1", "--template", "plain", "--dtype", dtype,
                 "--device", "cpu", "--batch-tokens", str(bt), "--out", str(out), "--overwrite"]
+        if args.num_fewshot:  # the questions and examples of fewshot_questions()
+            argv += ["--split", "test", "--num-fewshot", str(args.num_fewshot), "--seed", str(args.seed)]
+            argv += [a for subject in prep["subjects"] for a in ("--subject", subject)]
         tool = "llmcal"
     else:
         dtype = "float32"
+        tasks = prep["tasks"] if limit is None else prep["tasks"][:2]
         argv = ["run", "--model", "hf", "--model_args", f"pretrained={prep['model_dir']},dtype=float32",
-                "--tasks", TASK, "--include_path", str(work / "tasks"), "--batch_size", str(args.lmeval_batch_size),
+                "--tasks", ",".join(tasks), "--include_path", str(work / "tasks"),
+                "--batch_size", str(args.lmeval_batch_size),
                 "--device", "cpu", "--log_samples", "--output_path", str(out)]
         if limit is not None:
             argv += ["--limit", str(limit)]
         tool = "lmeval"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LLMCAL_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
+           "LLMCAL_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error", "LLMCAL_SCORE_CACHE": "0"}
     if src and tool == "llmcal":
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = (wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 and limit is None
@@ -293,11 +405,14 @@ def read_llmcal(out: str) -> dict:
 
 
 def read_lmeval(out: str) -> dict:
-    files = sorted(Path(out).rglob(f"samples_{TASK}_*.jsonl"))
-    if not files:
+    """Per question: lm-eval's option log-likelihoods, contexts and continuations (its latest samples files)."""
+    latest: dict[str, Path] = {}
+    for f in sorted(Path(out).rglob("samples_*.jsonl")):  # samples_<task>_<time>.jsonl; the time sorts
+        latest[f.name.rsplit("_", 1)[0]] = f
+    if not latest:
         raise SystemExit(f"{out}: lm-eval wrote no samples file (was --log_samples passed?)")
     recs = {}
-    for line in files[-1].read_text(encoding="utf-8").splitlines():
+    for line in (x for f in latest.values() for x in f.read_text(encoding="utf-8").splitlines()):
         s = json.loads(line)
         ll = np.array([float(r[0]) for r in s["filtered_resps"]], dtype=np.float64)
         args = [s["arguments"][f"gen_args_{j}"] for j in range(len(ll))]
@@ -312,9 +427,10 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def check_vs_lmeval(questions, ours: dict, theirs: dict) -> dict:
+def check_vs_lmeval(questions, ours: dict, theirs: dict, shots: dict | None = None) -> dict:
     from llmcal.prompts import plain_prompt
 
+    shots = shots or {}
     missing = [q.id for q in questions if q.id not in theirs or q.id not in ours["preds"]]
     if missing:
         return {"ok": False, "error": f"{len(missing)} questions missing (first {missing[0]})"}
@@ -326,7 +442,7 @@ def check_vs_lmeval(questions, ours: dict, theirs: dict) -> dict:
         diffs.append(float(np.abs(np.asarray(p.probs) - pt).max()))
         if int(np.argmax(pt)) != p.pred:
             disagree.append(q.id)
-        want = plain_prompt(q)
+        want = plain_prompt(q, shots.get(q.id, ()))
         if any(c != want for c in t["contexts"]) or t["continuations"] != [" A", " B", " C", " D"]:
             prompt_mismatch.append(q.id)
     worst = int(np.argmax(diffs))
@@ -411,6 +527,10 @@ def main() -> int:
     ap.add_argument("--data", default="mmlu")
     ap.add_argument("--n", type=int, default=200, help="questions (a fixed, seeded subset)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-fewshot", type=int, default=0,
+                    help="lm-eval's N-shot MMLU prompt (test-split questions, train-split examples); 0: zero-shot")
+    ap.add_argument("--fewshot-subjects", type=int, default=4,
+                    help="with --num-fewshot: the questions come from this many subjects (a seeded choice)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (each runs every tool once)")
     ap.add_argument("--lmeval-batch-size", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=None, help="llmcal's budget (default: the library's)")
@@ -440,7 +560,11 @@ def main() -> int:
     prep = prepare(args)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)")
-    print(f"{args.n} questions, {sum(prep['lengths'])} prompt tokens, {prep['flops'] / 1e12:.2f} TFLOP to score")
+    print(f"{len(prep['questions'])} questions, {sum(prep['lengths'])} prompt tokens, "
+          f"{prep['flops'] / 1e12:.2f} TFLOP to score")
+    if args.num_fewshot:
+        print(f"{args.num_fewshot}-shot, subjects {', '.join(prep['subjects'])}: {prep['prefix_tokens']} tokens of "
+              f"shared prefixes, {sum(prep['lengths']) / len(prep['lengths']):.0f} tokens per prompt")
     print("warm-up (untimed: page cache, datasets cache)", flush=True)
     run_tool("llmcal", -1, prep, args, limit=4)
     run_tool("lmeval", -1, prep, args, limit=4)
@@ -477,13 +601,14 @@ def main() -> int:
     questions = prep["questions"]
     last = {k: next(r for r in reversed(runs) if r["kind"] == k) for k in kinds}
     fp32 = read_llmcal(last["llmcal"]["out"])
-    checks = {"vs_lmeval": check_vs_lmeval(questions, fp32, read_lmeval(last["lmeval"]["out"])),
+    shots = prep["shots"]
+    checks = {"vs_lmeval": check_vs_lmeval(questions, fp32, read_lmeval(last["lmeval"]["out"]), shots),
               "deterministic": {k: identical_across_rounds(k, runs, read_lmeval if k == "lmeval" else read_llmcal)
                                 for k in kinds}}
     lm_last = read_lmeval(last["lmeval"]["out"])
     for k in kinds:
         if k.startswith("variant:"):
-            c = check_vs_lmeval(questions, read_llmcal(last[k]["out"]), lm_last)
+            c = check_vs_lmeval(questions, read_llmcal(last[k]["out"]), lm_last, shots)
             checks.setdefault("variants_vs_lmeval", {})[k] = {
                 key: c.get(key) for key in ("same_prediction", "max_prob_diff", "ok")}
     if "llmcal-bf16" in last:
@@ -506,7 +631,10 @@ def main() -> int:
           + (", ".join(contended) or "none") + f"; {len(rejected)} contended run(s) repeated")
 
     targets = {}
-    if "llmcal" in rows and "lmeval" in rows:
+    if args.num_fewshot and "llmcal" in rows and "lmeval" in rows:
+        targets[f"{args.num_fewshot}-shot float32 >= 3x lm-eval, identical predictions"] = (
+            rows["llmcal"]["speedup_eval"] >= TARGETS["fewshot_speedup"] and not v["disagree"])
+    elif "llmcal" in rows and "lmeval" in rows:
         targets["float32 >= 1.3x lm-eval, identical predictions"] = (
             rows["llmcal"]["speedup_eval"] >= TARGETS["fp32_speedup"] and not v["disagree"])
     if "llmcal-bf16" in rows and "lmeval" in rows:
@@ -529,6 +657,7 @@ def main() -> int:
     doc = {"label": args.label, "started": started.isoformat(timespec="seconds"), "args": vars(args),
            "machine": info, "model_dir": prep["model_dir"], "n_questions": len(questions),
            "prompt_tokens": sum(prep["lengths"]), "flops": prep["flops"],
+           "num_fewshot": args.num_fewshot, "subjects": prep["subjects"], "prefix_tokens": prep["prefix_tokens"],
            "flops_per_token_linear": prep["flops_per_token_linear"], "matmul_peak": peak, "matmul_peaks": peaks,
            "summary": rows, "checks": checks, "targets": targets, "runs": runs, "rejected_runs": rejected,
            "table": table(rows)}
