@@ -344,3 +344,136 @@ def test_a_second_cli_run_on_the_same_out_is_refused_while_the_first_scores(tmp_
         assert first.wait(120) == 0, first.stderr.read()
         assert srv.count == len(qs)  # one request per question: the refused process sent none
     assert len(load_predictions(out / "predictions.jsonl")) == len(qs) and not (out / ".llmcal.lock").exists()
+
+
+# ---- every fault one line, exit 2 ----------------------------------------------------------------
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from llmcal.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def one_line(r) -> str:
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output and "usage:" not in r.output.lower(), r.output
+    text = r.output[r.output.find("error: "):]  # after transformers' own progress bars (main() turns them off)
+    assert text.startswith("error: "), r.output
+    return " ".join(text.split())
+
+
+CFT = ("calibrate", "--method", "cft", "--model", "/nonexistent/model", "--train", DATA, "--eval", DATA)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--warmup-steps", "-5"], "warmup_steps >= 0"),
+    (["--report_to", "nosuchthing"], "nosuchthing is not supported"),
+    (["--warmup-steps", "abc"], "invalid float value: 'abc'"),
+    (["--lr-scheduler-type", "bogus"], "invalid choice: 'bogus'"),
+])
+def test_training_arguments_and_integrations_are_refused_in_one_line_before_the_model_loads(tmp_path, flags, words):
+    r = invoke(*CFT, "--out", str(tmp_path / "run"), *flags)
+    msg = one_line(r)
+    assert words in msg and "/nonexistent/model" not in msg, msg  # refused before the model is looked at
+    assert len(r.output) < 700 and not (tmp_path / "run").exists()
+
+
+def test_report_to_in_a_config_file_is_refused_before_the_model_loads(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report_to: nosuchthing\nepochs: 1\n")
+    msg = one_line(invoke(*CFT, "--config", str(cfg), "--out", str(tmp_path / "run")))
+    assert "nosuchthing is not supported" in msg, msg
+
+
+def test_an_out_that_cannot_be_created_is_one_line_naming_the_path(tmp_path, mcq_file, tiny_model_dir, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "run"
+    args = ("eval", "--model", str(tiny_model_dir), "--data", str(mcq_file), "--out", str(out), "--device", "cpu")
+    msg = one_line(invoke(*args))
+    assert str(tmp_path / "afile") in msg and ("not a directory" in msg or "exists" in msg), msg
+    monkeypatch.setenv("LLMCAL_DEBUG", "1")  # asked for: the exception itself, with its traceback
+    r = invoke(*args)
+    assert isinstance(r.exception, OSError)
+
+
+class _FullDisk:
+    """A file that accepts ``room`` writes, then fails as a full disk does (ENOSPC, no file name)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, text):
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        self.room -= 1
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_then_resumes(tmp_path, mcq_file, tiny_model_dir,
+                                                                         monkeypatch):
+    import builtins
+
+    import llmcal.io
+
+    out = tmp_path / "run"
+    args = ("eval", "--model", str(tiny_model_dir), "--data", str(mcq_file), "--out", str(out), "--device", "cpu",
+            "--dtype", "float32", "--n-bootstrap", "10", "--batch-tokens", "64")
+    monkeypatch.setattr(llmcal.io, "open", lambda *a, **k: _FullDisk(builtins.open(*a, **k), 3), raising=False)
+    msg = one_line(invoke(*args))
+    assert f"{out / 'predictions.jsonl'}: no space left on the device; free some space and rerun" in msg, msg
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert len(load_predictions(out / "predictions.jsonl")) == 24
+
+
+def test_a_corrupt_line_in_a_runs_own_predictions_names_file_line_and_overwrite(tmp_path, mcq_file, tiny_model_dir,
+                                                                              monkeypatch):
+    monkeypatch.setenv("LLMCAL_SCORE_CACHE", "0")  # the resume reads the file, not the scoring cache
+    out = tmp_path / "run"
+    args = ("eval", "--model", str(tiny_model_dir), "--data", str(mcq_file), "--out", str(out), "--device", "cpu",
+            "--dtype", "float32", "--n-bootstrap", "10")
+    assert invoke(*args).exit_code == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "metrics.json").unlink()
+    (out / "INCOMPLETE").write_text("")  # an interrupted run whose file was damaged in the middle
+    (out / "predictions.jsonl").write_text("\n".join([lines[0], lines[1][:20], *lines[2:5]]) + "\n")
+    msg = one_line(invoke(*args))
+    assert f"{out / 'predictions.jsonl'} line 2: not a JSON record" in msg and "pass --overwrite" in msg, msg
+    r = invoke(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_damaged_config_json_names_the_file_and_line(tmp_path):
+    from llmcal.runs import RunDir
+
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.start({"kind": "eval"})
+    rd.release()
+    (run / "config.json").write_text('{"kind": "eval",\n  oops\n')
+    with pytest.raises(LlmcalError, match=r"config\.json line 2: not valid JSON .*pass --overwrite"):
+        RunDir(run).start({"kind": "eval"})
+    assert RunDir(run).start({"kind": "eval"}, overwrite=True) is False
+
+
+def test_a_bug_is_one_line_with_exit_1_and_debug_shows_it(tmp_path, monkeypatch):
+    import llmcal.evaluate
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(llmcal.evaluate, "run_eval", broken)
+    r = invoke("eval", "--model", "m", "--data", DATA, "--out", str(tmp_path / "run"))
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "internal error: ZeroDivisionError: boom" in " ".join(r.output.split())
+    r = subprocess.run([sys.executable, "-c", "import sys; import llmcal.evaluate as e\n"
+                        "e.run_eval = lambda *a, **k: 1 / 0\nfrom llmcal.cli import main; main()",
+                        "--debug", "eval", "--model", "m", "--data", DATA, "--out", str(tmp_path / "r2")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr, r.stderr

@@ -5,6 +5,9 @@ goes to a temporary file in the same directory and is renamed into place;
 rename is atomic on POSIX filesystems.  Append-only JSONL (predictions as they
 are computed) is the one exception: each record is one line written and
 flushed, and a torn last line is detected and dropped on resume.
+
+A failed write (a full disk, a read-only directory) raises OSError with the
+path it was writing, which the CLI turns into one line naming it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,13 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, default=_default, indent=indent, ensure_ascii=False, allow_nan=True)
 
 
+def _with_path(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` when it names no file (a write to an open file descriptor)."""
+    if e.filename is None:
+        return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else OSError(f"{path}: {e}")
+    return e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,11 +57,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            raise _with_path(e, path) from None
         raise
     return path
 
@@ -87,11 +99,17 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Any) -> None:
-        self._f.write(dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise _with_path(e, self.path) from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            raise _with_path(e, self.path) from None
 
     def __enter__(self) -> "JsonlAppender":
         return self

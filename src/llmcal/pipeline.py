@@ -70,6 +70,7 @@ class Run:
         self.progress = progress
         self.sections: list[Section] = []
         self.resumed = False
+        self.overwrite = False  # a damaged predictions file is then scored again instead of refused
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -84,6 +85,7 @@ class Run:
 
         distributed.init(resolve_device(device))
         run = cls(out, config, progress=progress)
+        run.overwrite = overwrite
 
         def begin() -> bool:
             return run.dir.start(config, overwrite=overwrite, restart=restart)
@@ -169,6 +171,7 @@ class Run:
                 distributed.barrier()
                 return hit
         preds = _score_into(self.dir, filename, loaded, questions, encoded, batch_tokens=batch_tokens,
+                            discard_damaged=self.overwrite,
                             progress=self.progress, description=description)
         if store is not None:
             distributed.on_main(lambda: store.put(key, preds), what="storing the scores in the cache")
@@ -207,7 +210,7 @@ def invalid_prediction(p: Prediction) -> str | None:
     return None
 
 
-DAMAGED = "the run cannot resume from it: pass --overwrite to start it again"
+DAMAGED = "the run cannot resume from it: pass --overwrite to score its questions again"
 
 
 def _read_scored(paths: Sequence[Path], wanted: set[str]) -> dict[str, Prediction]:
@@ -245,6 +248,7 @@ def score_loaded(loaded: Any, encoded, *, options, done=(), on_batch=None) -> li
 
 
 def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Question], encoded: Sequence[Any], *,
+                discard_damaged: bool = False,
                 batch_tokens: int, progress: bool, description: str) -> list[Prediction]:
     """Score into RUN/filename, resuming from what any earlier attempt (with any process count) finished."""
     from .scoring import ScoreOptions
@@ -252,7 +256,18 @@ def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Que
     world = distributed.current_world() if distributed.is_initialized() else distributed.World()
     path = run.file(filename)
     wanted = {q.id for q in questions}
-    have = _read_scored([path, *_partial_files(run, filename)], wanted)
+    try:
+        have = _read_scored([path, *_partial_files(run, filename)], wanted)
+    except LlmcalError as e:
+        if not discard_damaged:
+            raise
+        log.warning("%s; --overwrite: scoring every question again", e)
+        distributed.barrier()  # every rank has read it before the main one removes it
+        if world.is_main:
+            for p in [path, *_partial_files(run, filename)]:
+                p.unlink(missing_ok=True)
+        distributed.barrier()
+        have = {}
     if have and world.is_main:
         log.info("resuming %s: %d of %d questions already scored", path, len(have), len(questions))
     if world.distributed:

@@ -149,7 +149,33 @@ def check_training_args(extra: dict) -> dict:
             close = difflib.get_close_matches(k, known, n=3)
             raise LlmcalError(f"unknown training argument {k!r} (not a field of transformers' TrainingArguments)"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if extra:
+        _construct_training_args(extra)
     return extra
+
+
+def _construct_training_args(extra: dict) -> None:
+    """Build what the Trainer will build from ``extra`` (TrainingArguments, then its reporting integrations'
+    callbacks), so that a bad value (``warmup_steps: -5``, ``report_to: nosuchthing``, an integration that is
+    not installed) is refused before any data or model is loaded."""
+    import tempfile
+
+    from transformers import TrainingArguments
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    described = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+    with tempfile.TemporaryDirectory(prefix="llmcal-check-") as tmp:
+        kwargs = dict(output_dir=tmp, use_cpu=True, save_strategy="steps", save_steps=50, logging_steps=1,
+                      report_to=[], remove_unused_columns=False, disable_tqdm=True)
+        try:
+            args = TrainingArguments(**{**kwargs, **extra})
+        except (ValueError, TypeError, ImportError) as e:
+            raise LlmcalError(f"training arguments {described}: {e}") from None
+        try:
+            for cb in get_reporting_integration_callbacks(args.report_to):
+                cb()  # what the Trainer's CallbackHandler does: an integration that is not installed fails here
+        except Exception as e:  # noqa: BLE001 - any integration's own complaint
+            raise LlmcalError(f"training argument report_to={args.report_to!r}: {e}") from None
 
 
 def apply_preset(cfg: FinetuneConfig) -> FinetuneConfig:
