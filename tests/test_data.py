@@ -106,9 +106,25 @@ def test_missing_field(tmp_path):
 
 
 def test_missing_mapped_field_names_their_column(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "question": "q?", "choices": ["x", "y"]}])
+    p = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "question": "q?", "choices": ["x", "y"], "label": 0},
+                                          {"id": "b", "question": "q?", "choices": ["x", "y"]}])
     msg = load_error(p, mapping={"answer": "label"})
-    assert "line 1" in msg and "missing field 'label' (mapped to answer)" in msg
+    assert "line 2" in msg and "missing field 'label' (mapped to answer)" in msg
+
+
+@pytest.mark.parametrize("mapping, col, field", [
+    ({"choices": ["A", "B", "ZZ"]}, "ZZ", "choices"),  # before: 2 options scored instead of 3, exit 0
+    ({"choices": ["A", "B"], "id": "qid"}, "qid", "id"),  # before: invented ids, which drive the splits
+    ({"choices": ["A", "B"], "subject": "topic"}, "topic", "subject"),  # before: every subject null
+])
+def test_a_column_the_mapping_names_that_the_file_lacks_is_refused_with_the_header(tmp_path, mapping, col, field):
+    csv = tmp_path / "d.csv"
+    csv.write_text("id,question,A,B,answer\nq1,What?,x,y,A\nq2,Why?,u,v,B\n", encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"id": "q1", "question": "What?", "A": "x", "B": "y", "answer": 0}])
+    for path in (csv, jsonl):
+        msg = load_error(path, mapping=mapping)
+        assert f"{path}: the column mapping names column {col!r} (for {field}), which the file does not have; its " \
+               f"columns are: id, question, A, B, answer" in msg, msg
 
 
 def test_answer_out_of_range(tmp_path):

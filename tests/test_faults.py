@@ -477,3 +477,55 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_shows_it(tmp_path, monkeypatch)
                         "--debug", "eval", "--model", "m", "--data", DATA, "--out", str(tmp_path / "r2")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr, r.stderr
+
+
+# ---- ambiguous input refused; study cells checked at load ----------------------------------------
+@pytest.mark.parametrize("text, key, first, second", [
+    ("models: {m: x}\nmodels: {n: y}\ndata: {test: mmlu}\nmethods: [none]\n", "models", 1, 2),
+    ("models: {m: x}\ndata: {test: mmlu}\nmethods:\n  none: {}\n  ts: {n_bins: 5}\n  ts: {n_bins: 20}\n", "ts", 5, 6),
+    ("models:\n  m: {model: x, template: chat, template: plain}\ndata: {test: mmlu}\nmethods: [none]\n", "template",
+     2, 2),
+])
+def test_a_key_given_twice_in_a_study_is_refused_with_both_lines(tmp_path, text, key, first, second):
+    from llmcal.study import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(LlmcalError, match=rf"s\.yaml line {second}: duplicate key {key!r} \(also at line {first}\)"):
+        load_study(path)
+
+
+def test_a_key_given_twice_in_a_calibrate_config_is_refused_with_both_lines(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-4\nepochs: 1\nlr: 5e-4\n")
+    msg = one_line(invoke(*CFT, "--config", str(cfg), "--out", str(tmp_path / "run")))
+    assert f"{cfg} line 3: duplicate key 'lr' (also at line 1)" in msg, msg
+
+
+@pytest.mark.parametrize("defaults, where, words", [
+    ("{n_bins: 0}", "defaults.n_bins (line 4)", "--n-bins must be a positive integer (got 0)"),
+    ('{n_bootstrap: "many"}', "defaults.n_bootstrap (line 4)", "valid integer"),
+    ("{batch_tokens: 0}", "defaults.batch_tokens (line 4)", "--batch-tokens must be a positive integer"),
+    ("{backend: openai}", "defaults.backend (line 4)", "--backend openai needs --base-url"),
+])
+def test_a_none_or_ts_cells_bad_option_is_refused_at_load_with_file_and_line(tmp_path, defaults, where, words):
+    """Before, these surfaced after the base model was scored, with no file or line (or as a ValueError)."""
+    from llmcal.study import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"models: {{m: x}}\ndata: {{test: mmlu, train: mmlu}}\nmethods: {{none: {{}}, ts: {{}}}}\n"
+                    f"defaults: {defaults}\n")
+    with pytest.raises(LlmcalError) as e:
+        load_study(path)
+    assert f"{path}: {where}: " in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_a_training_cells_report_to_is_refused_at_study_load(tmp_path):
+    from llmcal.study import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text("models: {m: x}\ndata: {test: mmlu, train: mmlu}\nmethods:\n  cft:\n    epochs: 1\n"
+                    "    training_args: {report_to: nosuchthing}\n")
+    with pytest.raises(LlmcalError, match=r"s\.yaml: methods\.cft\.training_args\.report_to \(line 6\): .*nosuchthing is not "
+                                          r"supported"):
+        load_study(path)

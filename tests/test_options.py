@@ -107,13 +107,13 @@ def test_calibrate_config_file_and_training_arguments(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr, "run_finetune", fake_run)
     yml = tmp_path / "c.yaml"
-    yml.write_text("model: m\ntrain: t\nevals: [e]\nepochs: 2\nreport_to: [tensorboard]\nwarmup_steps: 3\n")
+    yml.write_text("model: m\ntrain: t\nevals: [e]\nepochs: 2\nreport_to: none\nwarmup_steps: 3\n")
     r = CliRunner().invoke(app, ["calibrate", "--method", "rcft", "--config", str(yml), "--epochs", "4",
                                  "--lr-scheduler-type", "cosine", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "stop here" in r.output
     cfg = seen["cfg"]
     assert cfg.method == "rcft" and cfg.epochs == 4.0 and cfg.evals == ["e"]  # the flag wins over the file
-    assert cfg.training_args == {"report_to": ["tensorboard"], "warmup_steps": 3, "lr_scheduler_type": "cosine"}
+    assert cfg.training_args == {"report_to": "none", "warmup_steps": 3, "lr_scheduler_type": "cosine"}
     r = CliRunner().invoke(app, ["calibrate", "--method", "cft", "--model", "m", "--train", "t", "--eval", "e",
                                  "--out", str(tmp_path / "o"), "--learning_rate", "1"])
     assert r.exit_code == 2 and "--lr" in r.output

@@ -237,17 +237,16 @@ def from_mapping(cls: type, data: dict, where: str, *, extra: dict[str, Any] | N
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
-    import yaml
+    from .yamlio import load_yaml
 
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise LlmcalError(f"{p}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise LlmcalError(f"{p}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise LlmcalError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    doc = load_yaml(text, p)  # refuses a key given twice, naming both lines
     if doc is None:
         return {}
     if not isinstance(doc, dict):

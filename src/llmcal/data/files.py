@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ..errors import LlmcalError
 from .schema import Question
-from .validate import Where, build_questions, fail, normalize_mapping
+from .validate import Where, build_questions, check_mapped_columns, fail, normalize_mapping
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -116,7 +116,9 @@ def load_file(path: str | Path, mapping: Mapping[str, Any] | None = None) -> tup
 
     Ids: the id column (``mapping["id"]``, default ``id``) when the file has it;
     only when that column is absent from the whole file, ``{file stem}/{i}`` with
-    i the 0-based record index.
+    i the 0-based record index.  A column the mapping names explicitly must exist
+    (``check_mapped_columns``): an option, an id or a subject column mistyped in
+    ``--mapping`` is refused instead of read as missing.
     """
     path = Path(path)
     file = str(path)
@@ -141,4 +143,7 @@ def load_file(path: str | Path, mapping: Mapping[str, Any] | None = None) -> tup
         has_id = m["id"] in header
     if not records:
         raise LlmcalError(f"{file}: no questions in the file")
+    if ext in (".jsonl", ".json"):  # the union of the records' keys, in the order they first appear
+        header = list(dict.fromkeys(k for r, _ in records for k in r))
+    check_mapped_columns(mapping, header, file)
     return build_questions(records, m, path.stem, has_id_column=has_id)

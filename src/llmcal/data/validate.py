@@ -73,6 +73,21 @@ def normalize_mapping(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def check_mapped_columns(mapping: Mapping[str, Any] | None, header: Sequence[str], file: str) -> None:
+    """Every column the user's mapping names is one of the file's columns (``header``), else an error naming the
+    column and the header: without it ``choices=A|B|ZZ`` would score two options instead of three, and
+    ``id=qid`` or ``subject=topic`` with a typo would invent ids (which drive the splits) or drop subjects."""
+    if not mapping:
+        return
+    have = set(header)
+    for field, col in mapping.items():
+        for c in (col if isinstance(col, (list, tuple)) else [col]):
+            if isinstance(c, str) and c not in have:
+                shown = ", ".join(map(str, header[:40])) + (", ..." if len(header) > 40 else "")
+                raise LlmcalError(f"{file}: the column mapping names column {c!r} (for {field}), which the file "
+                                  f"does not have; its columns are: {shown}")
+
+
 def _missing(value: Any) -> bool:
     """None, a float NaN (pandas/parquet nulls) or an empty/blank string (CSV cells)."""
     if value is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,16 @@ def load_study(path: str | os.PathLike) -> Study:
     import yaml
 
     path = Path(path)
+    from ..yamlio import load_yaml
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise LlmcalError(f"{path}: cannot read the study config ({e.strerror or e})") from None
-    try:
-        raw, root = yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise LlmcalError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise LlmcalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = load_yaml(text, path)  # a key given twice is refused with both lines
+    root = yaml.compose(text)
     if not isinstance(raw, dict):
         raise LlmcalError(f"{path}: a study config is a YAML mapping with keys {', '.join(TOP_KEYS)}")
     where = _Where(path, root)
@@ -298,8 +301,48 @@ def _fill_vars(where: _Where, e: DataEntry, point: Point, role: str) -> DataEntr
     return dataclasses.replace(e, spec=spec)
 
 
+def _source(where: _Where, study: Study, cell: Any, key: tuple) -> str:
+    """Where option ``key`` of ``cell`` was set (the last of defaults < model < method < sweep point that sets it),
+    as ``section.key (line N)``; the cell's own key path when no section names it."""
+    sections = [(("defaults",), study.defaults), (("models", cell.model.key), cell.model.options)]
+    method = cell.method or next((m for m in study.methods if m.key == study.regime_from), None)
+    if method is not None:
+        sections.append((("methods", method.key), method.options))
+    if key[0] in cell.point.options:
+        return f"sweep point {cell.point.name}: options.{'.'.join(key)}"
+    for loc, opts in reversed(sections):
+        if key[0] in opts:
+            path, line = where.locate(loc + key)
+            if not line:  # a nested key the file spells differently: its section's line
+                path, line = where.locate(loc + key[:1])
+            return f"{path} (line {line})" if line else path
+    return option_key(study, cell)
+
+
+def _culprit(study: Study, cell: Any, message: str) -> tuple | None:
+    """The option of the cell a config error is about (a key path): the one whose flag or name the message names."""
+    opts = study.options(cell)
+    for k in sorted(opts.get("training_args") or {}, key=len, reverse=True):
+        if f"{k}=" in message or f"{k!r}" in message:
+            return ("training_args", k)
+    for key in sorted(opts, key=len, reverse=True):
+        if f"--{key.replace('_', '-')}" in message or f"{key!r}" in message or re.search(rf"(^|\s){key}:", message):
+            return (key,)
+    return None
+
+
 def _check_cells(where: _Where, study: Study) -> None:
-    """Build every cell's config once (no data, no model), so bad values fail now, with the key."""
+    """Build and validate every cell's config once (no data, no model), so bad values fail now, naming the YAML
+    file, the key that set the value and its line."""
+    from ..evaluate import EvalConfig, _check
+    from ..options import from_mapping
+
+    def fail(cell: Any, e: LlmcalError) -> LlmcalError:
+        msg = str(e)
+        key = _culprit(study, cell, msg)
+        place = _source(where, study, cell, key) if key else option_key(study, cell)
+        return bad(study.path, place, f"{msg} (cell {cell.name})")
+
     for point in study.points:
         data = study.point_data(point)
         if "test" not in data:
@@ -316,8 +359,10 @@ def _check_cells(where: _Where, study: Study) -> None:
                 try:
                     validate(finetune_config(study, cell, paths, resume=False))
                 except LlmcalError as e:
-                    _, line = where.locate(("methods", cell.method.key))
-                    raise bad(study.path, option_key(study, cell) + (f" (line {line})" if line else ""),
-                              str(e)) from None
+                    raise fail(cell, e) from None
             elif cell.kind in ("none", "ts"):
-                eval_config(study, cell, paths)
+                cfg = eval_config(study, cell, paths)
+                try:  # the values' types as the YAML gave them (n_bootstrap: "many"), then their ranges
+                    _check(from_mapping(EvalConfig, dataclasses.asdict(cfg), "the cell's options"))
+                except LlmcalError as e:
+                    raise fail(cell, e) from None
