@@ -529,3 +529,35 @@ def test_a_training_cells_report_to_is_refused_at_study_load(tmp_path):
     with pytest.raises(LlmcalError, match=r"s\.yaml: methods\.cft\.training_args\.report_to \(line 6\): .*nosuchthing is not "
                                           r"supported"):
         load_study(path)
+
+
+# ---- secrets and markup ----------------------------------------------------------------------------
+def test_credentials_in_the_base_url_are_never_recorded_or_printed(tmp_path):
+    with MisbehavingServer() as srv:
+        url = srv.url.replace("http://", "http://user:SECRETKEY@")
+        rec = run_eval(served(url), tmp_path / "run", progress=False)
+        assert rec.meta["base_url"] == srv.url.replace("http://", "http://***@")
+    for f in (tmp_path / "run").iterdir():
+        if f.suffix in (".json", ".jsonl", ".md"):
+            assert "SECRETKEY" not in f.read_text(), f.name
+    with MisbehavingServer(lambda prompt, n: {" A": float("nan")}) as srv:
+        url = srv.url.replace("http://", "http://user:SECRETKEY@") + "?api_key=SECRETKEY2"
+        r = cli("eval", "--backend", "openai", "--base-url", url, "--model", "m", "--data", DATA, "--api-mode",
+                "completions", "--max-retries", "1", "--out", str(tmp_path / "bad"))
+    msg = assert_clean_failure(r)
+    assert "SECRETKEY" not in r.stderr and "http://***@127.0.0.1" in msg and "api_key=***" in msg, msg
+    assert "SECRETKEY" not in (tmp_path / "bad" / "config.json").read_text()
+
+
+def test_markup_in_subjects_and_names_is_escaped_in_report_md(tmp_path, tiny_model_dir):
+    from conftest import write_jsonl
+
+    recs = [{"id": f"<i>q{i}</i>", "question": f"What is {i} + 1?", "choices": [str(i), str(i + 1)], "answer": 1,
+             "subject": "<script>alert(1)</script>" if i % 2 else "**bold** [link](http://x)"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    out = tmp_path / "<b>run</b>"
+    run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data), n_bootstrap=10, device="cpu", dtype="float32"),
+             out, progress=False)
+    md = (out / "report.md").read_text()
+    assert "<script>" not in md and "<b>" not in md and "**bold**" not in md, md
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "\\*\\*bold\\*\\* \\[link\\]" in md

@@ -19,7 +19,8 @@ from ..errors import LlmcalError
 from ..io import atomic_write_text
 from ..runs import CONFIG, RunRecord, RunResult, load_run
 from .plots import reliability_grid, save_reliability
-from .tables import extra_columns, format_value, html_table, markdown_table, result_row, results_rows, run_names
+from .tables import (extra_columns, format_value, html_table, markdown_table, md_text, result_row, results_rows,
+                     run_names)
 
 REPORT = "report.md"
 RISK_COVERAGE_PNG = "risk-coverage.png"
@@ -64,11 +65,12 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     results = [RunResult(**r) if isinstance(r, dict) else r for r in results]
     rows = [{**result_row(r, run=run_dir.name), **coverage_columns(r)} for r in results]
 
-    lines = [f"# llmcal run `{run_dir.name}`", ""]
+    name = run_dir.name.replace("`", "'")  # a code span: a backtick would end it
+    lines = [f"# llmcal run `{name}`", ""]
     data = _first(config, "data", "dataset", "datasets")
     if data is not None:
         selection = {k: config.get(k) for k in ("split", "subjects", "limit", "seed") if config.get(k) is not None}
-        data = f"{_inline(data)} ({_inline(selection)})" if selection else data
+        data = f"{_inline(data)} ({_inline(selection)})" if selection else _inline(data)
     template = config.get("template")
     if meta.get("template") and meta["template"] != template:
         template = f"{template} (resolved: {meta['template']})" if template else meta["template"]
@@ -81,10 +83,10 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     }
     for key, value in header.items():
         if value not in (None, "", [], {}):
-            lines.append(f"- **{key}**: {_inline(value)}")
+            lines.append(f"- **{key}**: {md_text(_inline(value))}")
     for key, value in meta.items():
         if key not in header and isinstance(value, (str, int, float, bool)):
-            lines.append(f"- **{key}**: {_inline(value)}")
+            lines.append(f"- **{key}**: {md_text(_inline(value))}")
     lines.append("")
 
     lines += ["## Results", ""]
@@ -103,13 +105,13 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
     for res in results:
         table = per_subject_markdown(res.metrics.get("per_subject") or {})
         if table:
-            lines += [f"## Per subject: {res.label}", "", table]
+            lines += [f"## Per subject: {md_text(res.label)}", "", table]
 
     pictures = [(r.label, _relative(r.reliability, run_dir)) for r in results if r.reliability]
     if pictures:
         lines += ["## Reliability diagrams", ""]
         for label, rel in pictures:
-            lines += [f"### {label}", "", f"![reliability diagram: {label}]({_md_url(rel)})", ""]
+            lines += [f"### {md_text(label)}", "", f"![reliability diagram: {md_text(label)}]({_md_url(rel)})", ""]
 
     lines += ["## Definitions", "", DEFINITIONS, ""]
     return atomic_write_text(run_dir / REPORT, "\n".join(lines))
@@ -288,14 +290,16 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
 def _comparison_md(records, names, rows, columns, diagrams, out_dir: Path, has_grid: bool) -> str:
     lines = ["# llmcal comparison", "", "## Runs", ""]
     for rec, name in zip(records, names):
-        lines.append(f"- **{name}**: {_inline(rec.model)} ({rec.kind}); created {rec.config.get('created', '?')}; "
+        lines.append(f"- **{md_text(name)}**: {md_text(_inline(rec.model))} ({md_text(rec.kind)}); created "
+                     f"{md_text(rec.config.get('created', '?'))}; "
                      f"`{rec.path}`")
     lines += ["", "## Results", "", markdown_table(rows, columns)]
     if has_grid:
         lines += ["## Reliability diagrams", "", "![reliability grid](reliability_grid.png)", ""]
     for name, label, png in diagrams:
         rel = Path(os.path.relpath(png, out_dir)).as_posix()
-        lines += [f"### {name} · {label}", "", f"![reliability diagram: {name} {label}]({_md_url(rel)})", ""]
+        lines += [f"### {md_text(name)} · {md_text(label)}", "",
+                  f"![reliability diagram: {md_text(name)} {md_text(label)}]({_md_url(rel)})", ""]
     lines += ["## Definitions", "", DEFINITIONS, ""]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ put them together: a cell of column ``accuracy`` reads ``0.6228 [0.60, 0.65]``.
 from __future__ import annotations
 
 import html
+import re
 import json
 import math
 from pathlib import Path
@@ -129,8 +130,22 @@ def _numeric(row: dict, key: str) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_MD_MARKUP = re.compile(r"([\\`*\[\]<>|])")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(s: object) -> str:
+    """Text from data (a subject, an id, a run or model name) as literal Markdown on one line: raw HTML shown, not
+    rendered (``<``, ``>``, ``&`` as entities, as ``html.escape`` does for report.html), and the characters that
+    start Markdown markup (`` \\ ` * [ ] | ``) backslash-escaped."""
+    text = " ".join(str(s).splitlines())
+    text = re.sub(r"&(?=[A-Za-z#][A-Za-z0-9]*;)", "&amp;", text)  # an entity written in data stays literal
+    return _MD_MARKUP.sub(lambda m: _MD_ENTITIES.get(m[1]) or "\\" + m[1], text)
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[Column] | None = None) -> str:
-    """A GitHub-flavoured Markdown table; a column is a row key or ``(key, header)``."""
+    """A GitHub-flavoured Markdown table; a column is a row key or ``(key, header)``.  Text cells are data
+    (subjects, ids, names): escaped by ``md_text``; numeric cells are written as they are."""
     cols = _columns(columns)
 
     def esc(s: str) -> str:
@@ -140,7 +155,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column] | None = None
     lines = ["| " + " | ".join(esc(h) for _, h in cols) + " |",
              "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(esc(_cell(row, k)) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(esc(_cell(row, k)) if num else md_text(_cell(row, k))
+                                       for (k, _), num in zip(cols, numeric)) + " |")
     return "\n".join(lines) + "\n"
 
 
