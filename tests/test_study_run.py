@@ -13,7 +13,7 @@ import pytest
 from llmcal.errors import LlmcalError
 from llmcal.posthoc import TemperatureScaler
 from llmcal.predictions import load_predictions
-from llmcal.regime import CALIBRATABLE, DEFAULT_TOLERANCE, NON_CALIBRATABLE
+from llmcal.regime import CALIBRATABLE, DEFAULT_TOLERANCE, NON_CALIBRATABLE, UNDETERMINED
 from llmcal.study import run_study, write_results_md
 
 ARITH = "synthetic:arithmetic?difficulty=1&n=120"
@@ -229,8 +229,16 @@ def test_training_study_with_regime_diagnosis(tmp_path, tiny_model_dir, score_ca
     assert d["heldout_accuracy"] == pytest.approx(cft["results"]["test"]["accuracy"], abs=1e-12)
     assert d["gap"] == pytest.approx(d["train_accuracy"] - d["heldout_accuracy"], abs=1e-12)
     assert d["tolerance"] == DEFAULT_TOLERANCE
-    assert d["regime"] == (CALIBRATABLE if d["gap"] <= d["tolerance"] else NON_CALIBRATABLE)
-    assert d["recommended"] == {CALIBRATABLE: "cft", NON_CALIBRATABLE: "rcft"}[d["regime"]]
+    # against the base model on the same questions: its test scores from the cft run, its training-question
+    # scores from the regime cell
+    base_trained = load_predictions(out / "runs/tiny/regime/predictions-base-train.jsonl")
+    assert d["base_train_accuracy"] == pytest.approx(np.mean([p.correct for p in base_trained]), abs=1e-12)
+    assert d["base_heldout_accuracy"] == pytest.approx(cft["before"]["test"]["accuracy"], abs=1e-12)
+    assert d["added_gap"] == pytest.approx(d["gap"] - d["base_gap"], abs=1e-12)
+    lo, hi = d["interval"]
+    assert d["regime"] == (CALIBRATABLE if hi <= d["tolerance"] else NON_CALIBRATABLE if lo > d["tolerance"]
+                           else UNDETERMINED)
+    assert d["recommended"] == {CALIBRATABLE: "cft", NON_CALIBRATABLE: "rcft", UNDETERMINED: "auto"}[d["regime"]]
     assert "plane" in written  # one model: the plane of every run carries its boundary
     md = (out / "report.md").read_text()
     assert "regime boundary for tiny" in md and "SFT fixed point" in md and d["regime"] in md

@@ -26,7 +26,8 @@ class FakeProbe:
 
 
 def _stats(conf, correct):
-    return SetStats(bins=bin_statistics(conf, correct, 10), nll_sum=float(len(conf)))
+    return SetStats(bins=bin_statistics(conf, correct, 10), nll_sum=float(len(conf)),
+                    correct=np.asarray(correct, dtype=float))
 
 
 def _trainer_state(epoch, step, max_steps=100):
@@ -114,29 +115,76 @@ def test_cft_never_runs_an_estep():
 
 
 def test_auto_switches_rcft_on_when_the_model_leaves_the_calibratable_regime():
-    held = _stats([0.9] * 4, [1, 0, 0, 0])  # accuracy 0.25
-    probe = FakeProbe({"train-probe": _stats([0.9] * 4, [1, 1, 0, 0]), "heldout": held,
-                       "estep-heldout": held})
+    n = 200
+    base_t, base_h = _stats([0.9] * n, [1, 0] * (n // 2)), _stats([0.9] * n, [1, 0] * (n // 2))  # both 0.5
+    held = _stats([0.9] * n, [1, 0] * (n // 2))  # held-out accuracy stays 0.5
+    probe = FakeProbe({"train-probe": base_t, "heldout": base_h})
     ts = TrainState.initial("auto", 1.0, 10)
-    auto = AutoRegimeCallback(ts, probe, train_probe=[], heldout=[], tolerance=0.3)
+    auto = AutoRegimeCallback(ts, probe, train_probe=[], heldout=[], tolerance=0.1, n_bootstrap=500)
     estep = EStepCallback(ts, probe, encoded=[])
+    auto.on_train_begin(None, _trainer_state(None, 0), None)  # the base model, before any step
     estep.on_train_begin(None, _trainer_state(None, 0), None)
-    assert ts.targets is None  # auto starts as CFT
-    auto.on_epoch_end(None, _trainer_state(1.0, 4), None)  # gap 0.25 <= 0.3: stay
+    assert ts.targets is None and ts.regime_base["train"] == [1, 0] * (n // 2)  # auto starts as CFT
+    # epoch 1: 4 of the wrong training answers right: added gap 0.02, interval well below 0.1
+    probe.stats = {"train-probe": _stats([0.9] * n, [1, 0] * (n // 2 - 2) + [1, 1] * 2), "heldout": held}
+    auto.on_epoch_end(None, _trainer_state(1.0, 4), None)
     assert not ts.rcft_on and ts.regime_checks[-1]["regime"] == "calibratable"
-    probe.stats["train-probe"] = _stats([0.9] * 4, [1, 1, 1, 1])  # gap 0.75
+    # epoch 2: 16 more: added gap 0.10, the interval straddles the tolerance: keep CFT
+    probe.stats["train-probe"] = _stats([0.9] * n, [1, 0] * (n // 2 - 20) + [1, 1] * 20)
     auto.on_epoch_end(None, _trainer_state(2.0, 8), None)
-    assert ts.rcft_on and ts.switched["step"] == 8 and ts.switched["gap"] == 0.75
-    assert "use RCFT" in ts.switched["reason"]
-    estep.on_epoch_begin(None, _trainer_state(2.0, 8), None)  # the next epoch starts with an E-step
-    assert ts.targets is not None and ts.targets[9] == 0.25
+    c = ts.regime_checks[-1]
+    assert not ts.rcft_on and c["regime"] == "undetermined" and c["interval"][0] < 0.1 < c["interval"][1]
+    # epoch 3: all training questions right: added gap 0.5, clearly above
+    probe.stats["train-probe"] = _stats([0.9] * n, [1] * n)
+    auto.on_epoch_end(None, _trainer_state(3.0, 12), None)
+    assert ts.rcft_on and ts.switched["step"] == 12 and ts.switched["added_gap"] == pytest.approx(0.5)
+    assert ts.switched["interval"][0] > 0.1 and "use RCFT" in ts.switched["reason"]
+    probe.stats["estep-heldout"] = held
+    estep.on_epoch_begin(None, _trainer_state(3.0, 12), None)  # the next epoch starts with an E-step
+    assert ts.targets is not None and ts.targets[9] == pytest.approx(0.5, abs=0.05)
+
+
+def test_auto_judges_the_gap_training_added_not_the_sets_own():
+    # the training questions are easier for the base model already (0.9 vs 0.5): that gap is not fine-tuning's
+    n = 100
+    probe = FakeProbe({"train-probe": _stats([0.9] * n, [1] * 90 + [0] * 10),
+                       "heldout": _stats([0.9] * n, [1, 0] * (n // 2))})
+    ts = TrainState.initial("auto", 1.0, 10)
+    auto = AutoRegimeCallback(ts, probe, [], [], 0.05)
+    auto.on_train_begin(None, _trainer_state(None, 0), None)
+    auto.on_epoch_end(None, _trainer_state(1.0, 4), None)  # nothing changed
+    c = ts.regime_checks[-1]
+    assert c["gap"] == pytest.approx(0.4) and c["base_gap"] == pytest.approx(0.4) and c["added_gap"] == 0.0
+    assert c["regime"] == "calibratable" and not ts.rcft_on
+    restored = TrainState.from_dict(ts.to_dict())  # the base travels with the checkpointed state
+    assert restored.regime_base == ts.regime_base
+    calls = len(probe.calls)
+    AutoRegimeCallback(restored, probe, [], [], 0.05).on_train_begin(None, _trainer_state(1.0, 4), None)
+    assert len(probe.calls) == calls  # a resumed run does not re-measure the base with the trained model
 
 
 def test_auto_does_not_switch_after_the_last_step():
-    probe = FakeProbe({"train-probe": _stats([0.9] * 4, [1, 1, 1, 1]), "heldout": _stats([0.9] * 4, [0] * 4)})
+    probe = FakeProbe({"train-probe": _stats([0.9] * 40, [1] * 40), "heldout": _stats([0.9] * 40, [0] * 40)})
     ts = TrainState.initial("auto", 1.0, 10)
     AutoRegimeCallback(ts, probe, [], [], 0.05).on_epoch_end(None, _trainer_state(3.0, 12, max_steps=12), None)
     assert not ts.rcft_on and ts.switched is None and ts.regime_checks[-1]["regime"] == "non-calibratable"
+
+
+def test_official_estep_runs_once_on_its_set_with_raw_accuracies_and_counts():
+    from llmcal.train.callbacks import OfficialEStepCallback
+
+    probe = FakeProbe({"estep-train": _stats([0.95, 0.95, 0.55, 0.35], [1, 0, 1, 0])})
+    ts = TrainState.initial("rcft", 1.0, 10)
+    cb = OfficialEStepCallback(ts, probe, encoded=[])
+    cb.on_train_begin(None, _trainer_state(None, 0), None)
+    cb.on_epoch_begin(None, _trainer_state(None, 0), None)
+    cb.on_epoch_begin(None, _trainer_state(1.0, 4), None)  # never refreshed
+    assert probe.calls == [("estep-train", 0)] and ts.targets_tag == "once:0"
+    assert ts.targets[9] == 0.5 and ts.targets[5] == 1.0 and ts.targets[3] == 0.0 and ts.targets[0] is None
+    assert ts.counts == [0, 0, 0, 1, 0, 1, 0, 0, 0, 2] and ts.counts_tensor()[9] == 2.0
+    cft = TrainState.initial("cft", 1.0, 10)
+    OfficialEStepCallback(cft, probe, encoded=[]).on_train_begin(None, _trainer_state(None, 0), None)
+    assert cft.targets is None and len(probe.calls) == 1
 
 
 def test_curve_records_each_epoch_once():

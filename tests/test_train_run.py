@@ -312,6 +312,7 @@ def test_auto_checks_the_regime_after_every_epoch(tmp_path, sharp_model, monkeyp
     assert [round(c["epoch"]) for c in checks] == [1, 2]
     assert {"train_accuracy", "heldout_accuracy", "gap", "regime", "reason"} <= set(checks[0])
     assert all(c["tolerance"] == 1.0 and c["regime"] == "calibratable" for c in checks)
+    assert all(c["base_gap"] is not None and c["interval"][1] <= 1.0 for c in checks)
     assert rec.meta["rcft_switched"] is None and rec.meta["estep"] == [] and not rec.meta["rcft_on_at_end"]
     assert rec.results[1].label == "auto" and "**auto**" in (tmp_path / "run" / "report.md").read_text()
 
@@ -322,8 +323,8 @@ def test_auto_switches_to_rcft_once_the_model_leaves_the_regime(tmp_path, sharp_
     # The callback looks the test up in its own module: make the first check say "left the regime".
     seen = []
 
-    def left(train_accuracy, heldout_accuracy, tolerance):
-        seen.append((train_accuracy, heldout_accuracy, tolerance))
+    def left(d):
+        seen.append(d)
         return True
 
     monkeypatch.setattr(callbacks, "left_calibratable", left)
@@ -331,7 +332,11 @@ def test_auto_switches_to_rcft_once_the_model_leaves_the_regime(tmp_path, sharp_
     checks, switched = rec.meta["regime_checks"], rec.meta["rcft_switched"]
     # one check (after epoch 1), then the RCFT term is on and the checks stop
     assert len(seen) == 1 and len(checks) == 1 and round(checks[0]["epoch"]) == 1
-    assert seen[0] == (checks[0]["train_accuracy"], checks[0]["heldout_accuracy"], checks[0]["tolerance"])
+    d = seen[0]
+    assert (d.train_accuracy, d.heldout_accuracy, d.tolerance) == (
+        checks[0]["train_accuracy"], checks[0]["heldout_accuracy"], checks[0]["tolerance"])
+    # judged against the base model on the same probe and held-out questions, with an interval
+    assert d.base_gap is not None and d.interval is not None and d.n_heldout == rec.meta["n_heldout"]
     assert round(switched["epoch"]) == 1 and switched["step"] == checks[0]["step"] > 0
     # the E-step runs at the start of every epoch from then on: epochs 2 and 3, none before the switch
     step = switched["step"]

@@ -241,6 +241,8 @@ def run_regime(ctx: Context, cell: Cell) -> None:
     if held is None:
         raise LlmcalError(f"{src.path}: has no in-domain test result after training; rerun {config['source']}")
     held_preds = load_predictions(src.path / held.predictions)
+    # the base model on the same test questions, scored by the source run before it trained
+    base_held = next((r for r in srec.results if r.label == "none" and r.dataset == "test"), None)
     spec = resolve_model(config["model"])
     config["model_spec"] = spec.to_dict()
     run = Run.start(ctx.out / cell.rel, config, device=config["device"], progress=ctx.progress)
@@ -248,7 +250,17 @@ def run_regime(ctx: Context, cell: Cell) -> None:
     # Not cached: the adapter is a study output that a rerun of its source cell replaces.
     preds = run.score("predictions-train.jsonl", loaded, trained, config["template"],
                       batch_tokens=int(config["batch_tokens"]), description=f"{cell.name}: training questions")
-    d = diagnose_predictions(preds, held_preds, tolerance=config["tolerance"], n_bins=int(config["n_bins"]))
+    base_train = None
+    base_spec = spec.base if spec.kind == "lora" else None
+    if base_held is not None and base_spec is not None:  # the gap the base model had on the same questions
+        base_loaded = ctx.loaded(base_spec, "hf", config["dtype"], config["device"])
+        base_train = run.score("predictions-base-train.jsonl", base_loaded, trained, config["template"],
+                               batch_tokens=int(config["batch_tokens"]), cache=True,
+                               description=f"{cell.name}: training questions, base model")
+    d = diagnose_predictions(preds, held_preds, base_train=base_train,
+                             base_heldout=load_predictions(src.path / base_held.predictions) if base_train else None,
+                             tolerance=config["tolerance"], n_bins=int(config["n_bins"]),
+                             n_bootstrap=int(config.get("n_bootstrap") or 1000), seed=int(config.get("seed") or 0))
     run.on_main(lambda: atomic_write_json(run.file("diagnosis.json"), d.to_dict()), what="writing diagnosis.json")
     results = [run.result("train", preds, dataset="train", split="all", pred_file="predictions-train.jsonl",
                           png="reliability-train-train.png",

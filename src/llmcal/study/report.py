@@ -358,14 +358,19 @@ def _risk_section(r: _Doc, doc: dict, figs: dict, root: Path) -> None:
 def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:
     if doc["diagnoses"]:
         r.p("For each model, the fine-tuned model (the `regime.from` cell) is scored on the questions it was "
-            "trained on; train accuracy − in-domain test accuracy is the gap. Within the tolerance the model is "
-            "*calibratable* (CFT suffices); above it *non-calibratable* (RCFT recommended). The last columns "
+            "trained on; train accuracy − in-domain test accuracy is the gap. The verdict is on the *added* gap "
+            "(the gap minus the base model's own gap on the same questions) and its 95% paired bootstrap "
+            "interval: at or below the tolerance *calibratable* (CFT suffices), above it *non-calibratable* "
+            "(RCFT recommended), straddling it *undetermined* (more questions would settle it). The last columns "
             "are what the fine-tuning cells actually measured on the in-domain test set.")
         drows = []
         for d in doc["diagnoses"]:
             row = {"model": d["model"], "point": d["point"], "from": d["source"].split("/")[-1],
                    "train acc": d["train_accuracy"], "held-out acc": d["heldout_accuracy"],
-                   "held-out ECE": d["heldout_ece"], "gap": d["gap"], "ECE bound": d["ece_lower_bound"],
+                   "held-out ECE": d["heldout_ece"], "gap": d["gap"], "base gap": d.get("base_gap"),
+                   "added gap": d.get("added_gap", d["gap"]),
+                   "interval": "[{:+.3f}, {:+.3f}]".format(*d["interval"]) if d.get("interval") else "–",
+                   "ECE bound": d["ece_lower_bound"],
                    "tolerance": d["tolerance"], "regime": d["regime"], "recommended": d["recommended"]}
             for meth, v in d["measured"].items():
                 row[f"{meth} ECE"] = v.get("conf_ece")
@@ -424,8 +429,8 @@ def _boundary_caption(d: dict) -> str:
             f"{d['source'].split('/')[-1]} model reached on its own training questions. ECE ≥ |mean confidence − "
             f"accuracy| always, and a model fine-tuned to its SFT fixed point has mean confidence ≈ its training "
             f"accuracy, so such a model cannot sit below the line on unseen questions; RCFT's ECE term is what "
-            f"can take a fine-tuned model below it. A gap above the tolerance ({d['tolerance']:.2f}) is the "
-            f"non-calibratable regime.")
+            f"can take a fine-tuned model below it. An added gap (over the base model's) whose interval lies above "
+            f"the tolerance ({d['tolerance']:.2f}) is the non-calibratable regime.")
 
 
 def _entry_text(e: dict) -> str:

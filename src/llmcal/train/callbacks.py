@@ -13,8 +13,9 @@
 * ``SquaredEpochsCallback`` (``--squared-epochs``): the authors' epoch loop in
   one Trainer run: the learning-rate schedule restarts, and the optimizer state
   is dropped, every ``--epochs`` epochs.
-* ``AutoRegimeCallback`` (``--method auto``): at each epoch end, compares
-  train and held-out accuracy; once ``left_calibratable`` says the model has
+* ``AutoRegimeCallback`` (``--method auto``): at each epoch end, the regime
+  diagnosis (the train minus held-out gap training added over the base model's,
+  with its bootstrap interval); once ``left_calibratable`` says the model has
   left the calibratable regime, the RCFT term is on from then on.  Every check
   and the switch (when and why) are recorded.
 * ``CurveCallback``: held-out accuracy, ECE and NLL before training and after
@@ -41,7 +42,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..errors import LlmcalError
 from ..prompts import EncodedQuestion
-from ..regime import diagnose, left_calibratable
+from ..regime import diagnose_correct, left_calibratable
 from .estimate import DEFAULT_PRIOR_STRENGTH, MIN_QUESTIONS_PER_BIN, Probe, estimate_bin_accuracy, too_few
 from .state import TrainState
 
@@ -196,24 +197,45 @@ def _rounded(values) -> list:
 
 
 class AutoRegimeCallback(TrainerCallback):
+    """``--method auto``: the regime diagnosis after every epoch; the RCFT term on once it says non-calibratable.
+
+    Before the first batch it scores the training probe and the held-out slice with the model as
+    it is (the base), so every check judges the gap training added, with its paired bootstrap
+    interval (``regime.diagnose_correct``); an undetermined check keeps CFT and is repeated at the
+    next epoch.  The base model's per-question correctness is kept in the TrainState (a resumed run
+    compares with the same base).
+    """
+
     def __init__(self, train_state: TrainState, probe: Probe, train_probe: Sequence[EncodedQuestion],
-                 heldout: Sequence[EncodedQuestion], tolerance: float):
+                 heldout: Sequence[EncodedQuestion], tolerance: float, *, n_bootstrap: int = 1000, seed: int = 0):
         self.ts = train_state
         self.probe = probe
         self.train_probe = train_probe
         self.heldout = heldout
         self.tolerance = tolerance
+        self.n_bootstrap = int(n_bootstrap)
+        self.seed = int(seed)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.ts.rcft_on or self.ts.regime_base is not None or state.global_step > 0:
+            return  # a resume keeps the base it saved (a state from before the base was kept: no base)
+        tr = self.probe("train-probe", model, self.train_probe, state.global_step)
+        ho = self.probe("heldout", model, self.heldout, state.global_step)
+        self.ts.regime_base = {"train": _as_list(tr.correct), "heldout": _as_list(ho.correct)}
 
     def on_epoch_end(self, args, state, control, model=None, **kw):
         if self.ts.rcft_on:
             return
         tr = self.probe("train-probe", model, self.train_probe, state.global_step)
         ho = self.probe("heldout", model, self.heldout, state.global_step)
-        d = diagnose(tr.accuracy, ho.accuracy, heldout_ece=ho.ece, heldout_mean_conf=ho.mean_conf,
-                     tolerance=self.tolerance)
+        base = self.ts.regime_base or {}
+        d = diagnose_correct(tr.correct, ho.correct, base_train_correct=base.get("train"),
+                             base_heldout_correct=base.get("heldout"), tolerance=self.tolerance,
+                             n_resamples=self.n_bootstrap, seed=self.seed, heldout_ece=ho.ece,
+                             heldout_mean_conf=ho.mean_conf)
         check = {"epoch": state.epoch, "step": state.global_step, **d.to_dict()}
         self.ts.regime_checks.append(check)
-        if left_calibratable(tr.accuracy, ho.accuracy, self.tolerance):
+        if left_calibratable(d):
             if state.global_step >= state.max_steps:
                 log.info("auto: the model left the calibratable regime at the end of training (%s)", d.reason)
                 return
@@ -221,8 +243,14 @@ class AutoRegimeCallback(TrainerCallback):
             self.ts.targets = None  # the E-step runs before the next batch
             self.ts.switched = {"epoch": state.epoch, "step": state.global_step, "reason": d.reason,
                                 "train_accuracy": tr.accuracy, "heldout_accuracy": ho.accuracy, "gap": d.gap,
-                                "tolerance": self.tolerance}
+                                "added_gap": d.added_gap, "interval": d.interval, "tolerance": self.tolerance}
             log.info("auto: RCFT term on from step %d: %s", state.global_step, d.reason)
+        else:
+            log.info("auto: %s after epoch %.2f: %s", d.regime, state.epoch or 0.0, d.reason)
+
+
+def _as_list(correct) -> list[int] | None:
+    return None if correct is None else [int(round(c)) for c in correct]
 
 
 class CurveCallback(TrainerCallback):

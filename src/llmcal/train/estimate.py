@@ -4,7 +4,7 @@ The E-step (bin accuracies a_b), the regime check of ``--method auto`` and
 the held-out training curve all need the same thing: the scoring engine run
 on a fixed set of encoded questions with the model as it is now, reduced to
 ``BinStats`` (count, sum of confidence, sum of correctness per bin) plus the
-summed NLL.  Each process scores its shard of the batches
+summed NLL and each question's correctness (the regime check's bootstrap).  Each process scores its shard of the batches
 (``ScoreOptions.shard``) and the sums are all-reduced, so every rank gets
 identical statistics.  ``Probe`` caches the last result per set, so two
 callbacks asking at the same step score once.
@@ -39,6 +39,7 @@ MIN_QUESTIONS_PER_BIN = 5
 class SetStats:
     bins: BinStats
     nll_sum: float
+    correct: np.ndarray | None = None  # per question, in the set's order, over all ranks (the regime's bootstrap)
 
     @property
     def n(self) -> int:
@@ -75,9 +76,15 @@ def score_stats(model: Any, tokenizer: Any, encoded: Sequence[EncodedQuestion], 
     correct = [p.correct for p in preds]
     nll = float(sum(-math.log(max(p.probs[p.answer], 1e-12)) for p in preds))
     local = bin_statistics(conf, correct, n_bins).to_array()
-    packed = np.concatenate([local.reshape(-1), [nll]])
+    where = {e.question.id: i for i, e in enumerate(encoded)}
+    each = np.zeros(len(encoded))  # this rank's questions filled in: the sum over ranks is every question
+    for p in preds:
+        each[where[p.id]] = float(p.correct)
+    packed = np.concatenate([local.reshape(-1), [nll], each])
     total = distributed.all_reduce_numpy(packed)
-    return SetStats(bins=BinStats.from_array(total[:-1].reshape(3, n_bins)), nll_sum=float(total[-1]))
+    k = 3 * n_bins
+    return SetStats(bins=BinStats.from_array(total[:k].reshape(3, n_bins)), nll_sum=float(total[k]),
+                    correct=total[k + 1:].copy())
 
 
 class Probe:

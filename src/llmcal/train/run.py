@@ -180,7 +180,8 @@ def build_trainer(cfg: FinetuneConfig, args, model, tok, template: str, data: Tr
     callbacks.append(CurveCallback(state, probe, enc_heldout))
     if cfg.method == "auto":
         probe_set = encode_questions(data.train_probe(cfg.seed), tok, template)
-        callbacks.append(AutoRegimeCallback(state, probe, probe_set, enc_heldout, cfg.tolerance))
+        callbacks.append(AutoRegimeCallback(state, probe, probe_set, enc_heldout, cfg.tolerance,
+                                            n_bootstrap=cfg.n_bootstrap, seed=cfg.seed))
     callbacks.append(StateCheckpointCallback(state))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     packed = cfg.packed_batches and packs_questions(model)
@@ -241,8 +242,10 @@ def _mean_loss(log_history: list[dict]) -> float | None:
 def _auto_summary(switched: dict | None, checks: list[dict]) -> str:
     if switched:
         return f"RCFT term on from epoch {switched['epoch']:.2f} (step {switched['step']}): {switched['reason']}"
-    if checks and checks[-1]["regime"] != "calibratable":
+    if checks and checks[-1]["regime"] == "non-calibratable":
         return f"CFT throughout; the model left the calibratable regime only at the end: {checks[-1]['reason']}"
+    if checks and checks[-1]["regime"] == "undetermined":
+        return f"CFT throughout; the last check could not tell: {checks[-1]['reason']}"
     return "the model stayed in the calibratable regime; CFT throughout"
 
 

@@ -33,6 +33,7 @@ class TrainState:
     estep_history: list[dict] = field(default_factory=list)
     regime_checks: list[dict] = field(default_factory=list)
     switched: dict | None = None  # auto: when and why the RCFT term was turned on
+    regime_base: dict | None = None  # auto: the base model's per-question correctness {"train", "heldout"}
     curve: list[dict] = field(default_factory=list)  # per-epoch held-out metrics
 
     @classmethod
