@@ -561,3 +561,77 @@ def test_markup_in_subjects_and_names_is_escaped_in_report_md(tmp_path, tiny_mod
     md = (out / "report.md").read_text()
     assert "<script>" not in md and "<b>" not in md and "**bold**" not in md, md
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "\\*\\*bold\\*\\* \\[link\\]" in md
+
+
+# ---- property tests: malformed datasets and study files ------------------------------------------
+_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 30), st.floats(allow_nan=True),
+                                 st.text(max_size=6)), lambda inner: st.lists(inner, max_size=4), max_leaves=6)
+_RECORD = st.dictionaries(st.sampled_from(["id", "question", "choices", "answer", "subject", "explanation", "A", "x"]),
+                          _VALUES, max_size=7)
+
+
+def _good_record(i: int) -> dict:
+    return {"id": f"q{i}", "question": f"Q{i}?", "choices": ["a", "b", "c"], "answer": i % 3}
+
+
+@FAST
+@given(st.lists(st.one_of(_RECORD, st.builds(_good_record, st.integers(0, 5))), min_size=0, max_size=5),
+       st.sampled_from([".jsonl", ".json", ".csv"]),
+       st.one_of(st.none(), st.sampled_from([{"choices": ["A", "x"]}, {"id": "x"}, {"answer": "A"}])),
+       st.binary(max_size=8))
+def test_any_dataset_file_loads_valid_questions_or_is_refused_with_a_message(tmp_path_factory, records, ext, mapping,
+                                                                            junk):
+    from llmcal.data.files import load_file
+    from llmcal.data.schema import MAX_CHOICES, MIN_CHOICES
+
+    path = tmp_path_factory.mktemp("d") / f"data{ext}"
+    if ext == ".jsonl":
+        path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + junk)
+    elif ext == ".json":
+        path.write_text(json.dumps(records))
+    else:
+        cols = sorted({k for r in records for k in r}) or ["id"]
+        rows = [",".join(json.dumps(r.get(c)) if not isinstance(r.get(c), str) else r[c].replace(",", ";")
+                         .replace("\n", " ").replace('"', "'") for c in cols) for r in records]
+        path.write_bytes(("\n".join([",".join(cols), *rows]) + "\n").encode() + junk)
+    try:
+        qs = load_file(path, mapping)
+    except LlmcalError as e:
+        assert str(e).startswith(str(path)) or "mapping" in str(e), str(e)
+        return
+    assert len({q.id for q in qs}) == len(qs)
+    for q in qs:
+        assert q.id and q.question.strip() and MIN_CHOICES <= q.k <= MAX_CHOICES and 0 <= q.answer < q.k
+
+
+_YAML_VALUES = st.one_of(st.integers(-2, 3), st.sampled_from(["many", "mmlu", "none", "ts", "", "x", "[", "{a: 1}"]),
+                         st.floats(allow_nan=True), st.booleans(), st.none())
+_STUDY_KEYS = st.sampled_from(["n_bins", "n_bootstrap", "limit", "seed", "batch_tokens", "template", "epochs",
+                               "lr", "report_to", "calib_fraction", "split", "bogus"])
+
+
+@FAST
+@given(st.dictionaries(_STUDY_KEYS, _YAML_VALUES, max_size=3), st.sampled_from(["defaults", "methods.ts", "methods.cft"]),
+       st.booleans())
+def test_any_study_file_loads_or_is_refused_naming_the_file(tmp_path_factory, options, where, duplicate):
+    from llmcal.study import load_study
+
+    opts = "{" + ", ".join(f"{k}: {json.dumps(v) if v is not None else 'null'}" for k, v in options.items()) + "}"
+    methods = {"ts": "{}", "cft": "{epochs: 1}", "none": "{}"}
+    defaults = "{}"
+    if where == "defaults":
+        defaults = opts
+    else:
+        methods[where.split(".")[1]] = opts
+    text = (f"models: {{m: x}}\ndata: {{test: mmlu, train: mmlu}}\ndefaults: {defaults}\nmethods:\n"
+            + "".join(f"  {k}: {v}\n" for k, v in methods.items()) + ("seed: 1\nseed: 2\n" if duplicate else ""))
+    path = tmp_path_factory.mktemp("s") / "s.yaml"
+    path.write_text(text)
+    try:
+        load_study(path)
+    except LlmcalError as e:
+        assert str(e).startswith(str(path)), str(e)
+        if duplicate:
+            assert "duplicate key 'seed'" in str(e) or "line" in str(e)
+        return
+    assert not duplicate

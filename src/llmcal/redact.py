@@ -4,7 +4,7 @@ A served model's ``--base-url`` may carry a secret (``http://user:KEY@host/v1``,
 ``https://host/v1?api_key=KEY``).  The request needs it; nothing else does.  Every
 recorded document goes through ``runs.portable``, which applies :func:`redact`, and
 the CLI redacts its error messages and log lines, so the secret never reaches
-config.json, metrics.json, report.md, study.json or the terminal.
+config.json, metrics.json, report.md or the terminal (a study's study.json and its copy of the study YAML are written by the study runner, not through ``portable``).
 
 What is replaced by ``***``: the whole user-info part of any ``scheme://...@`` URL
 (the user name can be the secret, as in ``https://KEY@host``), and the value of a
