@@ -103,9 +103,9 @@ class FinetuneConfig:
                                          "dropout 0.05, all linear layers, lr 5e-6, 5 epochs, batch 2, cosine "
                                          "schedule with 10% warm-up, bf16; 4-bit base where bitsandbytes and a GPU "
                                          "are present). Options you set win over the preset.")
-    squared_epochs: bool = option(False, help="The authors' epoch loop: their train() runs the whole --epochs-epoch "
-                                              "training --epochs times over, optimizer and schedule starting afresh "
-                                              "each time (5 epochs: 25 passes over the data).")
+    squared_epochs: bool = option(False, help="The authors' epoch loop: their train() runs the whole training "
+                                              "of --epochs epochs --epochs times over, optimizer and schedule "
+                                              "starting afresh each time (5 epochs: 25 passes over the data).")
     merge: bool = option(False, help="Also write the merged model (base + adapter) to RUN/merged.")
     include_explanation: bool = option(False, help="Also train on the explanation text that follows the answer, "
                                                    "when the data has one.")
