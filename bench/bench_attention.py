@@ -49,7 +49,7 @@ def main() -> int:
     from llmcal.prompts import encode_questions
     from llmcal.scoring import DEFAULT_BATCH_TOKENS, make_batches
 
-    model_dir = Path(weights_dir(resolve_model(args.model)))
+    model_dir = Path(weights_dir(resolve_model(args.model), "float32"))  # both dtypes are loaded from it
     cfg = AutoConfig.from_pretrained(model_dir)
     H, KV, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H

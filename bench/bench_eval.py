@@ -225,7 +225,7 @@ def prepare(args) -> dict:
     from llmcal.models import resolve_model, weights_dir
     from llmcal.prompts import encode_questions
 
-    model_dir = Path(weights_dir(resolve_model(args.model)))
+    model_dir = Path(weights_dir(resolve_model(args.model), "float32"))  # lm-eval is compared in float32
     shots, subjects = {}, []
     if args.num_fewshot:
         questions, shots, subjects = fewshot_questions(args)

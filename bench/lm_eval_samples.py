@@ -109,7 +109,7 @@ def prepare(work: Path, args) -> None:
     from llmcal.data import load_dataset
     from llmcal.models import resolve_model, weights_dir
 
-    model_dir = Path(weights_dir(resolve_model(args.model)))
+    model_dir = Path(weights_dir(resolve_model(args.model), "float32"))  # lm-eval runs in float32 here
     (work / MODEL_LINK).symlink_to(model_dir, target_is_directory=True)
     (work / "data").mkdir()
     (work / "tasks").mkdir()

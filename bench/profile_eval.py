@@ -124,7 +124,7 @@ def main() -> int:
     from llmcal.prompts import encode_questions
     from llmcal.scoring import ScoreOptions
 
-    model_dir = Path(weights_dir(resolve_model(args.model)))
+    model_dir = Path(weights_dir(resolve_model(args.model), "float32"))  # both dtypes are loaded from it
     questions = list(load_dataset(args.data, limit=200, seed=args.seed).questions)
     opt = ScoreOptions(progress=False, cpu_attention=args.sdpa == "default")
     result = {"started": dt.datetime.now().isoformat(timespec="seconds"), "n": args.n, "torch": torch.__version__,

@@ -183,3 +183,92 @@ def test_qwen_alias_real_tokenizer_and_config(monkeypatch):
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert [len(tok(f" {L}", add_special_tokens=False)["input_ids"]) for L in "ABCD"] == [1, 1, 1, 1]
+
+
+# ---- GGUF conversion: streamed, in the compute dtype ------------------------------------------------------------
+_PEAK_CHILD = r"""
+import json, sys, threading, time
+from pathlib import Path
+import llmcal.models as m
+spec = m.resolve_model("smollm2-135m-instruct")
+m.gguf_tokenizer_dir(spec.path, spec.gguf_file)  # the tokenizer is converted before the baseline is read
+import gguf, safetensors.torch, torch, transformers.modeling_gguf_pytorch_utils  # imports before the baseline
+from transformers import AutoModelForCausalLM
+
+def anon():  # resident anonymous memory: the heap, not the memory-mapped GGUF file (its pages are the file's)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+base, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+t = threading.Thread(target=sample); t.start()
+if sys.argv[1] == "transformers-float32":  # what llmcal did before: transformers' loader in float32
+    AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32).state_dict()
+    out = None
+else:
+    out = str(m.gguf_to_hf_dir(spec.path, spec.gguf_file, dtype=sys.argv[1], progress=False, shard_bytes=8 << 20))
+done.set(); t.join()
+print(json.dumps({"held": peak[0] - base, "out": out}))
+"""
+
+
+def _conversion_child(mode: str, cache: Path) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMCAL_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, mode], capture_output=True, text=True, env=env, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_gguf_conversion_streams_tensor_by_tensor_in_the_compute_dtype(tmp_path, monkeypatch):
+    """The conversion never holds the whole model: what it holds is bounded by one tensor and one shard.
+
+    Measured as the largest resident anonymous memory (sampled every 2 ms; the memory-mapped GGUF
+    file is not anonymous) above the baseline.  The bound: 3x the largest tensor in float32 (gguf's
+    numpy de-quantisation makes two float32 temporaries, then the cast) + one 8 MB shard + 128 MB for
+    the parsed metadata (the tokenizer's vocabulary as Python objects), about 475 MB for SmolLM2-135M,
+    whose float32 weights alone are 540 MB; measured when written: 427 MB.  The negative control is
+    transformers' loader in float32, which llmcal's conversion used before (and then built a second
+    float32 model): it holds the whole float32 model (758 MB when written) and must exceed the bound.
+    """
+    import torch
+    from gguf import GGUFReader
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    spec = resolve_model("smollm2-135m-instruct")
+    src = Path(spec.path) / spec.gguf_file
+    tensors = GGUFReader(str(src)).tensors
+    largest = max(int(t.n_elements) for t in tensors) * 4
+    bound = 3 * largest + (8 << 20) + (128 << 20)
+    got = _conversion_child("bfloat16", tmp_path / "cache")
+    assert got["held"] < bound, (got, bound)
+    assert _conversion_child("transformers-float32", tmp_path / "cache")["held"] > bound
+    out = Path(got["out"])
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 10 and (out / "model.safetensors.index.json").exists()
+    with safe_open(str(shards[0]), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # The same weights as transformers' own GGUF loader, cast to bfloat16.
+    ref = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32).state_dict()
+    monkeypatch.setenv("LLMCAL_CACHE", str(tmp_path / "cache"))
+    assert models.weights_dir(spec, "bfloat16") == str(out)  # the child's conversion is found, not redone
+    mine = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).state_dict()
+    assert ref.keys() == mine.keys()
+    assert all(torch.equal(mine[k], ref[k].to(torch.bfloat16)) for k in ref)
+
+
+def test_cache_dtype_names():
+    assert models._cache_dtype("bf16") == "bfloat16"
+    import torch
+
+    assert models._cache_dtype(torch.float32) == "float32"
+    with pytest.raises(LlmcalError, match="no cache dtype"):
+        models._cache_dtype("int8")

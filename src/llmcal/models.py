@@ -13,6 +13,7 @@ safetensors directory; later loads read the cache and are much faster.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -382,63 +383,190 @@ def dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def gguf_to_hf_dir(directory: str | Path, gguf_file: str, *, progress: bool = True) -> Path:
-    """De-quantise a GGUF model once into a plain safetensors directory; return its path."""
+# Shards of the converted cache: small enough that one shard in memory is a small share of
+# any model (the conversion's peak is about one shard plus one de-quantised float32 tensor),
+# large enough that a 1.5B model is a handful of files.
+SHARD_BYTES = 256 << 20
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _gguf_key(src: Path) -> str:
+    st = src.stat()
+    return hashlib.sha256(f"{src.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _cache_dtype(dtype) -> str:
+    """The dtype the converted weights are stored in: the run's compute dtype (float32 only when asked for)."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name)
+    if name not in CACHE_DTYPES:
+        raise LlmcalError(f"GGUF conversion: no cache dtype for {dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
+    return name
+
+
+def gguf_tokenizer_dir(directory: str | Path, gguf_file: str) -> Path:
+    """The GGUF file's tokenizer (and config), converted once into its own small directory."""
     src = Path(directory) / gguf_file
     if not src.exists():
         raise LlmcalError(f"{src}: GGUF file not found")
-    st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{src.stem}-{key}"
+    out = cache_dir() / "gguf" / f"{src.stem}-{_gguf_key(src)}-tokenizer"
+    if (out / ".complete").exists():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise LlmcalError("loading GGUF files needs the gguf package: pip install gguf")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except Exception as e:  # transformers raises many types for unsupported GGUFs
+        raise LlmcalError(f"{src}: transformers could not read this GGUF file's tokenizer ({type(e).__name__}: {e})") from e
+    with _fresh_dir(out) as tmp:
+        tok.save_pretrained(tmp)
+    return out
+
+
+def gguf_to_hf_dir(directory: str | Path, gguf_file: str, *, dtype="bfloat16", progress: bool = True,
+                   shard_bytes: int = SHARD_BYTES) -> Path:
+    """De-quantise a GGUF model once into a plain, sharded safetensors directory in ``dtype``; return its path.
+
+    transformers' own GGUF loader (``load_gguf_checkpoint``) de-quantises every tensor into one
+    float32 state dict before anything is cast, which for a 1.5B model holds 6 GB and a second
+    copy while a model is built around it.  This loop reads the file through gguf's memory map
+    one tensor at a time, uses transformers' per-architecture tensor processors and its GGUF ->
+    HF name map (so the weights are the ones transformers would load), casts each tensor to the
+    cache dtype at once and writes shards of about ``shard_bytes``: the peak is one shard plus
+    one float32 tensor, and the cache is as large as the model in its compute dtype.
+    """
+    src = Path(directory) / gguf_file
+    if not src.exists():
+        raise LlmcalError(f"{src}: GGUF file not found")
+    name = _cache_dtype(dtype)
+    out = cache_dir() / "gguf" / f"{src.stem}-{_gguf_key(src)}-{name}"
     if (out / "config.json").exists() and (out / ".complete").exists():
         return out
     if importlib.util.find_spec("gguf") is None:
         raise LlmcalError("loading GGUF files needs the gguf package: pip install gguf")
+    import numpy as np
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                          read_field)
 
-    log.info("de-quantising %s into %s (once)", src, out)
+    tok_dir = gguf_tokenizer_dir(directory, gguf_file)
+    target = getattr(torch, name)
+    log.info("de-quantising %s into %s (%s, once)", src, out, name)
     try:
-        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         config = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
-        quant = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        reader = GGUFReader(str(src))  # memory-mapped: tensor data is read when touched
+        arch = read_field(reader, "general.architecture")[0]
     except Exception as e:  # transformers raises many types for unsupported GGUFs
         raise LlmcalError(f"{src}: transformers could not load this GGUF file ({type(e).__name__}: {e})") from e
-    state = quant.state_dict()
-    del quant
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
-    if missing or unexpected:
-        raise LlmcalError(f"{src}: de-quantised weights do not fit the model ({missing[:3]}, {unexpected[:3]})")
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = target
+    with torch.device("meta"):  # names and shapes only, no memory
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    # Some processors (mixture-of-experts layouts) assemble tensors across several GGUF tensors in
+    # parsed["tensors"], as in transformers' loader; those are added once the stream is done.
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    tied = getattr(config, "tie_word_embeddings", False)
+
+    from .progress import bar
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    with _fresh_dir(out) as tmp:
+        buffer: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal buffer, size
+            if buffer:
+                file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+                save_file(buffer, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update({k: file for k in buffer})
+                buffer, size = {}, 0
+
+        with bar(f"de-quantising {src.name}", total=len(reader.tensors), show=progress) as task:
+            for t in reader.tensors:
+                task.advance()
+                res = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                        tensor_key_mapping=names, parsed_parameters=parsed)
+                if res.name not in names:
+                    continue
+                hf = names[res.name]
+                tensor = torch.from_numpy(np.ascontiguousarray(res.weights)).to(target)
+                if tuple(tensor.shape) != expected.get(hf, tuple(tensor.shape)):
+                    raise LlmcalError(f"{src}: tensor {t.name} has shape {tuple(tensor.shape)}, the model expects "
+                                      f"{expected[hf]} for {hf}")
+                buffer[hf] = tensor
+                nbytes = tensor.numel() * tensor.element_size()
+                size += nbytes
+                total += nbytes
+                if size >= shard_bytes:
+                    flush()
+            for hf, tensor in parsed.pop("tensors").items():
+                buffer[hf] = tensor.to(target)
+                total += tensor.numel() * target.itemsize
+            flush()
+        missing = [k for k in expected if k not in weight_map and not (tied and k.endswith("lm_head.weight"))]
+        unexpected = [k for k in weight_map if k not in expected]
+        if missing or unexpected:
+            raise LlmcalError(f"{src}: de-quantised weights do not fit the model ({missing[:3]}, {unexpected[:3]})")
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        config.save_pretrained(tmp)
+        for f in tok_dir.iterdir():
+            if f.is_file() and f.name != ".complete":
+                shutil.copy2(f, tmp / f.name)
+    return out
+
+
+@contextlib.contextmanager
+def _fresh_dir(out: Path):
+    """Build a cache directory beside ``out`` and rename it into place only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(json.dumps({"source": str(src.resolve())}))
+        yield tmp
+        (tmp / ".complete").write_text("{}")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
-def weights_dir(spec: ModelSpec) -> str:
-    """The directory or hub id that ``from_pretrained`` should read for a non-adapter spec."""
+def weights_dir(spec: ModelSpec, dtype="bfloat16") -> str:
+    """The directory or hub id that ``from_pretrained`` should read for a non-adapter spec.
+
+    For a GGUF model that is the converted cache in ``dtype`` (the run's compute dtype).
+    """
     if spec.kind == "gguf":
         if not Path(spec.path).is_dir():  # hub repo with a GGUF file: let transformers fetch it
             from huggingface_hub import hf_hub_download
 
             local = hf_hub_download(spec.path, spec.gguf_file)
-            return str(gguf_to_hf_dir(Path(local).parent, Path(local).name))
-        return str(gguf_to_hf_dir(spec.path, spec.gguf_file))
+            return str(gguf_to_hf_dir(Path(local).parent, Path(local).name, dtype=dtype))
+        return str(gguf_to_hf_dir(spec.path, spec.gguf_file, dtype=dtype))
+    return spec.path
+
+
+def tokenizer_dir(spec: ModelSpec) -> str:
+    """Where the tokenizer of a non-adapter spec is read from (a GGUF file's needs no weights converted)."""
+    if spec.kind == "gguf":
+        if not Path(spec.path).is_dir():
+            from huggingface_hub import hf_hub_download
+
+            local = hf_hub_download(spec.path, spec.gguf_file)
+            return str(gguf_tokenizer_dir(Path(local).parent, Path(local).name))
+        return str(gguf_tokenizer_dir(spec.path, spec.gguf_file))
     return spec.path
 
 
@@ -492,7 +620,7 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     src = spec.base if spec.kind == "lora" else spec
-    path = weights_dir(src)
+    path = tokenizer_dir(src)
     if spec.kind == "lora" and (Path(spec.path) / "tokenizer_config.json").exists():
         path = spec.path
     tok = _from_pretrained(AutoTokenizer, path)
@@ -512,7 +640,7 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", tr
         raise LlmcalError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
     base_spec = spec.base if spec.kind == "lora" else spec
     tok = load_tokenizer(spec)
-    model = _from_pretrained(AutoModelForCausalLM, weights_dir(base_spec), dtype=dt)
+    model = _from_pretrained(AutoModelForCausalLM, weights_dir(base_spec, dt), dtype=dt)
     if spec.kind == "lora":
         from peft import PeftModel
 

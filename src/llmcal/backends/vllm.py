@@ -141,7 +141,7 @@ def load_vllm(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", **e
     import vllm
 
     dt = dtype_name(resolve_dtype(dtype, "cuda"))
-    path = weights_dir(spec)
+    path = weights_dir(spec, dt)
     tok = load_tokenizer(spec)
     kwargs = {"model": path, "tokenizer": path, "dtype": dt, "seed": 0, "max_logprobs": MAX_OPTIONS,
               "logprobs_mode": LOGPROBS_MODE, **engine_kwargs}
