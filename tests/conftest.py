@@ -90,6 +90,11 @@ def _isolated_cache(tmp_path_factory, tmp_path, monkeypatch):
     import llmcal.cache
 
     monkeypatch.setattr(llmcal.cache, "default_cache_dir", lambda: tmp_path / "score-cache")
+    # Training runs in one process unless a test asks for more (--processes auto would start two on a 2-core
+    # machine: tests/test_train_launch.py covers that path).
+    import llmcal.train.launch
+
+    monkeypatch.setattr(llmcal.train.launch, "cpu_cores", lambda: 1)
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -60,6 +60,13 @@ class FinetuneConfig:
                                   "--lr-scheduler-type/--warmup-steps say otherwise).")
     batch_size: int = option(4, help="Questions per optimiser step and process (before --grad-accum).")
     grad_accum: int = option(1, help="Gradient accumulation steps.")
+    processes: int | str = option("auto", parse=lambda v: int(v) if str(v).strip().isdigit() else str(v).strip(),
+                                  cli_type=str,
+                                  help="Training processes llmcal starts itself (data-parallel, gloo, one share of "
+                                       "the cores each): auto = 2 on a CPU machine with at least 2 cores when "
+                                       "--batch-size is even, else 1. --batch-size is split between them, so the "
+                                       "optimiser sees the same batches as with 1 process. Under torchrun or "
+                                       "accelerate launch the launcher decides (and --batch-size is per process).")
     packed_batches: bool = option(True, help="Pack each batch's questions into one row (no padding; each question "
                                              "attends only to itself) where the model supports it; "
                                              "--no-packed-batches pads them to the longest.")
@@ -253,6 +260,12 @@ def validate(cfg: FinetuneConfig) -> None:
     if not isinstance(cfg.max_steps, int) or (cfg.max_steps < 1 and cfg.max_steps != -1):
         bad(f"--max-steps must be a positive integer or -1 (got {cfg.max_steps!r})")
     _positive(cfg.lr, "--lr")
+    if cfg.processes != "auto" and (isinstance(cfg.processes, bool) or not isinstance(cfg.processes, int)
+                                    or cfg.processes < 1):
+        bad(f"--processes must be auto or a positive integer (got {cfg.processes!r})")
+    if isinstance(cfg.processes, int) and cfg.processes > 1 and isinstance(cfg.batch_size, int) \
+            and cfg.batch_size % cfg.processes:
+        bad(f"--batch-size {cfg.batch_size} does not split evenly between --processes {cfg.processes}")
     for name, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
                         ("--lora-r", cfg.lora_r), ("--lora-alpha", cfg.lora_alpha), ("--n-bins", cfg.n_bins),
                         ("--save-steps", cfg.save_steps), ("--batch-tokens", cfg.batch_tokens)):

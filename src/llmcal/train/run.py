@@ -35,6 +35,7 @@ from .config import FinetuneConfig, apply_preset, estep_steps, validate
 from .curve import curve_points, write_curve
 from .data import EvalSet, TrainingData, load_training_data
 from .estimate import Probe
+from .launch import launch_finetune, per_process_batch, resolve_processes
 from .losses import OfficialRcftLoss, RcftLoss
 from .model import add_lora, load_for_training, resolve_train_dtype, save_adapter, save_merged
 from .state import STATE_FILE, TrainState
@@ -58,6 +59,9 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, *, overwrite: bool = Fals
     validate(cfg)
     spec = resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
     data = load_training_data(cfg)
+    n = resolve_processes(cfg.processes, cfg.batch_size, cfg.device)
+    if n > 1 and not callbacks:  # (callbacks are objects of this process: they stay in it)
+        return launch_finetune(cfg, out, processes=n, overwrite=overwrite, progress=progress)
     args = training_args(cfg, Path(out) / CHECKPOINTS, progress)  # starts the process group under torchrun
     run = Run.start(out, config_doc(cfg, spec), device=str(args.device), overwrite=overwrite, progress=progress,
                     restart=overwrite and not cfg.resume)
@@ -142,7 +146,7 @@ def training_args(cfg: FinetuneConfig, output_dir: Path, progress: bool):
     kwargs = dict(
         output_dir=str(output_dir), max_steps=cfg.max_steps,
         num_train_epochs=float(cfg.epochs) * (int(cfg.epochs) if cfg.squared_epochs else 1),  # SquaredEpochsCallback
-        learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, per_device_train_batch_size=per_process_batch(cfg.batch_size),
         gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, data_seed=cfg.seed,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
