@@ -365,6 +365,8 @@ def run_tool(kind: str, rnd: int, prep: dict, args, limit: int | None = None) ->
         tool = "lmeval"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "LLMCAL_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error", "LLMCAL_SCORE_CACHE": "0"}
+    if args.threads:  # both tools read it at start-up (torch's intra-op threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if src and tool == "llmcal":
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = (wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 and limit is None
@@ -541,6 +543,9 @@ def main() -> int:
     ap.add_argument("--retries", type=int, default=3,
                     help="run again (up to this many times) when other processes took more than --quiet-cores "
                          "during a run; such runs are kept in the result file but not in the table")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every run and of the matmul peak (default: torch's, one per core); on a "
+                         "shared machine 1 is the honest measurement (bench/README.md)")
     ap.add_argument("--label", default="", help="what changed (goes into the result file)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SRC[@BATCH_TOKENS][:DTYPE]",
                     help="also run this llmcal variant (float32 unless :bfloat16) in every round: from source "
@@ -556,6 +561,10 @@ def main() -> int:
         raise SystemExit("lm-evaluation-harness is not installed: pip install -e '.[bench]' "
                          "(check first with --dry-run that it keeps your torch)")
     started = dt.datetime.now(dt.timezone.utc)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"preparing {args.model} and {args.n} {args.data} questions (seed {args.seed})", flush=True)
     prep = prepare(args)
     info = machine_info()
