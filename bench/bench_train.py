@@ -3,6 +3,7 @@
 
     python bench/bench_train.py                       # qwen2.5-coder-1.5b-instruct, bfloat16, batch 4, 2 rounds
     python bench/bench_train.py --variant v0=/tmp/llmcal-v0/src --label "v1 and v0"
+    python bench/bench_train.py --no-trl --processes 2   # llmcal in 2 processes of 1 thread vs 1 process
 
 What it does (bench/README.md, "Training", has the details):
 1. the same questions for both sides: ``load_dataset(--data, limit, seed)``, llmcal's ``plain`` prompt
@@ -19,6 +20,13 @@ What it does (bench/README.md, "Training", has the details):
 4. times every optimizer step (data, forward, backward, optimizer), records peak RSS, the first
    step's loss on each side (the same first batch: they must agree), and how much CPU other processes took;
 5. prints the table (Markdown) and the targets, and saves bench/results/train-<time>-<label>.json.
+
+``--processes N`` adds the side ``llmcal-Nproc``: the same llmcal trainer in N data-parallel
+processes of one thread each (gloo, started by torch's launcher as ``llmcal calibrate --processes``
+does), each with batch/N of the same global batches, against ``llmcal`` in one process on all the
+cores (``--threads``, default torch's own: one per core).  Its time is rank 0's (DDP synchronises
+every step), its memory the sum of the ranks' RSS; ``speedup_{N}proc_vs_1proc`` is llmcal's time
+over it, measured in the same run.
 
 FLOPs counted per example with an n-token prompt (real tokens only; padding is not credited):
 forward 2 P n (P = parameters of the decoder's linear layers) + causal attention 4 h d n(n+1)/2 per
@@ -47,6 +55,7 @@ sys.path.insert(0, str(HERE))
 from bench_eval import HZ, _busy_jiffies, _version, machine_info, wait_quiet  # noqa: E402
 
 TARGETS = {"speedup_vs_trl": 2.5, "peak_fraction": 0.65}
+PROCESS_TARGET = 1.7  # --processes 2 against one process on the same cores
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 LR = 2e-4
 TRL_PADDING_FREE = "trl-padding-free"
@@ -126,9 +135,10 @@ def child_llmcal(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
         from llmcal.train.trainer import packs_questions
     except ImportError:
         packs_questions = None
+    per = args.batch // args.world  # under the launcher (--processes): this process's share of each batch
     cfg = FinetuneConfig(model=args.model, train=args.data, evals=[args.data], lora_r=LORA["r"],
                          lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-                         target_modules=LORA["target_modules"], lr=LR, batch_size=args.batch, seed=0)
+                         target_modules=LORA["target_modules"], lr=LR, batch_size=per, seed=0)
     model = add_lora(loaded, cfg)
     tok = loaded.tokenizer
     collator = (McqCollator(tok.pad_token_id, packed=packs_questions(model)) if packs_questions
@@ -136,7 +146,7 @@ def child_llmcal(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
     timers = []
     for part, steps in ((warm, args.warmup), (measured, args.steps)):
         timer = StepTimer()
-        targs = TrainingArguments(**_common_args(args.tmp, steps, args.batch))
+        targs = TrainingArguments(**_common_args(args.tmp, steps, per))
         trainer = CalibrationTrainer(
             model=model, args=targs, train_dataset=ExampleDataset(build_examples(part, tok)),
             data_collator=collator, callbacks=[timer.callback],
@@ -177,6 +187,8 @@ def child(args) -> int:
 
     from llmcal.models import load_model, resolve_model
 
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     t0 = time.perf_counter()
     loaded = load_model(resolve_model(args.model), dtype="bfloat16", device="cpu", trainable=True)
     load_s = time.perf_counter() - t0
@@ -190,7 +202,8 @@ def child(args) -> int:
            "warmup_steps_s": w.steps, "steps_s": m.steps, "losses": m.losses, "first_loss": w.losses[0],
            "train_rss_mb": max(w.rss_mb, m.rss_mb), "lengths": [len(e.input_ids) for e in measured],
            "warm_lengths": [len(e.input_ids) for e in warm]}
-    Path(args.child_out).write_text(json.dumps(rec))
+    rec["world_size"] = args.world
+    Path(args.child_out + (f".rank{rank}" if rank else "")).write_text(json.dumps(rec))
     return 0
 
 
@@ -254,7 +267,11 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
     quiet = wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores > 0 else {"quiet": None}
     kind = "trl" if side.startswith("trl") else "llmcal"
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-out", str(out),
+    procs = _processes_of(side)
+    launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    if procs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    argv = [sys.executable, *launcher, str(Path(__file__).resolve()), "--child", kind, "--child-out", str(out),
             "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--batch", str(args.batch),
             "--warmup", str(args.warmup), "--steps", str(args.steps), "--tmp", str(work / f"tmp-{slug}")]
     if side == TRL_PADDING_FREE:
@@ -271,13 +288,23 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{side} round {rnd} failed; log {work / f'{slug}-{rnd}.log'}\n{text[-3000:]}")
     rec = json.loads(out.read_text())
-    rec.update({"side": side, "round": rnd, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    if procs > 1:  # the processes' memory together
+        ranks = [rec] + [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(1, procs)]
+        rec["train_rss_mb_per_rank"] = [r["train_rss_mb"] for r in ranks]
+        rec["train_rss_mb"] = sum(rec["train_rss_mb_per_rank"])
+    rec.update({"side": side, "round": rnd, "wall_s": wall,
+                "peak_rss_mb": usage.ru_maxrss / 1024 if procs == 1 else rec["train_rss_mb"],
                 "other_cores": max(0.0, (busy - own) / wall), "quiet_before": quiet,
                 "measured_s": sum(rec["steps_s"])})
     print(f"  {side:10s} round {rnd}: {args.steps} steps {rec['measured_s']:7.1f}s "
           f"(median step {statistics.median(rec['steps_s']):5.1f}s)  first loss {rec['first_loss']:.4f}  "
           f"peak rss {rec['peak_rss_mb']:6.0f} MB  other processes {rec['other_cores']:.2f} cores", flush=True)
     return rec
+
+
+def _processes_of(side: str) -> int:
+    m = re.fullmatch(r"llmcal-(\d+)proc", side)
+    return int(m.group(1)) if m else 1
 
 
 def summarise(runs: list[dict], sides: list[str], flops_fn, peak: float, batch: int) -> dict:
@@ -301,6 +328,14 @@ def summarise(runs: list[dict], sides: list[str], flops_fn, peak: float, batch: 
                 paired = [t["measured_s"] / r["measured_s"] for r in runs if r["side"] == side
                           for t in runs if t["side"] == peer and t["round"] == r["round"]]
                 row[key + "_paired"] = statistics.median(paired) if paired else None
+    base = rows.get("llmcal")
+    for side, row in rows.items():
+        n = _processes_of(side)
+        if n > 1 and base:
+            row[f"speedup_{n}proc_vs_1proc"] = base["measured_s"] / row["measured_s"]
+            paired = [b["measured_s"] / r["measured_s"] for r in runs if r["side"] == side
+                      for b in runs if b["side"] == "llmcal" and b["round"] == r["round"]]
+            row[f"speedup_{n}proc_vs_1proc_paired"] = statistics.median(paired) if paired else None
     return rows
 
 
@@ -311,6 +346,8 @@ def table(rows: dict, peak: float) -> str:
         vs = ("1.00x" if side == "trl" else
               f"{r['speedup_vs_trl']:.2f}x (paired {r['speedup_vs_trl_paired']:.2f}x)" if "speedup_vs_trl" in r
               else "")
+        for key in [k for k in r if re.fullmatch(r"speedup_\d+proc_vs_1proc", k)]:
+            vs += f"{key.split('_')[1]} vs 1 process: {r[key]:.2f}x (paired {r[key + '_paired']:.2f}x)"
         if "speedup_vs_trl_padding_free" in r:
             vs += f"; {r['speedup_vs_trl_padding_free']:.2f}x {TRL_PADDING_FREE}"
         out.append(f"| {side} | {r['measured_s']:.1f} | {r['examples_per_s']:.3f} | {r['gflops']:.1f} | "
@@ -332,6 +369,9 @@ def main() -> int:
                     help="also run llmcal from source tree SRC (a directory holding the llmcal package) in every "
                          "round; repeatable")
     ap.add_argument("--no-trl", action="store_true", help="llmcal sides only")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="N > 1: also run llmcal in N data-parallel processes of 1 thread (side llmcal-Nproc) and "
+                         "report speedup_Nproc_vs_1proc against llmcal in one process")
     ap.add_argument("--trl-padding-free", action="store_true",
                     help=f"also run TRL with padding_free=True ({TRL_PADDING_FREE}): its packed batches, not its "
                          "default; the targets stay measured against the default")
@@ -387,7 +427,10 @@ def main() -> int:
         if not name or not src or not Path(src, "llmcal").is_dir():
             raise SystemExit(f"--variant {text}: give NAME=SRC with SRC holding the llmcal package")
         variants[name] = src
-    sides = (["llmcal"] + list(variants) + ([] if args.no_trl else ["trl"])
+    if args.processes > 1 and args.batch % args.processes:
+        raise SystemExit(f"--batch {args.batch} does not split between --processes {args.processes}")
+    sides = (["llmcal"] + ([f"llmcal-{args.processes}proc"] if args.processes > 1 else []) + list(variants)
+             + ([] if args.no_trl else ["trl"])
              + ([TRL_PADDING_FREE] if args.trl_padding_free and not args.no_trl else []))
     if args.quiet_cores > 0:
         wait_quiet(args.quiet_cores, args.max_wait)
@@ -416,6 +459,11 @@ def main() -> int:
     for side, r in rows.items():
         if side.startswith("trl"):
             continue
+        n = _processes_of(side)
+        if n > 1:
+            got = r[f"speedup_{n}proc_vs_1proc"]
+            print(f"target speedup_{n}proc_vs_1proc >= {PROCESS_TARGET}: {got:.2f} -> "
+                  f"{'met' if got >= PROCESS_TARGET else 'MISSED'}")
         for key, want in TARGETS.items():
             if key in r:
                 got = r[key]
@@ -430,7 +478,7 @@ def main() -> int:
     doc = {"label": args.label, "started": started.isoformat(), "machine": info,
            "setup": {"model": args.model, "data": args.data, "seed": args.seed, "batch": args.batch,
                      "warmup_steps": args.warmup, "steps": args.steps, "rounds": args.rounds, "dtype": "bfloat16",
-                     "trl_padding_free": args.trl_padding_free,
+                     "trl_padding_free": args.trl_padding_free, "processes": args.processes,
                      "threads": args.threads or info["torch_threads"],
                      "lora": LORA, "lr": LR, "variants": list(variants),
                      "flops_count": "forward 2Pn + attention 4hd n(n+1)/2 per layer + LoRA 2nr(din+dout) + "
@@ -438,6 +486,10 @@ def main() -> int:
            "linear_params": linear_params, "lengths": lengths,
            "flops_per_question_mean": statistics.mean(f["total"] for f in fpe),
            "peaks": peaks, "peak_gflops": peak, "rows": rows, "runs": runs, "failed": failed, "targets": TARGETS}
+    if args.processes > 1:
+        doc[f"speedup_{args.processes}proc_vs_1proc"] = rows.get(f"llmcal-{args.processes}proc", {}).get(
+            f"speedup_{args.processes}proc_vs_1proc")
+        doc["process_target"] = PROCESS_TARGET
     path.write_text(json.dumps(doc, indent=1))
     print(f"\nwritten {path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path.name}")
     return 0

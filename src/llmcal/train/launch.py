@@ -6,7 +6,7 @@ Two processes of one thread each, data-parallel over gloo, keep both busy (the
 speedup is measured by ``bench/bench_train.py --processes 2``).  The processes
 are started with torch's own launcher (``torch.distributed.launcher.api
 .elastic_launch``, what ``torchrun`` runs), so every rank joins the group
-exactly as under ``torchrun --standalone``.
+exactly as under torchrun on one machine.
 
 ``--batch-size`` stays the number of questions per optimiser step: each of N
 processes takes ``batch_size / N`` of them.  accelerate hands rank r the
