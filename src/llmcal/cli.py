@@ -10,7 +10,6 @@ terminal.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -134,18 +133,6 @@ def _register(name: str, params: list, impl, *, extra_args: bool = False) -> Non
     app.command(name, context_settings=settings)(handle_errors(command(params, impl)))
 
 
-def _build(cls, ctx, values: dict, *, from_file: dict | None = None, where: str = ""):
-    """The config ``cls`` from the flags the user typed (and a --config file), defaults from the class."""
-    from .options import from_mapping, given, to_field_values
-
-    typed = to_field_values(cls, given(ctx, values))
-    base = {k: v for k, v in (from_file or {}).items()}
-    return from_mapping(cls, {**base, **typed}, where or "command line")
-
-
-LM_EVAL_NORMS = ("none", "acc_norm", "acc_bytes")
-
-
 def _eval_params():
     import inspect
 
@@ -168,48 +155,25 @@ def _eval_params():
         P("overwrite", P.KEYWORD_ONLY, default=OverwriteOpt, annotation=bool)]
 
 
-# What a run read from lm-eval samples keeps from the eval flags (the rest describe a model to score).
-_LM_EVAL_KEEPS = {"n_bins", "n_bootstrap", "seed", "from_lm_eval", "lm_eval_norm", "lm_eval_task"}
-
-
 def eval_cmd(ctx, out: Path, overwrite: bool, from_lm_eval: Optional[Path], lm_eval_norm: str,
              lm_eval_task: Optional[List[str]], **values):
     """Evaluate a model's accuracy and calibration on a multiple-choice dataset (or read an lm-eval run)."""
-    from .evaluate import EvalConfig, run_eval
-    from .options import flag_of, given
+    from .api import evaluate
+    from .evaluate import EvalConfig
+    from .options import given, to_field_values
 
-    typed = given(ctx, {**values, "lm_eval_norm": lm_eval_norm, "lm_eval_task": lm_eval_task})
+    lm = given(ctx, {"lm_eval_norm": lm_eval_norm, "lm_eval_task": lm_eval_task})
+    rec = evaluate(out=out, overwrite=overwrite, from_lm_eval=from_lm_eval, _where="command line",
+                   **{k: v for k, v in lm.items() if v not in (None, [])},
+                   **to_field_values(EvalConfig, given(ctx, values)))
     if from_lm_eval is not None:
-        from .lmeval import run_from_lm_eval
-
-        extra = sorted(set(typed) - _LM_EVAL_KEEPS)
-        if extra:
-            raise LlmcalError(f"{', '.join(flag_of(EvalConfig, k) for k in extra)}: not used with --from-lm-eval, "
-                              f"which reads the scores of an lm-eval run already made")
-        if lm_eval_norm not in LM_EVAL_NORMS:
-            raise LlmcalError(f"--lm-eval-norm {lm_eval_norm!r}: choose one of {', '.join(LM_EVAL_NORMS)}")
-        rec = run_from_lm_eval(from_lm_eval, out, norm=lm_eval_norm, task=lm_eval_task or None,
-                               n_bins=values["n_bins"], n_bootstrap=values["n_bootstrap"], seed=values["seed"],
-                               overwrite=overwrite)
         _print_results(rec, f"{rec.model} (lm-eval samples, {from_lm_eval})")
-        out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
-        return
-    for name in ("lm_eval_norm", "lm_eval_task"):
-        if name in typed:
-            raise LlmcalError(f"--{name.replace('_', '-')} goes with --from-lm-eval")
-    missing = [flag_of(EvalConfig, k) for k in ("model", "data") if values.get(k) is None]
-    if missing:
-        raise LlmcalError(f"eval needs {' and '.join(missing)} (or --from-lm-eval PATH to read an lm-eval run)")
-    cfg = _build(EvalConfig, ctx, values)
-    rec = run_eval(cfg, out, overwrite=overwrite)
-    _print_results(rec, f"{rec.model} on {cfg.data}")
+    else:
+        _print_results(rec, f"{rec.model} on {values['data']}")
     out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
 
 
 _register("eval", _eval_params(), eval_cmd)
-
-
-FT_METHODS = ("cft", "rcft", "auto")
 
 
 def _calibrate_params():
@@ -280,41 +244,17 @@ def _training_args_from(tokens: list[str]) -> dict:
 
 def _posthoc_from(ctx, run_dir: Path, method: str, values: dict, out: Optional[Path]) -> None:
     """``calibrate --from RUN``: every named post-hoc method on the run's stored predictions."""
+    from .api import POSTHOC_FROM_OPTIONS, calibrate
     from .options import given
-    from .posthoc import resolve_methods
-    from .posthoc.compare import compare_run, select_predictions
 
-    allowed = {"calib_fraction", "n_bins", "n_bootstrap", "seed", "batch_tokens", "dtype", "device"}
-    extra = [k for k in given(ctx, values) if k not in allowed]
+    typed = given(ctx, values)
+    extra = [k for k in typed if k not in POSTHOC_FROM_OPTIONS]
     if extra or ctx.args:
         name = "--" + extra[0].replace("_", "-") if extra else ctx.args[0]
         raise LlmcalError(f"{name} does not apply to calibrate --from (it works on the run's stored predictions)")
-    names, want_all = resolve_methods(method)
-    if want_all and "contextual" not in method.split(","):
-        names = [n for n in names if n != "contextual"]  # "all" means what runs without the model
+    if "all" in method.split(",") and "contextual" not in method.split(","):
         out_console.print("contextual calibration needs the model: name it (--method all,contextual) to include it")
-    priors = None
-    if "contextual" in names:  # the one method that needs the model: its content-free inputs
-        from .models import load_model
-        from .posthoc import content_free_distribution
-        from .runs import load_run, recorded_model_spec
-
-        rec = load_run(run_dir)
-        spec_doc = rec.config.get("model_spec")
-        if not spec_doc:
-            raise LlmcalError(f"{run_dir}: its config.json records no model_spec; contextual calibration needs it")
-        if spec_doc.get("kind") == "api":
-            raise LlmcalError(f"{run_dir}: a served model's run (--backend openai); contextual calibration scores "
-                              f"content-free prompts with a local model, so it cannot run here: leave 'contextual' "
-                              f"out of --method")
-        _, test, source = select_predictions(run_dir, calib_fraction=values.get("calib_fraction") or 0.2)
-        loaded = load_model(recorded_model_spec(spec_doc, run_dir), dtype=values.get("dtype") or "auto",
-                            device=values.get("device") or "auto")
-        priors = content_free_distribution(loaded, source["template"], sorted({len(p.probs) for p in test}),
-                                           cache_dir=run_dir / "posthoc")
-    typed = given(ctx, values)
-    report = compare_run(run_dir, names, out, calib_fraction=typed.get("calib_fraction", 0.2), contextual_priors=priors,
-                         n_bins=typed.get("n_bins"), n_bootstrap=typed.get("n_bootstrap"), seed=typed.get("seed"))
+    report = calibrate(from_run=run_dir, method=method, out=out, **typed)
     t = Table(title=f"post-hoc calibration of {run_dir} ({report.source.get('split', '')})")
     for col in ("method", "accuracy", "Δ accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "AURC"):
         t.add_column(col, justify="left" if col == "method" else "right")
@@ -346,63 +286,39 @@ def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[P
     if out is None and not dry_run:
         raise LlmcalError("missing option --out (the run directory to write)")
 
+    from .api import FINETUNE_METHODS, calibration_config, run_calibration
     from .evaluate import EvalConfig
-    from .options import fields_of, flag_of, given, read_yaml_mapping
-    from .train.config import FinetuneConfig, check_training_args
+    from .options import given, to_field_values
+    from .train.config import FinetuneConfig
 
-    from_file = read_yaml_mapping(config) if config else {}
-    method = from_file.pop("method", method) if "method" not in given(ctx, {"method": method}) else method
-    from_file.pop("method", None)
+    method_given = "method" in given(ctx, {"method": method})
     typed = given(ctx, values)
-    if method == "ts":
-        cls, other = EvalConfig, FinetuneConfig
-    elif method in FT_METHODS:
-        cls, other = FinetuneConfig, EvalConfig
-    else:
-        raise LlmcalError(f"unknown --method {method!r}; choose ts, cft, rcft or auto")
-    mine = fields_of(cls)
-    wrong = [k for k in typed if k not in mine]
-    if wrong:
-        applies = "ts" if other is EvalConfig else "cft, rcft and auto"
-        raise LlmcalError(f"{flag_of(other, wrong[0])} applies to --method {applies}, not to --method {method}")
-    if cls is FinetuneConfig:
-        ta_file = {k: from_file.pop(k) for k in list(from_file) if k not in mine}
-        check_training_args(ta_file)
-        extra = check_training_args({**ta_file, **_training_args_from(list(ctx.args))})
-        from_file["training_args"] = {**from_file.get("training_args", {}), **extra}
-        from_file["method"] = method
-    elif ctx.args:
-        raise LlmcalError(f"no such option: {ctx.args[0]} (training arguments apply to --method cft, rcft, auto)")
-    else:
-        from_file["method"] = "ts"
-    cfg = _build(cls, ctx, values, from_file=from_file, where=str(config) if config else "command line")
-    for need, flag in (("model", "--model"), ("data", "--data"), ("train", "--train")):
-        if need in mine and not getattr(cfg, need, None):
-            raise LlmcalError(f"--method {method} needs {flag}")
+    # a typed flag of either config is passed on; calibration_config says which method it applies to
+    options = {**to_field_values(EvalConfig, typed), **to_field_values(FinetuneConfig, typed)}
+    if ctx.args:
+        if (method if method_given else None) not in FINETUNE_METHODS and not config:
+            raise LlmcalError(f"no such option: {ctx.args[0]} (training arguments apply to --method cft, rcft, "
+                              f"auto)")
+        options["training_args"] = _training_args_from(list(ctx.args))
+    cfg = calibration_config(method if method_given else None, config, where="command line", **options)
     if dry_run:
         import yaml
 
         from .train.config import resolved_config
 
-        doc = resolved_config(cfg) if cls is FinetuneConfig else dataclasses.asdict(cfg)
+        doc = resolved_config(cfg) if isinstance(cfg, FinetuneConfig) else dataclasses.asdict(cfg)
         sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
         return
-    if cls is EvalConfig:
-        from .evaluate import run_calibrate_ts
-
-        rec = run_calibrate_ts(cfg, out, overwrite=overwrite)
+    rec = run_calibration(cfg, out, overwrite=overwrite)
+    if isinstance(cfg, EvalConfig):
         _print_results(rec, f"{rec.model}: temperature scaling (T={rec.meta['temperature']:.3f})")
         out_console.print(f"run written to [bold]{out}[/] (report: {out / 'report.md'})")
         return
-    if not cfg.evals:
-        raise LlmcalError(f"--method {method} needs at least one --eval dataset")
     from .distributed import current_world
-    from .train.run import run_finetune
 
-    rec = run_finetune(dataclasses.replace(cfg), out, overwrite=overwrite)
     if not current_world().is_main:  # under torchrun every rank returns the record; one prints it
         return
-    _print_results(rec, f"{rec.model}: {method.upper()}")
+    _print_results(rec, f"{rec.model}: {cfg.method.upper()}")
     drift_info = rec.meta.get("alignment_drift")
     if isinstance(drift_info, dict) and "mean_kl" in drift_info:
         out_console.print(f"alignment drift (mean per-token KL on the shipped prompts): "
@@ -426,11 +342,13 @@ def _regime_params():
 
 def regime_cmd(ctx, out: Path, overwrite: bool, **values):
     """Diagnose the regime: can CFT calibrate this model on this domain, or does it need RCFT?"""
-    from .regime import RegimeConfig, format_diagnosis, run_regime
+    from .api import diagnose
+    from .options import given, to_field_values
+    from .regime import RegimeConfig, format_diagnosis
 
-    cfg = _build(RegimeConfig, ctx, values)
-    rec, diagnosis = run_regime(cfg, out, overwrite=overwrite)
-    out_console.print(format_diagnosis(diagnosis), highlight=False)
+    rec = diagnose(out=out, overwrite=overwrite, _where="command line",
+                   **to_field_values(RegimeConfig, given(ctx, values)))
+    out_console.print(format_diagnosis(rec.diagnosis), highlight=False)
     out_console.print(f"run written to [bold]{out}[/] (diagnosis: {out / 'diagnosis.json'})")
 
 

@@ -144,6 +144,28 @@ class RunRecord:
     results: list[RunResult]
     meta: dict
 
+    @property
+    def main(self) -> RunResult:
+        """The run's main result: the one its method produced (``ts``, ``cft``, ...), the held-out side of a
+        regime diagnosis, else the first."""
+        if not self.results:
+            raise LlmcalError(f"{self.path}: the run holds no results")
+        want = "heldout" if self.kind == "regime" else self.config.get("method")
+        return next((r for r in self.results if r.label == want), self.results[0])
+
+    @property
+    def metrics(self) -> dict:
+        """The main result's metrics (``accuracy``, ``conf_ece``, ``ci``, ...; see ``metrics.compute_metrics``)."""
+        return self.main.metrics
+
+    @property
+    def diagnosis(self):
+        """A regime run's :class:`~llmcal.regime.Diagnosis` (None for other runs)."""
+        from .regime import Diagnosis
+
+        doc = self.meta.get("diagnosis")
+        return Diagnosis.from_dict(doc) if isinstance(doc, dict) else None
+
 
 def _own(name: str) -> bool:
     """Files a run directory has from its first instant (the lock, the marker, their temporary files)."""
