@@ -39,7 +39,9 @@ def main() -> int:
     tool, out = sys.argv[1], sys.argv[2]
     argv = sys.argv[sys.argv.index("--") + 1:]
     if tool == "llmcal":
-        import llmcal.evaluate as ev
+        import importlib
+
+        ev = importlib.import_module("llmcal.evaluate")  # the module (llmcal.evaluate is the API function)
         import llmcal.pipeline as pipe
 
         ev._prepared = timed("eval_s", ev._prepared)

@@ -32,7 +32,7 @@ from llmcal.data.schema import Question
 from llmcal.errors import LlmcalError
 from llmcal.evaluate import EvalConfig, run_eval
 from llmcal.pipeline import invalid_prediction
-from llmcal.predictions import Prediction, load_predictions
+from llmcal.predictions import load_predictions
 
 DATA = "synthetic:arithmetic?n=12"
 Q4 = Question(id="q1", question="What is 2 + 2?", choices=("3", "4", "5", "6"), answer=1, subject="math")
@@ -463,16 +463,16 @@ def test_a_damaged_config_json_names_the_file_and_line(tmp_path):
 
 
 def test_a_bug_is_one_line_with_exit_1_and_debug_shows_it(tmp_path, monkeypatch):
-    import llmcal.evaluate
+    import importlib
 
     def broken(*a, **k):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(llmcal.evaluate, "run_eval", broken)
+    monkeypatch.setattr(importlib.import_module("llmcal.evaluate"), "run_eval", broken)
     r = invoke("eval", "--model", "m", "--data", DATA, "--out", str(tmp_path / "run"))
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "internal error: ZeroDivisionError: boom" in " ".join(r.output.split())
-    r = subprocess.run([sys.executable, "-c", "import sys; import llmcal.evaluate as e\n"
+    r = subprocess.run([sys.executable, "-c", "import sys, importlib; e = importlib.import_module('llmcal.evaluate')\n"
                         "e.run_eval = lambda *a, **k: 1 / 0\nfrom llmcal.cli import main; main()",
                         "--debug", "eval", "--model", "m", "--data", DATA, "--out", str(tmp_path / "r2")],
                        capture_output=True, text=True, timeout=120)

@@ -14,6 +14,8 @@ directory and return its record; ``load_run`` reads one back.  See docs/api.md.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -38,6 +40,22 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time they load lazily (P
     from .regime import Diagnosis, RegimeConfig
     from .runs import RunRecord, RunResult, load_run
     from .train.config import FinetuneConfig
+
+
+# ``llmcal.evaluate`` is the function; ``llmcal/evaluate.py`` (``from llmcal.evaluate import EvalConfig``) is the
+# module behind it.  Importing a submodule binds it as an attribute of its package, which would hide the function:
+# the package refuses that one binding, so the module stays reachable through imports and ``sys.modules`` only.
+_SHADOWED_MODULES = {"evaluate"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ Every function writes a run directory (``out``) and returns its
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,11 +43,11 @@ _ARGS = "arguments"  # how a validation error names where a value came from (the
 
 def _given(model: Any, data: Any, options: dict, data_key: str = "data") -> dict:
     """The options with ``model`` and the data argument added when they were given."""
-    out = dict(options)
+    out = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
     if model is not None:
-        out["model"] = model
+        out["model"] = os.fspath(model)
     if data is not None:
-        out[data_key] = data
+        out[data_key] = os.fspath(data)
     return out
 
 
@@ -139,11 +140,11 @@ def calibration_config(method: str = "ts", config: str | Path | None = None, *, 
         from_file["training_args"] = {**from_file.get("training_args", {}), **extra}
     elif training_args:
         raise LlmcalError(f"training arguments ({', '.join(training_args)}) apply to --method cft, rcft, auto")
-    cfg = from_mapping(cls, {**from_file, **options, "method": method}, str(config) if config else where)
-    for need, flag in (("model", "--model"), ("data", "--data"), ("train", "--train")):
-        if need in mine and not getattr(cfg, need, None):
-            raise LlmcalError(f"--method {method} needs {flag}")
-    return cfg
+    values = {**from_file, **options, "method": method}
+    for need in ("model", "data", "train"):
+        if need in mine and not values.get(need):
+            raise LlmcalError(f"--method {method} needs {flag_of(cls, need)}")
+    return from_mapping(cls, values, str(config) if config else where)
 
 
 def calibrate(model: str | None = None, data: str | None = None, *, method: str | None = None,
