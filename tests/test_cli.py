@@ -14,7 +14,7 @@ from llmcal.posthoc import TemperatureScaler
 from llmcal.predictions import load_predictions
 from llmcal.runs import RunDir
 
-from conftest import build_tiny_llama, build_tokenizer, write_jsonl
+from conftest import build_tiny_llama, build_tokenizer
 
 runner = CliRunner()
 

@@ -15,7 +15,6 @@ from llmcal.metrics import (
     BinStats,
     accuracy,
     auroc,
-    bin_index,
     bin_statistics,
     bootstrap_ci,
     brier,
@@ -30,6 +29,7 @@ from llmcal.metrics import (
     nll,
     reliability_bins,
 )
+from llmcal.metrics.core import bin_index
 from llmcal.predictions import Prediction, softmax
 
 
@@ -436,18 +436,17 @@ def test_metrics_invariant_to_row_permutation(data, seed):
 # --------------------------------------------------------------------------- smooth ECE, debiased L2, bin sweep
 
 from llmcal.metrics import (  # noqa: E402  (the newer metrics, tested below)
-    accuracy_at_coverage_80,
     aurc,
     bootstrap_diff_ci,
     debiased_l2_ce,
-    debiased_l2_ce_squared,
     ece_bin_sweep,
     risk_coverage_curve,
     selective_accuracy,
     smooth_ece,
-    smooth_ece_at,
-    smooth_ece_fixed_point,
 )
+from llmcal.metrics.estimators import debiased_l2_ce_squared  # noqa: E402
+from llmcal.metrics.selective import accuracy_at_coverage_80  # noqa: E402
+from llmcal.metrics.smooth import smooth_ece_at, smooth_ece_fixed_point  # noqa: E402
 
 
 def reflected_kernel_smece(f, y, sigma, points=20001):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_calibration_error
 
-from llmcal.metrics import (compute_metrics, ece_one_bin, helm_equal_mass_ece, platt_scaled_ece,
-                            rms_calibration_error, selective_accuracy_at_10)
+from llmcal.metrics import compute_metrics
+from llmcal.metrics.harness import (ece_one_bin, helm_equal_mass_ece, platt_scaled_ece, rms_calibration_error,
+                                    selective_accuracy_at_10)
 from llmcal.predictions import softmax
 
 cal = pytest.importorskip("calibration")  # uncertainty-calibration: what HELM's calibration_metrics.py calls

@@ -90,11 +90,6 @@ def current_world() -> World:
     return world_from_env()
 
 
-def default_backend(device: str = "cpu") -> str:
-    """The collective backend accelerate picks for ``device``: nccl on CUDA, gloo on CPU."""
-    return "nccl" if str(device).startswith("cuda") else "gloo"
-
-
 def init(device: str = "cpu", *, timeout_s: float = 1800.0) -> bool:
     """Join the process group the launcher prepared; True when this call created it.
 

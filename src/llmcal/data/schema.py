@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LETTERS = string.ascii_uppercase  # A..Z: at most 26 options
 MIN_CHOICES = 2

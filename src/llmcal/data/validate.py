@@ -227,11 +227,6 @@ def to_question(
     )
 
 
-def check_question(q: Question, where: Where) -> Question:
-    """Check a ``Question`` built in code (synthetic tasks) against the same rules."""
-    return to_question(q.to_dict(), where)
-
-
 def check_unique_ids(items: Iterable[tuple[Question, Where]]) -> None:
     """Raise naming both positions when two questions share an id."""
     seen: dict[str, Where] = {}

@@ -20,27 +20,23 @@ Modules: ``core`` (validation, bin statistics, ECEs, Brier, NLL, AUROC),
 ``bootstrap`` (intervals), ``summary`` (the metrics dict of a run). The
 formulas and sources are in each docstring and in docs/posthoc.md.
 """
-from .bootstrap import bootstrap_ci, bootstrap_diff_ci, bootstrap_values, percentile_interval
-from .core import (BinStats, accuracy, auroc, bin_index, bin_statistics, brier, classwise_ece, conf_ece,
-                   ece_from_statistics, equal_mass_bins, equal_mass_ece, mce, mean_confidence, nll, reliability_bins)
-from .estimators import DEFAULT_SWEEP_BINS, debiased_l2_ce, debiased_l2_ce_squared, ece_bin_sweep
-from .harness import (ece_one_bin, harness_metrics, helm_equal_mass_ece, platt_scaled_ece, rms_calibration_error,
-                      selective_accuracy_at_10)
-from .selective import (RiskCoverage, accuracy_at_coverage_50, accuracy_at_coverage_80, aurc,
-                        aurc_from_group_stats, risk_coverage_curve, selective_accuracy, tie_groups)
-from .smooth import smooth_ece, smooth_ece_at, smooth_ece_fixed_point
-from .summary import compute_metrics, estimators, metrics_from_predictions
+from .bootstrap import bootstrap_ci, bootstrap_diff_ci
+from .core import (BinStats, accuracy, auroc, bin_statistics, brier, classwise_ece, conf_ece, ece_from_statistics,
+                   equal_mass_ece, mce, mean_confidence, nll, reliability_bins)
+from .estimators import debiased_l2_ce, ece_bin_sweep
+from .harness import harness_metrics
+from .selective import aurc, risk_coverage_curve, selective_accuracy
+from .smooth import smooth_ece
+from .summary import compute_metrics, metrics_from_predictions
 
+# The public metrics. Helpers (bin_index, tie_groups, smooth_ece_at, ...) and the single harness numbers
+# (ece_one_bin, platt_scaled_ece, ...; harness_metrics gives them all) are imported from their modules, e.g.
+# ``from llmcal.metrics.core import bin_index``; ``llmcal.metrics.estimators`` is the module of that name.
 __all__ = [
-    "BinStats", "bin_index", "bin_statistics", "ece_from_statistics",
-    "accuracy", "conf_ece", "classwise_ece", "equal_mass_ece", "equal_mass_bins", "mce", "brier", "nll", "auroc",
-    "mean_confidence", "reliability_bins",
-    "debiased_l2_ce", "debiased_l2_ce_squared", "ece_bin_sweep", "DEFAULT_SWEEP_BINS",
-    "smooth_ece", "smooth_ece_at", "smooth_ece_fixed_point",
-    "RiskCoverage", "risk_coverage_curve", "aurc", "aurc_from_group_stats", "tie_groups", "selective_accuracy",
-    "accuracy_at_coverage_80", "accuracy_at_coverage_50",
-    "rms_calibration_error", "ece_one_bin", "helm_equal_mass_ece", "platt_scaled_ece", "selective_accuracy_at_10",
-    "harness_metrics",
-    "bootstrap_ci", "bootstrap_values", "bootstrap_diff_ci", "percentile_interval",
-    "compute_metrics", "metrics_from_predictions", "estimators",
+    "accuracy", "conf_ece", "classwise_ece", "equal_mass_ece", "mce", "brier", "nll", "auroc", "mean_confidence",
+    "reliability_bins", "smooth_ece", "debiased_l2_ce", "ece_bin_sweep",
+    "risk_coverage_curve", "aurc", "selective_accuracy", "harness_metrics",
+    "bootstrap_ci", "bootstrap_diff_ci",
+    "BinStats", "bin_statistics", "ece_from_statistics",
+    "compute_metrics", "metrics_from_predictions",
 ]

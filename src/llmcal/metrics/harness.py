@@ -48,7 +48,6 @@ import math
 
 import numpy as np
 
-from ..errors import LlmcalError
 from .core import _check_inputs, _check_n_bins, _conf_correct, bin_statistics
 from .selective import _expected_correct
 

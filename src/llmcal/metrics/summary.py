@@ -17,12 +17,12 @@ from .harness import harness_estimators, harness_metrics
 from .selective import aurc, selective_accuracy
 from .smooth import smooth_ece_fixed_point
 
-__all__ = ["estimators", "compute_metrics", "letter_coverage", "metrics_from_predictions"]
+__all__ = ["estimator_descriptions", "compute_metrics", "letter_coverage", "metrics_from_predictions"]
 
 DEBIASED_L2_BINS = 15  # Kumar et al.'s default: 15 equal-mass bins
 
 
-def estimators(n_bins: int = 10, n_bootstrap: int = 1000) -> dict[str, str]:
+def estimator_descriptions(n_bins: int = 10, n_bootstrap: int = 1000) -> dict[str, str]:
     """How each number of :func:`compute_metrics` is estimated, in words (stored beside the numbers)."""
     return {
         "accuracy": "fraction of questions whose argmax option is the answer",
@@ -58,7 +58,7 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
     percentile bootstrap with ``n_bootstrap`` resamples; values None when
     ``n_bootstrap`` is 0), reliability (:func:`reliability_bins`), per_subject
     (subject -> {n, accuracy, conf_ece}; None subjects under "(none)"; {} when
-    ``subjects`` is None), n_bins, estimators (:func:`estimators`).
+    ``subjects`` is None), n_bins, estimators (:func:`estimator_descriptions`).
     """
     m = _check_n_bins(n_bins)
     p, a = _check_inputs(probs, answers)
@@ -114,7 +114,7 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
         "reliability": reliability_bins(p, a, m),
         "per_subject": per_subject,
         "n_bins": m,
-        "estimators": estimators(m, int(n_bootstrap)),
+        "estimators": estimator_descriptions(m, int(n_bootstrap)),
     }
 
 

@@ -229,7 +229,7 @@ class HistogramBinning(_TopLabel):
 
     def _bin(self, conf) -> np.ndarray:
         if self.binning == "equal_width":  # the ECE's own bins, so that edges fall the same way
-            from ..metrics import bin_index
+            from ..metrics.core import bin_index
 
             return bin_index(conf, len(self.edges_) - 1)
         inner = self.edges_[1:-1]

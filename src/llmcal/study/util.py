@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any
 

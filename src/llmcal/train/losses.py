@@ -68,7 +68,7 @@ def answer_ce_loss(vocab_logits: torch.Tensor, target_ids: torch.Tensor, ignore_
 
 
 def bins_of(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin index min(floor(c * M), M - 1), as in ``llmcal.metrics.bin_index``."""
+    """Bin index min(floor(c * M), M - 1), as in ``llmcal.metrics.core.bin_index``."""
     return torch.clamp(torch.floor(conf.detach().double() * n_bins), 0, n_bins - 1).long()
 
 
