@@ -143,3 +143,29 @@ def test_temperature_scale_predictions():
         temperature_scale_predictions(preds, 0.0)
     with pytest.raises(LlmcalError):
         temperature_scale_predictions(preds, float("nan"))
+
+
+def _seeded(seed):
+    rng = np.random.default_rng(seed)
+    if seed == 2:  # ragged: 2 to 5 options
+        z = [rng.normal(size=k) * 4 for k in rng.integers(2, 6, size=300)]
+        return z, [int(rng.integers(0, len(r))) for r in z]
+    z = rng.normal(size=(400, 4)) * (3 if seed == 0 else 0.5)
+    a = rng.integers(0, 4, size=400) if seed == 1 else np.argmax(z + rng.normal(size=z.shape) * 3, axis=1)
+    return z, a
+
+
+@pytest.mark.parametrize("seed, t_before", [(0, 2.389696673424222), (1, 8.163131351801013), (2, 39.76607235537607)])
+def test_temperature_scaler_on_the_calibrator_base_fits_the_temperatures_it_fitted_before(seed, t_before):
+    from llmcal.posthoc._common import Calibrator
+
+    z, a = _seeded(seed)
+    ts = TemperatureScaler().fit(z, a)
+    assert isinstance(ts, Calibrator) and ts.n_samples_ == len(a)
+    # t_before: the stand-alone TemperatureScaler of commit 830a849 on the same data
+    assert ts.temperature_ == pytest.approx(t_before, rel=1e-12)
+    assert set(ts.params()) == {"temperature_", "nll_before_", "nll_after_"}
+    got = ts.transform(z)
+    want = [np.asarray(r) / ts.temperature_ for r in z] if seed == 2 else z / ts.temperature_
+    for g, w in zip(got, want):
+        assert np.allclose(g, w)

@@ -6,7 +6,7 @@ import pytest
 
 from llmcal.errors import LlmcalError
 from llmcal.posthoc import (BatchCalibrator, BiasCorrector, ContextualCalibrator, HistogramBinning,
-                            IsotonicCalibrator, MatrixScaler, PlattScaler, VectorScaler, pool_adjacent_violators)
+                            IsotonicCalibrator, MatrixScaler, PlattScaler, VectorScaler)
 from llmcal.predictions import softmax
 
 
@@ -194,11 +194,35 @@ def test_isotonic_matches_scikit_learn():
     assert iso.map_confidence(grid) == pytest.approx(ref.predict(grid), abs=1e-12)
 
 
-def test_pool_adjacent_violators_hand_case():
-    # (1, 3, 2, 2, 5) with unit weights: 3, 2, 2 pool to 7/3
-    assert pool_adjacent_violators([1, 3, 2, 2, 5], [1] * 5) == pytest.approx([1, 7 / 3, 7 / 3, 7 / 3, 5])
-    # weights: (0 w1, 1 w3, 0 w1) -> 1, 0 pool to 3/4
-    assert pool_adjacent_violators([0, 1, 0], [1, 3, 1]) == pytest.approx([0, 0.75, 0.75])
+def test_isotonic_pools_violators_weighted_by_the_questions_at_each_confidence():
+    # confidences 0.3 (1 wrong), 0.5 (3 right), 0.7 (1 wrong): (0 w1, 1 w3, 0 w1) -> 1 and 0 pool to 3/4
+    conf = np.array([0.3, 0.5, 0.5, 0.5, 0.7])
+    z = np.log(np.stack([conf] + [(1 - conf) / 3] * 3, axis=1))
+    iso = IsotonicCalibrator().fit(z, np.array([1, 0, 0, 0, 1]))
+    assert iso.x_ == pytest.approx([0.3, 0.5, 0.7]) and iso.y_ == pytest.approx([0, 0.75, 0.75])
+    assert iso.map_confidence(np.array([0.1, 0.4, 0.9])) == pytest.approx([0, 0.375, 0.75])
+
+
+def _platt_newton_reference(x, y, iters=100):
+    """Newton's method on the logistic likelihood, written out (what PlattScaler did before scipy fitted it)."""
+    theta, design = np.zeros(2), np.stack([x, np.ones_like(x)], axis=1)
+    for _ in range(iters):
+        s = 1 / (1 + np.exp(-(design @ theta)))
+        step = np.linalg.solve(design.T @ (design * (s * (1 - s))[:, None]), design.T @ (s - y))
+        theta = theta - step
+        if np.max(np.abs(step)) < 1e-13:
+            break
+    return theta
+
+
+def test_platt_equals_the_newton_fit_it_replaced():
+    rng = np.random.default_rng(7)
+    z, y = overconfident(rng, 1500)
+    c, r = conf_correct(z, y)
+    ps = PlattScaler().fit(z, y)
+    x = np.log(np.clip(c, 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(c, 1e-12, 1 - 1e-12))
+    a, b = _platt_newton_reference(x, r)
+    assert (ps.slope_, ps.intercept_) == pytest.approx((a, b), abs=1e-8)
 
 
 def test_histogram_binning_hand_computation():

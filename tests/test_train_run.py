@@ -383,3 +383,21 @@ def test_rcft_beats_cft_in_the_non_calibratable_regime(tmp_path, memorising_mode
     assert metrics["cft"]["mean_conf"] > 0.85  # over-confident on unseen questions...
     assert metrics["cft"]["accuracy"] < 0.4  # ...that it answers at about chance
     assert metrics["rcft"]["conf_ece"] < metrics["cft"]["conf_ece"] - 0.15, metrics
+
+
+def test_the_trainer_divides_its_mean_loss_by_grad_accum_under_both_trainer_rules(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from llmcal.train.losses import RcftLoss
+    from llmcal.train.state import TrainState
+    from llmcal.train.trainer import CalibrationTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=4)
+    t = CalibrationTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                           train_state=TrainState.initial("cft", 0.0, 10), rcft_loss=RcftLoss(10))
+    # transformers that read loss_is_scaled_for_ga: it says the loss is not scaled yet
+    assert t.loss_is_scaled_for_ga is False
+    # transformers that do not (the pyproject floor allows them): they divide unless the model takes the loss
+    # kwargs and num_items_in_batch was given, which a Llama model would claim without this guard
+    num_items_in_batch = 16
+    assert not (t.model_accepts_loss_kwargs and num_items_in_batch is not None) and t.compute_loss_func is None

@@ -12,13 +12,13 @@ from .label_free import (CONTENT_FREE_STRINGS, BatchCalibrator, ContextualCalibr
 from .methods import METHODS, MethodInfo, resolve_methods
 from .scaling import BiasCorrector, MatrixScaler, VectorScaler
 from .temperature import TemperatureScaler, temperature_scale_predictions
-from .topconf import HistogramBinning, IsotonicCalibrator, PlattScaler, pool_adjacent_violators
+from .topconf import HistogramBinning, IsotonicCalibrator, PlattScaler
 
 __all__ = [
     "TemperatureScaler", "temperature_scale_predictions",
     "VectorScaler", "MatrixScaler", "BiasCorrector",
     "BatchCalibrator", "ContextualCalibrator", "content_free_distribution", "CONTENT_FREE_STRINGS",
-    "PlattScaler", "IsotonicCalibrator", "HistogramBinning", "pool_adjacent_violators",
+    "PlattScaler", "IsotonicCalibrator", "HistogramBinning",
     "METHODS", "MethodInfo", "resolve_methods",
     "calibrate_predictions",
     "compare_methods", "compare_run", "MethodComparison", "Comparison", "PosthocReport",

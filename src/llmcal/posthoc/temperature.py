@@ -17,14 +17,14 @@ import numpy as np
 
 from ..errors import LlmcalError
 from ..predictions import Prediction
-from ._common import _as_padded, _check_answers, _check_temperature, _masked_softmax
+from ._common import Calibrator, _check_temperature, _masked_softmax
 
 __all__ = ["TemperatureScaler", "temperature_scale_predictions"]
 
 log = logging.getLogger(__name__)
 
 
-class TemperatureScaler:
+class TemperatureScaler(Calibrator):
     """Temperature scaling: probs = softmax(logits / T) with T fitted by minimum NLL.
 
     ``fit(logits, answers)`` minimises NLL(T) = (1/N) sum_i [logsumexp_k(z_ik/T) - z_iy/T]
@@ -35,13 +35,16 @@ class TemperatureScaler:
     when the NLL does not depend on T at all (every question's logits are tied).
 
     Fitted attributes: ``temperature_``, ``nll_before_`` (T = 1), ``nll_after_``.
+    ``fit``/``transform``/``predict_proba`` are the :class:`Calibrator` base's.
     """
+
+    name = "ts"
+    _fitted_attr = "temperature_"
 
     def __init__(self, init_temperature: float = 1.0, bounds: tuple[float, float] = (0.05, 100.0)):
         self.init_temperature = init_temperature
         self.bounds = bounds
 
-    # ------------------------------------------------------------------ fitting
     def _check_params(self) -> tuple[float, float, float]:
         try:
             lo, hi = (float(b) for b in self.bounds)
@@ -61,15 +64,11 @@ class TemperatureScaler:
         lse = mx + np.log(np.exp(s - mx[:, None]).sum(axis=1))
         return float(np.mean(lse - s[rows, answers]))
 
-    def fit(self, logits, answers) -> "TemperatureScaler":
-        """Fit T on calibration ``logits`` ((N, K) or ragged) and ``answers`` (N option indices)."""
+    def _fit(self, z: np.ndarray, mask: np.ndarray, a: np.ndarray) -> None:
         from scipy.optimize import brentq
 
         lo, hi, t0 = self._check_params()
-        z, mask, _ = _as_padded(logits)
-        a = _check_answers(answers, mask)
         rows = np.arange(len(a))
-
         # Shift each row so its max is 0: NLL and its derivative are unchanged, numbers stay small.
         zs = z - np.where(mask, z, -np.inf).max(axis=1, keepdims=True)
         z0 = np.where(mask, zs, 0.0)  # pads as 0 so that p * z is 0 there, not nan
@@ -81,56 +80,27 @@ class TemperatureScaler:
 
         b_lo, b_hi = 1.0 / hi, 1.0 / lo
         g_lo, g_hi = grad(b_lo), grad(b_hi)
-        if np.all(np.where(mask, zs, 0.0) == 0.0):
+        if np.all(z0 == 0.0):
             t = t0  # every row's logits are tied: the NLL does not depend on T
         elif g_lo >= 0.0:
             t = hi
         elif g_hi <= 0.0:
             t = lo
         else:
-            beta = brentq(grad, b_lo, b_hi, xtol=1e-14, rtol=1e-13, maxiter=500)
-            t = 1.0 / beta
+            t = 1.0 / brentq(grad, b_lo, b_hi, xtol=1e-14, rtol=1e-13, maxiter=500)
         if t in (lo, hi) and t != t0:
             log.warning("temperature scaling hit the bound T=%g (bounds %s); consider wider bounds", t, self.bounds)
-
         self.temperature_ = float(t)
         self.nll_before_ = self._nll(zs, mask, rows, a, 1.0)
         self.nll_after_ = self._nll(zs, mask, rows, a, self.temperature_)
-        self.n_samples_ = int(len(a))
-        return self
 
-    # ------------------------------------------------------------------ applying
-    def _fitted_temperature(self) -> float:
-        t = getattr(self, "temperature_", None)
-        if t is None:
-            raise LlmcalError("TemperatureScaler is not fitted: call fit(logits, answers) first")
-        return t
-
-    def transform(self, logits):
-        """Scaled logits ``logits / T``: an array for array input, a list of 1-D arrays for ragged input."""
-        t = self._fitted_temperature()
-        z, mask, ragged = _as_padded(logits)
-        if ragged:
-            return [z[i, mask[i]] / t for i in range(z.shape[0])]
-        return z / t
-
-    def predict_proba(self, logits) -> np.ndarray:
-        """softmax(logits / T) as an (N, Kmax) array, zero-padded for ragged input."""
-        t = self._fitted_temperature()
-        z, mask, _ = _as_padded(logits)
-        return _masked_softmax(z / t, mask)
-
-    def fit_transform(self, logits, answers):
-        return self.fit(logits, answers).transform(logits)
+    def _transform(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return z / self.temperature_
 
     def params(self) -> dict:
         """The fitted state as JSON-friendly values (for reports)."""
-        self._fitted_temperature()
+        self._check_fitted()
         return {"temperature_": self.temperature_, "nll_before_": self.nll_before_, "nll_after_": self.nll_after_}
-
-    def __repr__(self) -> str:
-        fitted = f", temperature_={self.temperature_:.4g}" if hasattr(self, "temperature_") else ""
-        return f"TemperatureScaler(init_temperature={self.init_temperature!r}, bounds={self.bounds!r}{fitted})"
 
 
 def temperature_scale_predictions(preds: Sequence[Prediction], temperature: float) -> list[Prediction]:

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import LlmcalError
 from ._common import Calibrator, _masked_softmax, _option_counts
 
-__all__ = ["PlattScaler", "IsotonicCalibrator", "HistogramBinning", "pool_adjacent_violators"]
+__all__ = ["PlattScaler", "IsotonicCalibrator", "HistogramBinning"]
 
 _LOG_FLOOR = 1e-300  # log(0) would make the logits non-finite
 
@@ -82,7 +82,7 @@ class PlattScaler(_TopLabel):
     a and b maximise the Bernoulli likelihood of correctness,
     sum_i [y_i log c'_i + (1 - y_i) log(1 - c'_i)], on the calibration split:
     a logistic regression of correctness on logit(c) without regularisation
-    (Newton's method; convex). c is clipped to [1e-12, 1 - 1e-12] first.
+    (``scipy.optimize.minimize``, trust-region Newton; convex). c is clipped to [1e-12, 1 - 1e-12] first.
     HELM reports ECE after this map ("Platt-scaled ECE"). Then the other
     options are rescaled (module docstring).
 
@@ -101,62 +101,38 @@ class PlattScaler(_TopLabel):
         return np.log(c) - np.log1p(-c)
 
     def _fit_map(self, conf, correct):
+        from scipy.optimize import minimize
+
         x = self._features(conf)
         y = correct
         if np.all(y == y[0]):
             raise LlmcalError("Platt scaling needs both right and wrong answers in the calibration split "
                               f"(all {len(y)} are {'right' if y[0] else 'wrong'})")
-        theta = np.zeros(2)
         design = np.stack([x, np.ones_like(x)], axis=1)
-        for _ in range(int(self.max_iter)):
-            s = 1.0 / (1.0 + np.exp(-(design @ theta)))
-            grad = design.T @ (s - y)
-            hess = design.T @ (design * (s * (1 - s))[:, None]) + 1e-12 * np.eye(2)
-            step = np.linalg.solve(hess, grad)
-            # halve the step until the likelihood does not get worse (separable data would diverge)
-            nll0 = self._nll(design, y, theta)
-            t = 1.0
-            while t > 1e-8 and self._nll(design, y, theta - t * step) > nll0 + 1e-15:
-                t /= 2
-            theta = theta - t * step
-            if np.max(np.abs(t * step)) < 1e-12:
-                break
-        self.slope_, self.intercept_ = float(theta[0]), float(theta[1])
 
-    @staticmethod
-    def _nll(design, y, theta) -> float:
-        u = design @ theta
-        return float(np.sum(np.logaddexp(0.0, u) - y * u))
+        def nll(theta):  # sum_i log(1 + e^u_i) - y_i u_i and its gradient, u = a x + b
+            u = design @ theta
+            return float(np.sum(np.logaddexp(0.0, u) - y * u)), design.T @ (_sigmoid(u) - y)
+
+        def hess(theta):
+            s = _sigmoid(design @ theta)
+            return design.T @ (design * (s * (1 - s))[:, None])
+
+        # trust-region Newton: convex, so it converges to the optimum; on separable data (no finite optimum) the
+        # slope grows until the gradient is below gtol or max_iter is reached
+        res = minimize(nll, np.zeros(2), jac=True, hess=hess, method="trust-exact",
+                       options={"gtol": 1e-10, "maxiter": int(self.max_iter)})
+        self.slope_, self.intercept_ = float(res.x[0]), float(res.x[1])
 
     def map_confidence(self, conf) -> np.ndarray:
         self._check_fitted()
-        u = self.slope_ * self._features(conf) + self.intercept_
-        return 1.0 / (1.0 + np.exp(-u))
+        return _sigmoid(self.slope_ * self._features(conf) + self.intercept_)
 
 
-def pool_adjacent_violators(y, w) -> np.ndarray:
-    """Weighted least-squares non-decreasing fit of ``y`` (already in x order): the PAV algorithm.
+def _sigmoid(u) -> np.ndarray:
+    from scipy.special import expit
 
-    Minimises sum_i w_i (f_i - y_i)^2 subject to f_1 <= ... <= f_n by merging
-    adjacent blocks that violate the order into their weighted mean
-    (Ayer et al. 1955; Barlow et al. 1972).
-    """
-    y = np.asarray(y, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    means: list[float] = []
-    weights: list[float] = []
-    sizes: list[int] = []
-    for yi, wi in zip(y, w):
-        means.append(float(yi))
-        weights.append(float(wi))
-        sizes.append(1)
-        while len(means) > 1 and means[-2] > means[-1]:
-            wt = weights[-2] + weights[-1]
-            m = (means[-2] * weights[-2] + means[-1] * weights[-1]) / wt
-            sz = sizes[-2] + sizes[-1]
-            del means[-1], weights[-1], sizes[-1]
-            means[-1], weights[-1], sizes[-1] = m, wt, sz
-    return np.repeat(np.array(means), np.array(sizes, dtype=np.int64))
+    return expit(u)
 
 
 class IsotonicCalibrator(_TopLabel):
@@ -164,7 +140,8 @@ class IsotonicCalibrator(_TopLabel):
 
     g is the non-decreasing function that minimises sum_i (g(c_i) - y_i)^2 on
     the calibration split: equal confidences are merged into one point (mean
-    correctness, weight = count), fitted by pool-adjacent-violators, and g is
+    correctness, weight = count), fitted by pool-adjacent-violators
+    (``scipy.optimize.isotonic_regression``), and g is
     linear between the fitted points and constant beyond them (what
     scikit-learn's ``IsotonicRegression(out_of_bounds="clip")`` predicts).
     Then the other options are rescaled (module docstring).
@@ -179,7 +156,9 @@ class IsotonicCalibrator(_TopLabel):
         xs, inverse, counts = np.unique(conf, return_inverse=True, return_counts=True)
         sums = np.bincount(inverse.reshape(-1), weights=correct, minlength=len(xs))
         self.x_ = xs
-        self.y_ = pool_adjacent_violators(sums / counts, counts)
+        from scipy.optimize import isotonic_regression
+
+        self.y_ = isotonic_regression(sums / counts, weights=counts.astype(np.float64), increasing=True).x
 
     def map_confidence(self, conf) -> np.ndarray:
         self._check_fitted()

@@ -153,6 +153,9 @@ class CalibrationTrainer(Trainer):
 
     def __init__(self, *args, train_state: TrainState, rcft_loss: RcftLoss | OfficialRcftLoss, **kwargs):
         super().__init__(*args, **kwargs)
+        # The same for a transformers whose Trainer does not read ``loss_is_scaled_for_ga``: there the Trainer divides by
+        # grad_accum unless the model takes loss kwargs (num_items_in_batch), which our compute_loss never passes.
+        self.model_accepts_loss_kwargs = False
         self.train_state = train_state
         self.rcft_loss = rcft_loss
 
