@@ -75,3 +75,24 @@ def test_an_error_in_a_training_process_is_one_llmcal_error(tmp_path, tiny_model
     cfg.training_args = {"optim": "no_such_optimizer"}
     with pytest.raises(LlmcalError):
         run_finetune(cfg, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.slow
+def test_a_gguf_model_is_converted_once_before_the_processes_start(tmp_path, monkeypatch):
+    import torch.distributed.launcher.api as api
+
+    from llmcal.models import cache_dir
+
+    seen = {}
+
+    def fake_launch(config, entrypoint):
+        def run(*args):
+            seen["caches"] = sorted(p.name.rsplit("-", 1)[-1] for p in (cache_dir() / "gguf").iterdir())
+            return {0: "stop here", 1: "stop here"}
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", fake_launch)
+    cfg = FinetuneConfig(model="smollm2-135m-instruct", train="t", evals=["e"], dtype="bfloat16", device="cpu")
+    with pytest.raises(LlmcalError, match="stop here"):
+        launch.launch_finetune(cfg, tmp_path / "run", processes=2, overwrite=False, progress=False)
+    assert seen["caches"] == ["bfloat16", "tokenizer"]  # in the training dtype, before any process started

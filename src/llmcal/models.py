@@ -500,7 +500,10 @@ def gguf_to_hf_dir(directory: str | Path, gguf_file: str, *, dtype="bfloat16", p
                 if res.name not in names:
                     continue
                 hf = names[res.name]
-                tensor = torch.from_numpy(np.ascontiguousarray(res.weights)).to(target)
+                weights = np.ascontiguousarray(res.weights)
+                if not weights.flags.writeable:  # an unquantised tensor is a view of the read-only map
+                    weights = weights.copy()
+                tensor = torch.from_numpy(weights).to(target)
                 if tuple(tensor.shape) != expected.get(hf, tuple(tensor.shape)):
                     raise LlmcalError(f"{src}: tensor {t.name} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{expected[hf]} for {hf}")

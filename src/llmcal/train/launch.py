@@ -76,6 +76,20 @@ def _worker(cfg, out: str, overwrite: bool, progress: bool) -> str | None:
     return None
 
 
+def _prepare_weights(cfg) -> None:
+    """Convert a GGUF model's cache once, here, before the processes start: each would otherwise convert it
+    at the same moment (twice the work and twice the conversion's memory)."""
+    from ..models import dtype_name, resolve_device, resolve_dtype, resolve_model, tokenizer_dir, weights_dir
+    from .model import base_spec, resolve_train_dtype
+
+    spec = base_spec(resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base))
+    if spec.kind != "gguf":
+        return
+    device = resolve_device(cfg.device)
+    tokenizer_dir(spec)
+    weights_dir(spec, dtype_name(resolve_dtype(resolve_train_dtype(cfg, device), device)))
+
+
 def launch_finetune(cfg, out: str | Path, *, processes: int, overwrite: bool, progress: bool):
     """Run ``run_finetune(cfg, out)`` in ``processes`` processes on this machine; the finished run's record."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -83,6 +97,7 @@ def launch_finetune(cfg, out: str | Path, *, processes: int, overwrite: bool, pr
 
     from ..runs import load_run
 
+    _prepare_weights(cfg)
     threads = max(1, cpu_cores() // processes)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
