@@ -196,7 +196,8 @@ def _calibrate_params():
         P("config", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
             None, "--config", help="YAML file of options (keys: these options' names with underscores, and any "
                                    "transformers TrainingArguments field); flags given here win.")),
-        *cli_parameters(FinetuneConfig, EvalConfig, optional={"model", "train", "data"}),
+        *cli_parameters(FinetuneConfig, EvalConfig, exclude={"permutations", "pride_fraction"},
+                       optional={"model", "train", "data"}),
         P("out", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
             None, "--out", "-o", help="Run directory to write (an interrupted run there resumes); with --from, "
                                       "where the comparison goes (default RUN/posthoc).")),

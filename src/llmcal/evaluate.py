@@ -84,6 +84,15 @@ class EvalConfig:
     request_timeout: float = option(60.0, help="--backend openai: seconds to wait for one response.")
     max_retries: int = option(5, help="--backend openai: retries of a request after HTTP 429 or 5xx, a timeout or "
                                       "a connection error (backoff from 1 s, doubling).")
+    # ---- option-order debiasing (docs/reference.md, "Option-order debiasing") ----
+    permutations: str = option("none", help="llmcal eval only: option-order debiasing: none, cyclic (score every question under the K "
+                                            "cyclic shifts of its options and average them in the original order: K "
+                                            "forward passes per question) or pride (estimate the letter prior from "
+                                            "the K shifts of a seeded --pride-fraction of the questions and divide "
+                                            "it out of every question). Reports the letter prior and the results "
+                                            "none and debiased side by side.")
+    pride_fraction: float = option(0.05, help="llmcal eval --permutations pride: share of the questions (per option count, at "
+                                              "least one) scored under every shift to estimate the letter prior.")
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -98,9 +107,36 @@ def _check(cfg: EvalConfig) -> None:
     if not 0 < cfg.calib_fraction < 1:
         raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
     check_num_fewshot(cfg.num_fewshot)
+    _check_debias(cfg)
     if cfg.num_fewshot and cfg.backend == "openai":
         raise LlmcalError("--num-fewshot is not supported with --backend openai yet (the request is one question)")
     _check_served(cfg)
+
+
+DEBIAS_FIELDS = ("permutations", "pride_fraction")
+
+
+def _check_debias(cfg: EvalConfig) -> None:
+    from .debias import check_mode
+
+    check_mode(cfg.permutations, cfg.pride_fraction)
+    if cfg.permutations != "pride" and cfg.pride_fraction != EvalConfig.__dataclass_fields__["pride_fraction"].default:
+        raise LlmcalError(f"--pride-fraction goes with --permutations pride (not {cfg.permutations})")
+
+
+def config_fields(cfg: Any) -> dict:
+    """``asdict(cfg)``, without the debiasing keys of a run that does not debias.
+
+    So a plain run's config.json is what it was before ``--permutations`` existed, and runs interrupted
+    then (study cells included) still resume; pride_fraction is recorded only with ``--permutations pride``.
+    """
+    d = asdict(cfg)
+    if d.get("permutations", "none") == "none":
+        for k in DEBIAS_FIELDS:
+            d.pop(k, None)
+    elif d["permutations"] != "pride":
+        d.pop("pride_fraction", None)
+    return d
 
 
 API_FIELDS = ("base_url", "api_key_env", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
@@ -174,18 +210,27 @@ def _spec(cfg: EvalConfig, loaded: LoadedModel | None) -> ModelSpec:
     return resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
 
 
-def _prepared(cfg: EvalConfig, loaded: LoadedModel, questions: list[Question]) -> tuple[str, Any, bool]:
+def _prepared(cfg: EvalConfig, loaded: LoadedModel, questions: list[Question],
+              origin: dict[str, tuple[Question, int]] | None = None) -> tuple[str, Any, bool]:
     """(resolved template, encoded questions or None, whether the scoring cache may serve them).
 
     A served model encodes its own requests and is never cached: its weights are
-    not on disk and can change behind the endpoint.
+    not on disk and can change behind the endpoint. ``origin``: for shifted copies
+    of questions (``--permutations``), each copy's original question, whose
+    few-shot examples the copy gets.
     """
     if loaded.extra.get("backend") == "openai":
         return loaded.extra["template"], loaded.extra["engine"].encode(questions), False
     template = resolve_template(cfg.template, loaded.tokenizer)
     if not getattr(cfg, "num_fewshot", 0):
         return template, None, True
-    return template, encode_questions(questions, loaded.tokenizer, template, fewshot_for(cfg, questions)), True
+    if origin is None:
+        shots = fewshot_for(cfg, questions)
+    else:
+        originals = list({q.id: q for q, _ in origin.values()}.values())
+        first = fewshot_for(cfg, originals)
+        shots = {q.id: first[origin[q.id][0].id] for q in questions}
+    return template, encode_questions(questions, loaded.tokenizer, template, shots), True
 
 
 def fewshot_for(cfg: Any, questions: list[Question]) -> dict[str, tuple[Question, ...]]:
@@ -203,7 +248,7 @@ def _served_meta(loaded: LoadedModel) -> dict:
 
 def config_doc(cfg: Any, spec: ModelSpec, kind: str) -> dict:
     """A run's config.json: the config's fields, the command kind and the resolved model spec."""
-    d = asdict(cfg)
+    d = config_fields(cfg)
     d["kind"] = kind
     d["model_spec"] = spec.to_dict()
     return d
@@ -224,6 +269,8 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
     questions = _load_questions(cfg, cfg.split)
     run = Run.start(out, config_doc(cfg, spec, "eval"), device=cfg.device, overwrite=overwrite, progress=progress)
     loaded = loaded or load_for(cfg, spec)
+    if cfg.permutations != "none":
+        return _run_debiased(cfg, run, spec, loaded, questions)
     template, encoded, cache = _prepared(cfg, loaded, questions)
     preds = run.score("predictions.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
                       description=f"eval {cfg.data}")
@@ -231,6 +278,61 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
                      png="reliability.png", title=f"{spec.name} on {cfg.data} ({cfg.split})")
     return run.finish(model=spec.name, results=[res],
                       meta=run_meta(loaded, template, n_questions=len(preds), **_served_meta(loaded)))
+
+
+def _run_debiased(cfg: EvalConfig, run: Run, spec: ModelSpec, loaded: LoadedModel,
+                  questions: list[Question]) -> RunRecord:
+    """``eval --permutations cyclic|pride`` (llmcal.debias): two resumable scoring passes, then two results.
+
+    ``predictions-none.jsonl``: every question as written (result ``none``); ``scores-permuted.jsonl``: the
+    shifted copies (every question's for cyclic, the subset's for pride); ``predictions.jsonl``: the debiased
+    predictions (result ``debiased``, the run's prediction), with each shift's distribution where scored.
+    """
+    from . import debias
+    from .io import atomic_write_jsonl
+    from .metrics.bootstrap import bootstrap_diff_ci
+    from .metrics.core import accuracy, conf_ece
+    from .predictions import stack_probs
+
+    template, encoded, cache = _prepared(cfg, loaded, questions)
+    plain = run.score("predictions-none.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
+                      description=f"eval {cfg.data}")
+    subset = questions if cfg.permutations == "cyclic" else debias.pride_subset(questions, cfg.pride_fraction,
+                                                                                 cfg.seed)
+    shifted, origin = debias.permuted_questions(subset)
+    _, enc_shifted, cache = _prepared(cfg, loaded, shifted, origin)
+    permuted = run.score("scores-permuted.jsonl", loaded, shifted, template, cache=cache, encoded=enc_shifted,
+                         description=f"shifted options ({cfg.permutations})") if shifted else []
+    deb = debias.debias_predictions(plain, permuted, origin, cfg.permutations, n_bootstrap=cfg.n_bootstrap,
+                                    seed=cfg.seed)
+    run.on_main(lambda: atomic_write_jsonl(run.file("predictions.jsonl"), deb.records),
+                what="writing the debiased predictions")
+    passes = debias.forward_passes(questions, cfg.permutations, subset)
+    p0, answers = stack_probs(plain)
+    p1, _ = stack_probs(deb.predictions)
+    kw = dict(n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+    d_acc = bootstrap_diff_ci(accuracy, p0, p1, answers, **kw)
+    d_ece = bootstrap_diff_ci(lambda p, a: conf_ece(p, a, n_bins=cfg.n_bins), p0, p1, answers, **kw)
+    res_none = run.result("none", plain, dataset=cfg.data, split=cfg.split, pred_file="predictions-none.jsonl",
+                          png="reliability-none.png", title=f"{spec.name} on {cfg.data} ({cfg.split}), options as given")
+    res_deb = run.result("debiased", deb.predictions, dataset=cfg.data, split=cfg.split, method=cfg.permutations,
+                         pred_file="predictions.jsonl", png="reliability.png",
+                         title=f"{spec.name} on {cfg.data} ({cfg.split}), debiased ({cfg.permutations})")
+    change = {"accuracy": res_deb.metrics["accuracy"] - res_none.metrics["accuracy"], "accuracy_ci": list(d_acc),
+              "conf_ece": res_deb.metrics["conf_ece"] - res_none.metrics["conf_ece"], "conf_ece_ci": list(d_ece)}
+    cost = ("K forward passes per question" if cfg.permutations == "cyclic" else
+            "one forward pass per question, K on the subset")
+    summary = {"mode": cfg.permutations, "n_questions": len(questions), "forward_passes": passes,
+               "forward_passes_plain": len(questions), "cost": cost, "n_subset": len(deb.subset_ids),
+               "subset_ids": deb.subset_ids, "seed": cfg.seed, "letter_prior": deb.priors,
+               "prior_used": deb.prior_used, "change": change}
+    if cfg.permutations == "pride":
+        summary["pride_fraction"] = cfg.pride_fraction
+    res_deb.extra.update({"debias": cfg.permutations, "forward_passes": passes, **change})
+    run.section("Option-order debiasing", debias.debias_section(summary, res_none.metrics, res_deb.metrics))
+    return run.finish(model=spec.name, results=[res_none, res_deb],
+                      meta=run_meta(loaded, template, n_questions=len(questions), debias=summary,
+                                    **_served_meta(loaded)))
 
 
 def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -242,6 +344,8 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
     from .predictions import write_predictions
 
     _check(cfg)
+    if cfg.permutations != "none":
+        raise LlmcalError(f"--permutations {cfg.permutations} applies to llmcal eval, not to calibrate --method ts")
     check_backend(cfg.backend)
     spec = _spec(cfg, loaded)
     questions = _load_questions(cfg, cfg.split)

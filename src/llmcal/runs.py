@@ -147,10 +147,12 @@ class RunRecord:
     @property
     def main(self) -> RunResult:
         """The run's main result: the one its method produced (``ts``, ``cft``, ...), the held-out side of a
-        regime diagnosis, else the first."""
+        regime diagnosis, the debiased one of ``eval --permutations``, else the first."""
         if not self.results:
             raise LlmcalError(f"{self.path}: the run holds no results")
         want = "heldout" if self.kind == "regime" else self.config.get("method")
+        if self.config.get("permutations", "none") != "none":
+            want = "debiased"
         return next((r for r in self.results if r.label == want), self.results[0])
 
     @property

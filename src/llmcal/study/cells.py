@@ -110,7 +110,9 @@ def cell_config(ctx: Context, cell: Cell) -> dict:
 def posthoc_config(ctx: Context, cell: Cell) -> dict:
     pd = ctx.point(cell.point)
     cfg = eval_config(ctx.study, cell, pd.paths)
-    d = dataclasses.asdict(cfg)
+    from ..evaluate import config_fields
+
+    d = config_fields(cfg)  # no debiasing keys: a cell's config stays what it was, and interrupted cells resume
     for k in ("data", "split", "subjects", "limit", "mapping", "calib_fraction"):
         d.pop(k, None)
     d["evals"] = {r: str(pd.paths[r]) for r in EVAL_ROLES if r in pd.paths}

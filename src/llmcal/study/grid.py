@@ -187,6 +187,10 @@ def eval_config(study: Study, cell: Cell, paths: dict):
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     opts = {k: v for k, v in study.options(cell).items() if k in names}
     opts.setdefault("seed", study.seed)
+    for k in ("permutations", "pride_fraction"):  # llmcal eval only: a none/ts cell would silently ignore them
+        if k in opts:
+            raise bad(study.path, option_key(study, cell), f"{k}: option-order debiasing is a llmcal eval option "
+                                                           f"(--permutations), not one of a study's {cell.kind} cell")
     try:
         return EvalConfig(model=cell.model.model, data=str(paths["test"]), method=cell.kind, **opts)
     except TypeError as e:
