@@ -92,6 +92,7 @@ def test_a_gguf_model_is_converted_once_before_the_processes_start(tmp_path, mon
         return run
 
     monkeypatch.setattr(api, "elastic_launch", fake_launch)
+    monkeypatch.setenv("LLMCAL_CACHE", str(tmp_path / "cache"))  # not the session's cache, which other tests fill
     cfg = FinetuneConfig(model="smollm2-135m-instruct", train="t", evals=["e"], dtype="bfloat16", device="cpu")
     with pytest.raises(LlmcalError, match="stop here"):
         launch.launch_finetune(cfg, tmp_path / "run", processes=2, overwrite=False, progress=False)
