@@ -16,6 +16,10 @@ resumes it; a complete run is only replaced with ``overwrite=True``.  The
 process that starts a run holds ``RUN/.llmcal.lock`` (``llmcal.lock``) until
 it finishes: a second process on the same directory is refused.
 
+``refresh_metrics(RUN)`` recomputes metrics.json's metrics from the stored
+predictions with the current code (a run written before a metric existed),
+leaving every other field as it was.
+
 Recorded documents hold no credentials: ``portable`` also redacts the secrets a
 URL may carry (``llmcal.redact``).
 
@@ -321,6 +325,55 @@ def load_run(path: str | Path) -> RunRecord:
         raise LlmcalError(f"{path / METRICS}: not an llmcal metrics file ({e})") from e
     return RunRecord(path=path, config=config, kind=doc.get("kind", "?"), model=doc.get("model", "?"),
                      results=results, meta=doc.get("meta", {}))
+
+
+def refresh_metrics(path: str | Path) -> dict:
+    """Recompute every result's metrics in ``RUN/metrics.json`` from its stored predictions with this llmcal.
+
+    For runs written before a metric existed: no model is loaded. Each result's
+    ``metrics`` is replaced by ``metrics_from_predictions`` of its predictions file
+    with the options the run recorded in config.json (``n_bins``, ``n_bootstrap``,
+    ``seed``: the same call ``Run.result`` makes, so a run refreshed with the code
+    that wrote it is unchanged); every other field (meta, extra, the diagnosis, the
+    ``finished`` stamp, the version that scored it) stays as it was, and
+    ``metrics_refreshed`` records the version and time of the refresh. The file is
+    rewritten atomically under the run's lock; predictions, config and report.md
+    are not touched. Returns the new document.
+    """
+    from .lock import RunLock
+    from .metrics import metrics_from_predictions
+    from .predictions import load_predictions
+
+    path = Path(path)
+    load_run(path)  # a complete llmcal run, or the error that says why not
+    f = path / METRICS
+    doc = json.loads(f.read_text(encoding="utf-8"))
+    cfg = read_config(path, overwrite_hint=False)
+    try:
+        opts = {"n_bins": int(cfg.get("n_bins", 10)), "n_bootstrap": int(cfg.get("n_bootstrap", 1000)),
+                "seed": int(cfg.get("seed", 0))}
+    except (TypeError, ValueError) as e:
+        raise LlmcalError(f"{path / CONFIG}: n_bins, n_bootstrap and seed must be integers ({e})") from e
+    lock = RunLock.acquire(path)
+    try:
+        for i, res in enumerate(doc["results"]):
+            name = res.get("predictions")
+            if not isinstance(name, str) or not name:
+                raise LlmcalError(f"{f}: result {i} ({res.get('label')!r}) names no predictions file")
+            preds = load_predictions(recorded_path(name, path))
+            if not preds:
+                raise LlmcalError(f"{path / name}: no predictions; the metrics of result {res.get('label')!r} "
+                                  f"cannot be recomputed")
+            old_n = (res.get("metrics") or {}).get("n")
+            if old_n is not None and old_n != len(preds):
+                raise LlmcalError(f"{path / name}: {len(preds)} predictions but metrics.json counted {old_n} for "
+                                  f"result {res.get('label')!r}; the file is not the one the run measured")
+            res["metrics"] = _jsonable(metrics_from_predictions(preds, **opts))
+        doc["metrics_refreshed"] = {"llmcal_version": version(), "at": _now()}
+        atomic_write_json(f, doc)
+    finally:
+        lock.release()
+    return doc
 
 
 def _now() -> str:
