@@ -407,16 +407,40 @@ def conformal_cmd(
 @handle_errors
 def study_cmd(
     config: Path = typer.Argument(..., help="Study YAML (models x datasets x methods), e.g. studies/offline.yaml."),
-    out: Path = typer.Option(..., "--out", "-o", help="Study directory: one run per cell, and the report."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory: one run per cell, and the "
+                                       "report (required, except with --list-cells)."),
     only: List[str] = typer.Option([], "--only", help="Run only cells matching this glob (model/method[-point]) or model key (repeatable)."),
     overwrite: bool = typer.Option(False, help="Rerun complete cells instead of skipping them."),
+    list_cells: bool = typer.Option(False, "--list-cells", help="Print the cells (those --only selects) as "
+                                    "NAME KIND STATUS lines, one a cell, and exit: NAME as --only takes it; STATUS "
+                                    "(with --out) done, partial or missing. Loads no data and no model."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Assemble study.json and the report after "
+                                "the cells (--no-report: a fan-out task; `llmcal report DIR` assembles later)."),
 ):
-    """Run a grid of models x methods, resuming finished cells, and write one report."""
+    """Run a grid of models x methods, resuming finished cells, and write one report.
+
+    Several processes or nodes may run cells of one study directory at once (--only per process): each cell
+    owns its run directory, a cell another process is running is refused (exit 2, after the other cells),
+    and the shared files are written under the study's lock.
+    """
+    if list_cells:
+        from .study.runner import list_cells as cells_of
+
+        for row in cells_of(config, out, list(only) or None):
+            fields = [row["name"], row["kind"]] + ([row["status"]] if out is not None else [])
+            if row["after"]:
+                fields.append(f"(runs after {row['after']})")
+            sys.stdout.write("\t".join(fields) + "\n")
+        return
+    if out is None:
+        raise LlmcalError("llmcal study: --out DIR is required (the study directory), except with --list-cells")
     from .study import run_study
 
-    paths = run_study(config, out, overwrite=overwrite, only=list(only) or None)
+    paths = run_study(config, out, overwrite=overwrite, only=list(only) or None, report=report)
     for k, p in paths.items():
         out_console.print(f"{k}: [bold]{p}[/]")
+    if not paths:
+        out_console.print(f"cells done; no report written (--no-report): `llmcal report {out}` assembles it")
 
 
 @app.command("results")
@@ -438,13 +462,31 @@ def results_cmd(
 @app.command("report")
 @handle_errors
 def report_cmd(
-    runs: List[Path] = typer.Argument(..., help="Run directories to put side by side."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for report.md, report.html and plots."),
+    runs: List[Path] = typer.Argument(..., help="Run directories to put side by side, or one study directory "
+                                      "(the --out of `llmcal study`) to assemble."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for report.md, report.html and plots "
+                                       "(required for runs; a study's report goes into its own directory)."),
 ):
-    """Put runs side by side: the paper's results table and reliability diagrams (Markdown + HTML)."""
-    from .report.runreport import write_comparison
+    """Put runs side by side, or assemble a study's report from its finished cells.
 
-    paths = write_comparison(list(runs), out)
+    Given runs: the paper's results table and every reliability diagram (Markdown + HTML) in --out. Given a
+    study directory: its study.json, report.md, report.html and figures from the cells finished there, loading
+    no model; safe while other processes still run cells of it.
+    """
+    if len(runs) == 1 and (runs[0] / "study.yaml").is_file():
+        if out is not None and out.resolve() != runs[0].resolve():
+            raise LlmcalError(f"--out {out}: a study's report is written into the study directory {runs[0]}; "
+                              f"leave --out out")
+        from .study import report_from_dir
+
+        paths = report_from_dir(runs[0])
+    else:
+        if out is None:
+            raise LlmcalError("--out DIR is required to put runs side by side (a study directory, which holds "
+                              "study.yaml, takes none)")
+        from .report.runreport import write_comparison
+
+        paths = write_comparison(list(runs), out)
     for k, p in paths.items():
         out_console.print(f"{k}: [bold]{p}[/]")
 

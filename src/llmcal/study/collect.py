@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import LlmcalError
+from ..redact import redact
 from .conformal import conformal_doc
 from .grid import METRIC_KEYS, REGIME, TRAINING, Cell
 from .posthoc import posthoc_section
@@ -146,7 +147,8 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
     walls = [e["wall_s"] for e in cells if isinstance(e.get("wall_s"), (int, float))]
     posthoc = posthoc_section(ctx.out, cells, study.posthoc)
     conformal = conformal_doc(ctx.out, cells, study.conformal, study.seed)
-    return {
+    # A served model's base_url may carry a key (http://user:KEY@host): it stays out of study.json and the report.
+    return redact({
         "llmcal_version": __version__, "name": study.name, "description": study.description,
         "config": json.loads(json.dumps(study.raw, default=str)), "config_file": str(study.path), "updated": now(),
         "seed": study.seed,
@@ -155,7 +157,7 @@ def collect(ctx: Context, failures: Sequence[tuple[Cell, str]] = ()) -> dict:
         "methods": {m.key: {"method": m.method, "options": m.options} for m in study.methods},
         "points": [p.name for p in study.points], "data": data, "cells": cells, "diagnoses": diagnoses,
         "auto": autos, "posthoc": posthoc, "conformal": conformal, "wall_s_total": sum(walls) if walls else None,
-    }
+    })
 
 
 def _measured(cells: list[dict], model: str, point: str) -> dict:
