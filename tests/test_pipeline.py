@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmcal.cache import ScoreCache
-from llmcal.evaluate import EvalConfig, run_eval
+from llmcal.evaluate import EvalConfig, run_calibrate_ts, run_eval
 from llmcal.runs import portable, recorded_path
 
 DATA = "synthetic:arithmetic?n=40&k=4&difficulty=2"
@@ -46,6 +46,81 @@ def test_the_same_model_on_the_same_questions_is_scored_once(tiny_model_dir, tmp
     run_eval(EvalConfig(model=str(tiny_model_dir), data=DATA, template="chat", batch_tokens=400, n_bootstrap=20),
              tmp_path / "d", progress=False)
     assert scored == [40, 30, 40]
+
+
+@pytest.fixture
+def weight_loads(monkeypatch):
+    """Counts the loads of a model's weights (``models.load_weights``, which every local load goes through)."""
+    import llmcal.models as models
+
+    loads = []
+    real = models.load_weights
+
+    def counting(spec, *a, **kw):
+        loads.append(spec.name)
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(models, "load_weights", counting)
+    return loads
+
+
+def _no_weights(mp):
+    """While ``mp`` (a monkeypatch context) lasts, reading any model's weights fails the test."""
+    import transformers
+
+    import llmcal.models as models
+
+    def refuse(*a, **kw):
+        raise AssertionError("the model's weights were loaded")
+
+    mp.setattr(models, "load_weights", refuse)
+    mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_a_full_cache_hit_never_loads_the_model(tiny_model_dir, tmp_path, monkeypatch, weight_loads):
+    a = run_eval(_cfg(tiny_model_dir), tmp_path / "a", progress=False)
+    assert len(weight_loads) == 1  # the first run loaded the weights and scored
+    with monkeypatch.context() as mp:
+        _no_weights(mp)
+        b = run_eval(_cfg(tiny_model_dir), tmp_path / "b", progress=False)
+    assert (tmp_path / "a/predictions.jsonl").read_bytes() == (tmp_path / "b/predictions.jsonl").read_bytes()
+    assert a.results[0].metrics == b.results[0].metrics and a.meta == b.meta
+    # calibrate --method ts scores both parts in one cached pass: the same holds for it
+    ts = _cfg(tiny_model_dir, method="ts", limit=30)
+    one = run_calibrate_ts(ts, tmp_path / "ts1", progress=False)
+    assert len(weight_loads) == 2
+    with monkeypatch.context() as mp:
+        _no_weights(mp)
+        two = run_calibrate_ts(ts, tmp_path / "ts2", progress=False)
+    for f in ("scores.jsonl", "predictions.jsonl", "predictions-ts.jsonl"):
+        assert (tmp_path / "ts1" / f).read_bytes() == (tmp_path / "ts2" / f).read_bytes(), f
+    assert [r.metrics for r in one.results] == [r.metrics for r in two.results]
+
+
+def test_without_the_cache_or_on_a_miss_the_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch, weight_loads):
+    run_eval(_cfg(tiny_model_dir), tmp_path / "a", progress=False)
+    monkeypatch.setenv("LLMCAL_SCORE_CACHE", "0")
+    run_eval(_cfg(tiny_model_dir), tmp_path / "b", progress=False)
+    monkeypatch.delenv("LLMCAL_SCORE_CACHE")
+    run_eval(_cfg(tiny_model_dir, limit=30), tmp_path / "c", progress=False)  # other questions: a miss
+    assert len(weight_loads) == 3
+    assert (tmp_path / "a/predictions.jsonl").read_bytes() == (tmp_path / "b/predictions.jsonl").read_bytes()
+
+
+def test_the_cache_key_needs_no_weights_and_is_the_same_loaded_or_not(tiny_model_dir):
+    from llmcal.cache import score_key
+    from llmcal.data import load_dataset
+    from llmcal.models import load_model, resolve_model
+    from llmcal.prompts import encode_questions
+
+    spec = resolve_model(str(tiny_model_dir))
+    lazy = load_model(spec, dtype="float32", device="cpu", lazy=True)
+    eager = load_model(spec, dtype="float32", device="cpu")
+    assert not lazy.weights_loaded and eager.weights_loaded
+    enc = encode_questions(list(load_dataset(DATA).questions), lazy.tokenizer, "plain")
+    assert score_key(lazy, enc, "plain", 400) == score_key(eager, enc, "plain", 400)
+    assert not lazy.weights_loaded
+    assert lazy.model is not None and lazy.weights_loaded  # reading it loads them
 
 
 def test_a_damaged_cache_entry_is_recomputed_never_trusted(tiny_model_dir, tmp_path, scored):

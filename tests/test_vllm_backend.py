@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from llmcal.backends import check_backend, load_for_backend
+from llmcal.backends import check_backend, get_backend, load_for_backend
 from llmcal.backends import vllm as vb
 from llmcal.data.schema import Question
 from llmcal.errors import LlmcalError
@@ -169,6 +169,16 @@ def test_vllm_backend_run_equals_the_hf_backend(fake_vllm, tiny_model_dir, tmp_p
     assert vl.meta["device"] == "cuda" and hf.results[0].metrics["n"] == vl.results[0].metrics["n"] == 30
 
 
+def test_vllm_engine_is_started_only_when_something_is_scored(fake_vllm, tiny_model_dir, tmp_path):
+    cfg = EvalConfig(model=str(tiny_model_dir), data=DATA, template="plain", dtype="float32", n_bootstrap=20,
+                     backend="vllm")
+    run_eval(cfg, tmp_path / "a", progress=False)
+    assert len(FakeLLM.instances) == 1
+    run_eval(cfg, tmp_path / "b", progress=False)  # every score from the scoring cache
+    assert len(FakeLLM.instances) == 1
+    assert (tmp_path / "a/predictions.jsonl").read_bytes() == (tmp_path / "b/predictions.jsonl").read_bytes()
+
+
 def test_vllm_engine_skips_done_and_flushes(fake_vllm, tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -183,8 +193,8 @@ def test_vllm_engine_skips_done_and_flushes(fake_vllm, tiny_model_dir, monkeypat
     enc = encode_questions(list(load_dataset(DATA).questions), tok, "plain")
     seen = []
     done = {e.question.id for e in enc[:5]}
-    preds = loaded.extra["engine"].score(enc, options=ScoreOptions(progress=False), done=done,
-                                         on_batch=seen.append)
+    preds = get_backend("vllm").score(loaded, enc, options=ScoreOptions(progress=False), done=done,
+                                      on_batch=seen.append)
     assert [p.id for p in preds] == [e.question.id for e in enc[5:]]
     assert [len(b) for b in seen] == [8, 8, 8, 1]
 

@@ -85,7 +85,7 @@ def score_key(loaded: Any, encoded: Sequence[Any], template: str, batch_tokens: 
         "engine": ENGINE_VERSION,
         "spec": spec.to_dict(),
         "weights": weights_fingerprint(spec),
-        "backend": "vllm" if loaded.extra.get("engine") is not None else "hf",
+        "backend": loaded.backend,
         "dtype": str(loaded.dtype),
         "device": str(loaded.device).split(":")[0],
         "template": template,

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .backends import DEFAULT_BACKEND, backend_of, check_backend, check_options, get_backend
 from .data import load_dataset
 from .data.fewshot import check_num_fewshot, choose_shots
 from .data.schema import Question
 from .errors import LlmcalError
-from .models import LoadedModel, ModelSpec, resolve_model
+from .models import LoadedModel, ModelSpec
 from .options import option, shared
 from .pipeline import Run
-from .prompts import encode_questions, resolve_template
 from .runs import RunRecord
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def _check(cfg: EvalConfig) -> None:
         raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
     check_num_fewshot(cfg.num_fewshot)
     _check_debias(cfg)
-    if cfg.num_fewshot and cfg.backend == "openai":
-        raise LlmcalError("--num-fewshot is not supported with --backend openai yet (the request is one question)")
-    _check_served(cfg)
+    check_options(cfg)  # each backend's own options, and what it cannot do (--num-fewshot)
 
 
 DEBIAS_FIELDS = ("permutations", "pride_fraction")
@@ -139,37 +137,6 @@ def config_fields(cfg: Any) -> dict:
     return d
 
 
-API_FIELDS = ("base_url", "api_key_env", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
-
-
-def _check_served(cfg: EvalConfig) -> None:
-    """The served-model options: required and valid with --backend openai, refused without it."""
-    from .backends.openai import API_MODES
-
-    default = EvalConfig.__dataclass_fields__
-    if cfg.backend != "openai":
-        given = [f for f in API_FIELDS if getattr(cfg, f) != default[f].default]
-        if given:
-            raise LlmcalError(f"--{given[0].replace('_', '-')} applies to --backend openai (not {cfg.backend})")
-        return
-    if not cfg.base_url or not str(cfg.base_url).startswith(("http://", "https://")):
-        raise LlmcalError(f"--backend openai needs --base-url, an http(s) URL such as http://127.0.0.1:8000/v1 "
-                          f"(got {cfg.base_url!r})")
-    if cfg.gguf_file or cfg.base:
-        raise LlmcalError(f"--{'gguf-file' if cfg.gguf_file else 'base'} does not apply to --backend openai: --model "
-                          f"is the name the server knows the model by")
-    if cfg.api_mode not in API_MODES:
-        raise LlmcalError(f"--api-mode {cfg.api_mode!r}: choose one of {', '.join(API_MODES)}")
-    for name in ("top_logprobs", "concurrency"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
-    if isinstance(cfg.max_retries, bool) or not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
-        raise LlmcalError(f"--max-retries must be an integer >= 0 (got {cfg.max_retries!r})")
-    if not cfg.request_timeout > 0:
-        raise LlmcalError(f"--request-timeout must be a positive number of seconds (got {cfg.request_timeout!r})")
-
-
 def _load_questions(cfg: EvalConfig, split: str | None) -> list[Question]:
     ds = load_dataset(cfg.data, split=None if split in (None, "all") else split, subjects=cfg.subjects,
                       limit=cfg.limit, seed=cfg.seed, mapping=cfg.mapping)
@@ -179,71 +146,49 @@ def _load_questions(cfg: EvalConfig, split: str | None) -> list[Question]:
 
 
 def load_for(cfg: Any, spec: ModelSpec) -> LoadedModel:
-    """Load the model for this process: the backend ``cfg`` names, on this rank's device."""
-    from .backends import load_for_backend
+    """The model for this process: the backend ``cfg`` names, on this rank's device.
 
+    A local model's weights are loaded when first scored with (``LoadedModel``): a run whose scores all
+    come from the scoring cache never loads them.
+    """
+    backend = get_backend(getattr(cfg, "backend", DEFAULT_BACKEND))
     world = distributed.current_world()
-    api = api_settings(cfg) if getattr(cfg, "backend", "hf") == "openai" else None
-    return distributed.collective(lambda: load_for_backend(spec, backend=getattr(cfg, "backend", "hf"),
-                                                           dtype=cfg.dtype, device=cfg.device, world=world,
-                                                           api=api),
+    api = backend.settings(cfg)
+    return distributed.collective(lambda: backend.load(spec, dtype=cfg.dtype, device=cfg.device, world=world,
+                                                       api=api),
                                   what="loading the model")
 
 
-def api_settings(cfg: EvalConfig):
-    """The endpoint of ``--backend openai`` from the config (the API key stays in its environment variable)."""
-    from .backends.openai import ApiSettings
-
-    return ApiSettings(base_url=cfg.base_url or "", model=cfg.model, api_key_env=cfg.api_key_env or None,
-                       mode=cfg.api_mode, template=cfg.template, top_logprobs=cfg.top_logprobs,
-                       concurrency=cfg.concurrency, timeout_s=float(cfg.request_timeout),
-                       max_retries=cfg.max_retries)
-
-
 def _spec(cfg: EvalConfig, loaded: LoadedModel | None) -> ModelSpec:
-    if loaded is not None:
-        return loaded.spec
-    if cfg.backend == "openai":  # the server's name for the model: nothing to resolve here
-        from .backends.openai import api_spec
-
-        return api_spec(cfg.model, cfg.base_url or "")
-    return resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
+    return loaded.spec if loaded is not None else get_backend(cfg.backend).spec(cfg)
 
 
 def _prepared(cfg: EvalConfig, loaded: LoadedModel, questions: list[Question],
               origin: dict[str, tuple[Question, int]] | None = None) -> tuple[str, Any, bool]:
     """(resolved template, encoded questions or None, whether the scoring cache may serve them).
 
-    A served model encodes its own requests and is never cached: its weights are
-    not on disk and can change behind the endpoint. ``origin``: for shifted copies
-    of questions (``--permutations``), each copy's original question, whose
-    few-shot examples the copy gets.
+    The backend resolves the template, encodes (``Run.score`` does it when this gives None) and says
+    whether its scores may be cached (not a served model's: its weights are not on disk and can change
+    behind the endpoint). ``origin``: for shifted copies of questions (``--permutations``), each copy's
+    original question, whose few-shot examples the copy gets.
     """
-    if loaded.extra.get("backend") == "openai":
-        return loaded.extra["template"], loaded.extra["engine"].encode(questions), False
-    template = resolve_template(cfg.template, loaded.tokenizer)
+    backend = backend_of(loaded)
+    template = backend.template(loaded, cfg.template)
     if not getattr(cfg, "num_fewshot", 0):
-        return template, None, True
+        return template, None, backend.cacheable
     if origin is None:
         shots = fewshot_for(cfg, questions)
     else:
         originals = list({q.id: q for q, _ in origin.values()}.values())
         first = fewshot_for(cfg, originals)
         shots = {q.id: first[origin[q.id][0].id] for q in questions}
-    return template, encode_questions(questions, loaded.tokenizer, template, shots), True
+    return template, backend.encode(loaded, questions, template, shots), backend.cacheable
 
 
 def fewshot_for(cfg: Any, questions: list[Question]) -> dict[str, tuple[Question, ...]]:
     """``--num-fewshot``: each question's examples from the train split of ``cfg.data`` (data/fewshot.py)."""
     pool = load_dataset(cfg.data, split="train", subjects=cfg.subjects, seed=cfg.seed, mapping=cfg.mapping)
     return choose_shots(questions, pool.questions, cfg.num_fewshot, cfg.seed)
-
-
-def _served_meta(loaded: LoadedModel) -> dict:
-    if loaded.extra.get("backend") != "openai":
-        return {}
-    s = loaded.extra["engine"].settings
-    return {"base_url": s.root, "api_mode": loaded.extra["api_mode"], "top_logprobs": s.top_logprobs}
 
 
 def config_doc(cfg: Any, spec: ModelSpec, kind: str) -> dict:
@@ -255,14 +200,14 @@ def config_doc(cfg: Any, spec: ModelSpec, kind: str) -> dict:
 
 
 def run_meta(loaded: LoadedModel, template: str, **extra: Any) -> dict:
-    return {"template": template, "dtype": loaded.dtype, "device": device_label(loaded), **extra}
+    """A run's meta: template, dtype, device, ``extra``, then what the backend records (a served model's endpoint)."""
+    return {"template": template, "dtype": loaded.dtype, "device": device_label(loaded), **extra,
+            **backend_of(loaded).meta(loaded)}
 
 
 def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
              loaded: LoadedModel | None = None) -> RunRecord:
     """``llmcal eval``: score a dataset, write predictions, metrics, reliability diagram, report."""
-    from .backends import check_backend
-
     _check(cfg)
     check_backend(cfg.backend)
     spec = _spec(cfg, loaded)
@@ -277,7 +222,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
     res = run.result("none", preds, dataset=cfg.data, split=cfg.split, pred_file="predictions.jsonl",
                      png="reliability.png", title=f"{spec.name} on {cfg.data} ({cfg.split})")
     return run.finish(model=spec.name, results=[res],
-                      meta=run_meta(loaded, template, n_questions=len(preds), **_served_meta(loaded)))
+                      meta=run_meta(loaded, template, n_questions=len(preds)))
 
 
 def _run_debiased(cfg: EvalConfig, run: Run, spec: ModelSpec, loaded: LoadedModel,
@@ -331,14 +276,12 @@ def _run_debiased(cfg: EvalConfig, run: Run, spec: ModelSpec, loaded: LoadedMode
     res_deb.extra.update({"debias": cfg.permutations, "forward_passes": passes, **change})
     run.section("Option-order debiasing", debias.debias_section(summary, res_none.metrics, res_deb.metrics))
     return run.finish(model=spec.name, results=[res_none, res_deb],
-                      meta=run_meta(loaded, template, n_questions=len(questions), debias=summary,
-                                    **_served_meta(loaded)))
+                      meta=run_meta(loaded, template, n_questions=len(questions), debias=summary))
 
 
 def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                      loaded: LoadedModel | None = None) -> RunRecord:
     """``llmcal calibrate --method ts``: fit a temperature on a held-out slice, report the rest before/after."""
-    from .backends import check_backend
     from .data.splits import split_heldout
     from .posthoc import TemperatureScaler, temperature_scale_predictions
     from .predictions import write_predictions
@@ -381,8 +324,7 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
         run.result("ts", pt_ts, dataset=cfg.data, split="test", pred_file="predictions-ts.jsonl",
                    title=f"{spec.name}: temperature scaling T={ts.temperature_:.2f} (test)", extra=extra),
     ]
-    return run.finish(model=spec.name, results=results, meta=run_meta(loaded, template, **extra,
-                                                                      **_served_meta(loaded)))
+    return run.finish(model=spec.name, results=results, meta=run_meta(loaded, template, **extra))
 
 
 def device_label(loaded: LoadedModel) -> str:

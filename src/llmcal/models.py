@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import LlmcalError
 
@@ -343,14 +343,47 @@ def _resolve_adapter(name: str, p: Path, base: str | None, base_gguf_file: str |
 
 
 # ---------------------------------------------------------------- loading
-@dataclass
+class _Weights:
+    """``LoadedModel.model``: the weights in memory, built by ``LoadedModel.loader`` the first time they are read."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            raise AttributeError("model")  # so the dataclass field has no default
+        if obj._model is None and obj.loader is not None:
+            obj._model = obj.loader()  # a failed load keeps the loader: the next read tries again
+            obj.loader = None
+        return obj._model
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._model = value
+
+
+@dataclass(eq=False, repr=False)
 class LoadedModel:
-    model: Any
+    """A model ready to score or train, loaded by one backend (``backend``, a name in ``llmcal.backends``).
+
+    Everything a scoring cache key needs (spec, tokenizer, device, dtype) is here at once; ``model`` may be
+    built on first use instead: with ``loader`` set (``load_model(..., lazy=True)``), reading ``model`` loads
+    the weights, so a run whose scores all come from the scoring cache never loads them.
+    """
+
+    model: Any = _Weights()  # required; see _Weights
     tokenizer: Any
     spec: ModelSpec
     device: str
     dtype: str
     extra: dict = field(default_factory=dict)
+    backend: str = "hf"
+    loader: Callable[[], Any] | None = field(default=None, repr=False)
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self.loader is None
+
+    def __repr__(self) -> str:  # the generated one would read ``model``, and so load it
+        state = "loaded" if self.weights_loaded else "not loaded yet"
+        return (f"LoadedModel({getattr(self.spec, 'name', None)!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"dtype={self.dtype!r}, weights {state})")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -632,18 +665,33 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
-def load_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", trainable: bool = False) -> LoadedModel:
-    """Load a model and its tokenizer for scoring (eval mode) or training."""
+def load_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", trainable: bool = False,
+               lazy: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer for scoring (eval mode) or training.
+
+    ``lazy``: load the tokenizer now and the weights when ``model`` is first read (``LoadedModel``); the
+    device, the dtype and a float16-on-CPU refusal are settled now either way.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev == "cpu" and dt == torch.float16:
         raise LlmcalError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
-    base_spec = spec.base if spec.kind == "lora" else spec
     tok = load_tokenizer(spec)
-    model = _from_pretrained(AutoModelForCausalLM, weights_dir(base_spec, dt), dtype=dt)
+    loaded = LoadedModel(model=None, tokenizer=tok, spec=spec, device=dev, dtype=dtype_name(dt),
+                         loader=lambda: load_weights(spec, dt, dev, trainable=trainable))
+    if not lazy:
+        loaded.model  # noqa: B018 - reading it loads the weights
+    return loaded
+
+
+def load_weights(spec: ModelSpec, dtype, device: str, *, trainable: bool = False):
+    """The model's weights (an adapter on its base for a LoRA spec) in ``dtype`` on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    base_spec = spec.base if spec.kind == "lora" else spec
+    model = _from_pretrained(AutoModelForCausalLM, weights_dir(base_spec, dtype), dtype=dtype)
     if spec.kind == "lora":
         from peft import PeftModel
 
@@ -651,7 +699,7 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", tr
             model = PeftModel.from_pretrained(model, spec.path, is_trainable=trainable)
         except Exception as e:
             raise LlmcalError(f"{spec.path}: could not load the LoRA adapter on {base_spec.name} ({e})") from e
-    model.to(dev)
+    model.to(device)
     if not trainable:
         model.eval()
-    return LoadedModel(model=model, tokenizer=tok, spec=spec, device=dev, dtype=dtype_name(dt))
+    return model

@@ -146,15 +146,18 @@ class Run:
         """Predictions for ``questions`` in their order, written to RUN/filename (see the module docstring).
 
         ``cache=True`` only for a model that has not been changed since it was
-        loaded from its spec: the key names the weights on disk.
+        loaded from its spec: the key names the weights on disk (and only for a backend whose scores may
+        be cached).  On a full hit the model's weights are never read, so a lazily loaded model
+        (``LoadedModel.loader``) is never loaded.
         """
-        from .prompts import encode_questions
+        from .backends import backend_of
 
+        backend = backend_of(loaded)
         batch_tokens = int(batch_tokens or self.config.get("batch_tokens") or 2048)
         if encoded is None:
-            encoded = encode_questions(questions, loaded.tokenizer, template)
+            encoded = backend.encode(loaded, questions, template)
         store = None
-        if cache and cache_enabled():
+        if cache and backend.cacheable and cache_enabled():
             from .cache import ScoreCache, score_key
 
             store, key = ScoreCache(), score_key(loaded, encoded, template, batch_tokens)
@@ -238,13 +241,10 @@ def _read_scored(paths: Sequence[Path], wanted: set[str]) -> dict[str, Predictio
 
 
 def score_loaded(loaded: Any, encoded, *, options, done=(), on_batch=None) -> list[Prediction]:
-    """The scoring engine of the model's backend (transformers, or vLLM when loaded through it)."""
-    from .scoring import score
+    """Score with the backend that loaded the model (``llmcal.backends``)."""
+    from .backends import backend_of
 
-    engine = loaded.extra.get("engine")
-    if engine is not None:
-        return engine.score(encoded, options=options, done=done, on_batch=on_batch)
-    return score(loaded.model, loaded.tokenizer, encoded, options=options, done=done, on_batch=on_batch)
+    return backend_of(loaded).score(loaded, encoded, options=options, done=done, on_batch=on_batch)
 
 
 def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Question], encoded: Sequence[Any], *,
@@ -280,6 +280,8 @@ def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Que
         out_path = path
     options = ScoreOptions(batch_tokens=batch_tokens, progress=progress and world.is_main,
                            description=description, shard=(world.rank, world.world_size))
+    if getattr(loaded, "loader", None) is not None:  # weights loaded on first use: now, on every rank at once
+        distributed.collective(lambda: loaded.model, what="loading the model")
 
     def run_scoring() -> None:
         with JsonlAppender(out_path) as out:

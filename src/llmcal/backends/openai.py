@@ -52,6 +52,7 @@ from ..models import LoadedModel, ModelSpec
 from ..predictions import Prediction
 from ..prompts import TEMPLATES, chat_user_message, plain_prompt
 from ..redact import redact_text
+from .base import Backend, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +452,7 @@ def _hint(status: int, why: str, s: ApiSettings) -> str:
 
 # ---- the engine ------------------------------------------------------------------------------
 class OpenAIEngine:
-    """Scores questions through the endpoint; the interface ``pipeline.score_loaded`` calls."""
+    """Scores questions through the endpoint (``OpenAIBackend.score``)."""
 
     def __init__(self, client: OpenAIClient, mode: str):
         self.client, self.mode = client, mode
@@ -552,5 +553,76 @@ def load_openai(settings: ApiSettings, *, transport: Any = None,
         template = "plain" if mode == "completions" else "chat"
     engine = OpenAIEngine(client, mode)
     return LoadedModel(model=None, tokenizer=None, spec=api_spec(settings.model, settings.base_url),
-                       device="remote", dtype="server", extra={"engine": engine, "backend": "openai",
-                                                               "template": template, "api_mode": mode})
+                       device="remote", dtype="server", backend="openai",
+                       extra={"engine": engine, "template": template, "api_mode": mode})
+
+
+# EvalConfig's served-model options: read by this backend, refused with every other one.
+API_FIELDS = ("base_url", "api_key_env", "api_mode", "top_logprobs", "concurrency", "request_timeout", "max_retries")
+
+
+@register_backend("openai")
+class OpenAIBackend(Backend):
+    """A model behind an OpenAI-compatible endpoint (see the module docstring); nothing is cached."""
+
+    supports_fewshot = False
+    fewshot_note = " (the request is one question)"
+    supports_distributed = False
+    one_process_note = "--concurrency sets the requests in flight"
+    needs_base_url = True
+    cacheable = False  # the weights behind an endpoint are not on disk and can change
+    options = API_FIELDS
+
+    @classmethod
+    def check(cls) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("httpx") is None:
+            raise LlmcalError("--backend openai needs the httpx package: pip install httpx")
+
+    def check_config(self, cfg: Any) -> None:
+        super().check_config(cfg)
+        if not cfg.base_url or not str(cfg.base_url).startswith(("http://", "https://")):
+            raise LlmcalError(f"--backend openai needs --base-url, an http(s) URL such as http://127.0.0.1:8000/v1 "
+                              f"(got {cfg.base_url!r})")
+        if cfg.gguf_file or cfg.base:
+            raise LlmcalError(f"--{'gguf-file' if cfg.gguf_file else 'base'} does not apply to --backend openai: "
+                              f"--model is the name the server knows the model by")
+        if cfg.api_mode not in API_MODES:
+            raise LlmcalError(f"--api-mode {cfg.api_mode!r}: choose one of {', '.join(API_MODES)}")
+        for name in ("top_logprobs", "concurrency"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
+        if isinstance(cfg.max_retries, bool) or not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
+            raise LlmcalError(f"--max-retries must be an integer >= 0 (got {cfg.max_retries!r})")
+        if not cfg.request_timeout > 0:
+            raise LlmcalError(f"--request-timeout must be a positive number of seconds (got {cfg.request_timeout!r})")
+
+    def spec(self, cfg: Any) -> ModelSpec:
+        return api_spec(cfg.model, cfg.base_url or "")  # the server's name for the model: nothing to resolve
+
+    def settings(self, cfg: Any) -> ApiSettings:
+        """The endpoint from the config (the API key stays in its environment variable)."""
+        return ApiSettings(base_url=cfg.base_url or "", model=cfg.model, api_key_env=cfg.api_key_env or None,
+                           mode=cfg.api_mode, template=cfg.template, top_logprobs=cfg.top_logprobs,
+                           concurrency=cfg.concurrency, timeout_s=float(cfg.request_timeout),
+                           max_retries=cfg.max_retries)
+
+    def open(self, spec: ModelSpec, *, dtype: str, device: str, world: Any, api: ApiSettings) -> LoadedModel:
+        return load_openai(api)
+
+    def template(self, loaded: LoadedModel, requested: str) -> str:
+        return loaded.extra["template"]  # resolved against the server by load_openai
+
+    def encode(self, loaded: LoadedModel, questions: Sequence[Question], template: str,
+               shots: dict | None = None) -> list[ApiQuestion]:
+        return loaded.extra["engine"].encode(questions)
+
+    def score(self, loaded: LoadedModel, encoded: Sequence[ApiQuestion], *, options: Any, done: Iterable[str] = (),
+              on_batch: Callable[[list[Prediction]], None] | None = None) -> list[Prediction]:
+        return loaded.extra["engine"].score(encoded, options=options, done=done, on_batch=on_batch)
+
+    def meta(self, loaded: LoadedModel) -> dict:
+        s = loaded.extra["engine"].settings
+        return {"base_url": s.root, "api_mode": loaded.extra["api_mode"], "top_logprobs": s.top_logprobs}

@@ -28,6 +28,7 @@ from ..errors import LlmcalError
 from ..models import LoadedModel, ModelSpec, dtype_name, load_tokenizer, resolve_dtype, weights_dir
 from ..predictions import Prediction
 from ..prompts import EncodedQuestion
+from .base import Backend, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def predictions_from_outputs(encoded: Sequence[EncodedQuestion], outputs: Sequen
 
 # ---- the engine -------------------------------------------------------------------------------
 class VllmEngine:
-    """Scores encoded questions with a ``vllm.LLM``; the interface ``pipeline.score_loaded`` calls."""
+    """Scores encoded questions with a ``vllm.LLM`` (``VllmBackend.score``)."""
 
     def __init__(self, llm: Any):
         self.llm = llm
@@ -130,7 +131,11 @@ class VllmEngine:
 
 
 def load_vllm(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", **engine_kwargs: Any) -> LoadedModel:
-    """Build a vLLM engine for ``spec`` (a hub id, local directory or GGUF, converted once to safetensors)."""
+    """``spec`` (a hub id, local directory or GGUF, converted once to safetensors) for a vLLM engine.
+
+    The engine (``model``) is built when first used (``LoadedModel.loader``): a run whose scores all come
+    from the scoring cache never starts it.
+    """
     require_vllm()
     if spec.kind == "lora":
         raise LlmcalError("--backend vllm does not load LoRA adapters yet; merge the adapter into its base "
@@ -138,19 +143,41 @@ def load_vllm(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", **e
     if device not in ("auto", "cuda"):
         raise LlmcalError(f"--backend vllm chooses its own GPUs (set CUDA_VISIBLE_DEVICES); --device {device} "
                           f"is for --backend hf")
+    dt = dtype_name(resolve_dtype(dtype, "cuda"))
+    tok = load_tokenizer(spec)
+    return LoadedModel(model=None, tokenizer=tok, spec=spec, device="cuda", dtype=dt, backend="vllm",
+                       loader=lambda: _engine(spec, dt, engine_kwargs))
+
+
+def _engine(spec: ModelSpec, dt: str, engine_kwargs: dict) -> Any:
     import vllm
 
-    dt = dtype_name(resolve_dtype(dtype, "cuda"))
     path = weights_dir(spec, dt)
-    tok = load_tokenizer(spec)
     kwargs = {"model": path, "tokenizer": path, "dtype": dt, "seed": 0, "max_logprobs": MAX_OPTIONS,
               "logprobs_mode": LOGPROBS_MODE, **engine_kwargs}
     try:
-        llm = vllm.LLM(**kwargs)
+        return vllm.LLM(**kwargs)
     except TypeError as e:
         if "logprobs_mode" in str(e):
             raise LlmcalError(f"this vLLM ({getattr(vllm, '__version__', '?')}) has no logprobs_mode; "
                               f"the vLLM backend needs vLLM >= 0.10.2") from e
         raise
-    return LoadedModel(model=llm, tokenizer=tok, spec=spec, device="cuda", dtype=dt,
-                       extra={"engine": VllmEngine(llm), "backend": "vllm"})
+
+
+@register_backend("vllm")
+class VllmBackend(Backend):
+    """Large models on GPUs; vLLM shards a model over them itself, so one process."""
+
+    supports_distributed = False
+    one_process_note = "vLLM shards a model over GPUs itself"
+
+    @classmethod
+    def check(cls) -> None:
+        require_vllm()
+
+    def open(self, spec: ModelSpec, *, dtype: str, device: str, world: Any, api: Any) -> LoadedModel:
+        return load_vllm(spec, dtype=dtype, device=device)
+
+    def score(self, loaded: LoadedModel, encoded: Sequence[EncodedQuestion], *, options: Any,
+              done: Iterable[str] = (), on_batch: Callable | None = None) -> list[Prediction]:
+        return VllmEngine(loaded.model).score(encoded, options=options, done=done, on_batch=on_batch)
