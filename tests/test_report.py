@@ -17,6 +17,13 @@ from llmcal.runs import RunDir, RunResult, load_run
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def fmt(x, ci=None) -> str:
+    """A number (and interval) as the reports write it."""
+    from llmcal.report.tables import format_value
+
+    return format_value(float(x), ci, sig=3)
+
+
 def assert_png(path: Path, min_bytes: int = 5_000) -> None:
     data = Path(path).read_bytes()
     assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
@@ -83,7 +90,7 @@ def test_reliability_figure_layout():
     w, h = fig.get_size_inches()
     assert (w, h) == (5, 6)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert any("0.1953 [0.18, 0.21]" in t and "0.6228 [0.59, 0.65]" in t for t in texts)
+    assert any("0.195 [0.18, 0.21]" in t and "0.623 [0.59, 0.65]" in t for t in texts)
 
 
 def test_reliability_handles_empty_bins(tmp_path):
@@ -164,6 +171,31 @@ def test_results_rows_and_tables(tmp_path):
     assert "a\\|b" in markdown_table(nasty, [("method", "Method"), "accuracy"])
     assert '<td class="num">0.5000</td>' in html_table(nasty, ["method", "accuracy"])
 
+    # the reports' formatting: 3 significant digits, identity columns named once per run of equal values
+    md = markdown_table(rows, ["run", "method", "accuracy", "conf_ece", "temperature"], sig=3, group=("run",))
+    assert md.strip().splitlines()[2:] == ["| run-a | none | 0.623 [0.59, 0.65] | 0.195 [0.18, 0.21] | — |",
+                                           "|  | ts | 0.623 [0.59, 0.65] | 0.0412 [0.18, 0.21] | 2.50 |"]
+
+
+@pytest.mark.parametrize("value, signed, text", [
+    (0.62283, False, "0.623"), (0.08623, False, "0.0862"), (0.5, False, "0.500"), (1.2345, False, "1.23"),
+    (12.345, False, "12.3"), (1234.5, False, "1234"), (0.99961, False, "1.00"), (0.0, False, "0"),
+    (0.0033333, True, "+0.00333"), (-0.14, True, "-0.140"), (0.0, True, "0"), (1e-12, False, "0.00000000000100"),
+])
+def test_format_number_keeps_three_significant_digits(value, signed, text):
+    from llmcal.report.tables import format_number
+
+    assert format_number(value, 3, signed=signed) == text
+
+
+def test_format_value_with_sig_and_interval():
+    from llmcal.report.tables import format_value
+
+    assert format_value(0.0862, [0.0618, 0.148], sig=3) == "0.0862 [0.06, 0.15]"
+    assert format_value(0.00333, [-0.03, 0.0333], signed=True, sig=3) == "+0.00333 [-0.030, 0.033]"
+    assert format_value(0.6228, [0.5912, 0.6531]) == "0.6228 [0.59, 0.65]"  # without sig: as before
+    assert format_value(500, sig=3) == "500" and format_value(None, sig=3) == "—"
+
 
 # ---- per-run report -------------------------------------------------------------------
 def test_run_report_before_metrics_json(tmp_path):
@@ -180,8 +212,9 @@ def test_run_report_before_metrics_json(tmp_path):
     text = p.read_text(encoding="utf-8")
     assert "tiny-model" in text and "calibrate" in text and "mmlu" in text and "2025-01-01" in text
     assert "auto (resolved: chat)" in text
-    assert "| none | synthetic | test | 500 | 0.6228 [0.59, 0.65] | 0.1953 [0.18, 0.21] | 0.0876 |" in text
-    assert "2.5000" in text  # the temperature column
+    assert "| none | synthetic | test | 500 | 0.623 [0.59, 0.65] | 0.195 [0.18, 0.21] | 0.0876 |" in text
+    assert "| 2.50 |" in text  # the temperature column
+    assert (rd.path / "report.html").is_file()
     # 30 subjects: the ten best and the ten worst only
     assert "30 subjects" in text
     assert "subject_29" in text and "subject_00" in text and "subject_15" not in text
@@ -194,7 +227,12 @@ def test_run_report_short_per_subject_table(tmp_path):
     text = write_run_report(tmp_path, {"model": {"name": "m", "kind": "hf"}}, results).read_text()
     assert all(f"subject_{i:02d}" in text for i in range(4))
     assert "name=m, kind=hf" in text
-    assert "![" not in text
+    # no diagram of the run's own: only the verdict's, drawn from the metrics
+    assert re.findall(r"\]\(([^)]+)\)", text) == ["verdict-reliability.png"]
+    # a diagram the results name but that is not on disk: linked in report.md, said missing in report.html
+    results = [result("none", fake_metrics(0.6, 0.2, n_subjects=4), png="gone.png")]
+    write_run_report(tmp_path, {"model": "m"}, results)
+    assert "<code>gone.png</code> is missing" in (tmp_path / "report.html").read_text()
 
 
 # ---- comparison -------------------------------------------------------------------------
@@ -214,9 +252,9 @@ def test_comparison_writes_md_grid_and_selfcontained_html(tmp_path):
 
     md = paths["md"].read_text(encoding="utf-8")
     assert "| run | method | dataset | split | N | accuracy | conf-ECE | cw-ECE | Brier | NLL |" in md
-    assert "| tulu-dpo | none | synthetic | test | 500 | 0.6228 [0.59, 0.65] | 0.1953 [0.18, 0.21] | 0.0876 " \
-           "| 0.5432 | 1.2345 |" in md
-    assert "| tulu-cft | cft | synthetic | test | 500 | 0.8341 [0.81, 0.86] | 0.0239 [0.02, 0.03] |" in md
+    assert "| tulu-dpo | none | synthetic | test | 500 | 0.623 [0.59, 0.65] | 0.195 [0.18, 0.21] | 0.0876 " \
+           "| 0.543 | 1.23 |" in md
+    assert "| tulu-cft | cft | synthetic | test | 500 | 0.834 [0.81, 0.86] | 0.0239 [0.015, 0.034] |" in md
     assert "](../tulu-dpo/reliability.png)" in md
     assert f"]({drawn[0].name})" in md and "](reliability_grid.png)" in md
 
@@ -226,7 +264,7 @@ def test_comparison_writes_md_grid_and_selfcontained_html(tmp_path):
     srcs = re.findall(r'src="([^"]*)"', page)
     assert len(srcs) == 3  # the grid and two diagrams
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert "0.6228 [0.59, 0.65]" in page and "0.8341 [0.81, 0.86]" in page
+    assert "0.623 [0.59, 0.65]" in page and "0.834 [0.81, 0.86]" in page
 
 
 def test_comparison_duplicate_names_and_extras(tmp_path):
@@ -234,7 +272,7 @@ def test_comparison_duplicate_names_and_extras(tmp_path):
     b = make_run(tmp_path / "y", "run", [result("none", fake_metrics(0.5, 0.2))])
     md = write_comparison([a, b], tmp_path / "cmp")["md"].read_text(encoding="utf-8")
     assert "| x/run | ts |" in md and "| y/run | none |" in md
-    assert "temperature" in md and "1.5000" in md
+    assert "temperature" in md and "| 1.50 |" in md
 
 
 def test_comparison_rejects_incomplete_or_missing_runs(tmp_path):
@@ -289,7 +327,7 @@ def test_run_report_risk_coverage_from_predictions_by_hand(tmp_path):
     aurc = (0 + 0 + 1 / 3 + 1 / 4 + 2 / 5) / 5
     assert "## Selective prediction" in text
     # accuracy at 80% = top 4 (3 right), at 50% = top ceil(2.5) = 3 (2 right)
-    assert f"| none | synthetic | 500 | 0.6000 [0.59, 0.65] | {aurc:.4f} | 0.7500 | 0.6667 |" in text
+    assert f"| none | synthetic | 500 | 0.600 [0.59, 0.65] | {fmt(aurc)} | 0.750 | 0.667 |" in text
     assert "](risk-coverage.png)" in text
     assert_png(tmp_path / "risk-coverage.png", min_bytes=3_000)
 
@@ -322,9 +360,8 @@ def test_run_report_risk_coverage_one_curve_per_result(tmp_path, monkeypatch):
                       ("ts", pytest.approx(want[("ts", "test")]["aurc"], abs=1e-12))]]
     m = want[("none", "ood")]
     lo, hi = m["ci"]["aurc"]
-    assert (f"| none (ood) | ood | 60 | {m['accuracy']:.4f} [{m['ci']['accuracy'][0]:.2f}, "
-            f"{m['ci']['accuracy'][1]:.2f}] | {m['aurc']:.4f} [{lo:.2f}, {hi:.2f}] | {m['acc_at_80']:.4f} | "
-            f"{m['acc_at_50']:.4f} |") in text
+    assert (f"| none (ood) | ood | 60 | {fmt(m['accuracy'], m['ci']['accuracy'])} | {fmt(m['aurc'], [lo, hi])} | "
+            f"{fmt(m['acc_at_80'])} | {fmt(m['acc_at_50'])} |") in text
     assert_png(tmp_path / "risk-coverage.png")
 
 
@@ -334,7 +371,7 @@ def test_run_report_without_predictions_or_selective_numbers(tmp_path):
     res = RunResult(label="none", method="none", dataset="d", split="test", predictions="predictions.jsonl",
                     metrics=m)
     text = write_run_report(tmp_path, {"model": "m"}, [res]).read_text(encoding="utf-8")
-    assert "| none | d | 500 | 0.5000 [0.59, 0.65] | 0.3210 | 0.5500 | 0.6000 |" in text
+    assert "| none | d | 500 | 0.500 [0.59, 0.65] | 0.321 | 0.550 | 0.600 |" in text
     assert "risk-coverage.png" not in text and not (tmp_path / "risk-coverage.png").exists()
     # neither numbers nor a file: no section at all
     text = write_run_report(tmp_path, {"model": "m"}, [result("none", fake_metrics(0.5, 0.1), png=None)]).read_text()
@@ -348,6 +385,89 @@ def test_eval_run_report_shows_risk_coverage(tiny_model_dir, tmp_path):
     rec = run_eval(cfg, tmp_path / "run", progress=False)
     text = (rec.path / "report.md").read_text(encoding="utf-8")
     m = rec.results[0].metrics
-    assert "## Selective prediction" in text and f"| {m['aurc']:.4f} [" in text
+    assert "## Selective prediction" in text and f"| {fmt(m['aurc'])} [" in text
     assert "](risk-coverage.png)" in text
     assert_png(rec.path / "risk-coverage.png")
+    # one result, no method: the verdict is the model's confidence alone, beside its reliability diagram
+    box = text[text.index("## Verdict"):text.index("## Results")]
+    assert re.search(r"^- (Over|Under|Neither)", box.split("\n\n")[1]) and "](verdict-reliability.png)" in box
+    assert "verdict-pareto.png" not in box and (rec.path / "report.html").is_file()
+
+
+# ---- the verdict ---------------------------------------------------------------------------
+def test_keeps_accuracy_rule_and_the_pick():
+    from llmcal.report.verdict import Option, decide, keeps_accuracy, pareto_front
+
+    def opt(label, ece, change, ci, acc=0.5):
+        return Option(label=label, accuracy=acc + change, conf_ece=ece, accuracy_change=change,
+                      accuracy_change_ci=ci)
+
+    assert keeps_accuracy(opt("ts", 0.05, 0.0, (0.0, 0.0)))  # keeps every answer
+    assert keeps_accuracy(opt("vector", 0.05, 0.0033, (-0.03, 0.03)))  # 0 inside
+    assert keeps_accuracy(opt("up", 0.05, 0.05, (0.01, 0.09)))  # better
+    assert not keeps_accuracy(opt("matrix", 0.01, -0.14, (-0.30, 0.0)))  # ends at 0: a loss (issue 20)
+    assert not keeps_accuracy(opt("down", 0.01, -0.05, (-0.09, -0.01)))
+    assert keeps_accuracy(opt("no-ci", 0.05, 0.0, None)) and not keeps_accuracy(opt("no-ci", 0.05, -0.01, None))
+    assert not keeps_accuracy(Option(label="unknown", conf_ece=0.01))
+
+    base = Option(label="none", accuracy=0.5, conf_ece=0.2, mean_conf=0.8)
+    opts = [opt("ts", 0.05, 0.0, (0.0, 0.0)), opt("matrix", 0.01, -0.14, (-0.30, 0.0)),
+            opt("vector", 0.04, 0.0033, (-0.03, 0.03))]
+    v = decide("in-domain", base, opts, gap_ci=(0.25, 0.35))
+    assert v.pick.label == "vector" and [o.label for o in v.costly] == ["matrix"]
+    assert v.gap == pytest.approx(0.3)
+    # the front: matrix (lowest conf-ECE) and vector (highest accuracy); ts and none are beaten by vector
+    assert [o.label for o in pareto_front([base, *opts])] == ["matrix", "vector"]
+    # nothing beats the base without costing accuracy: keep it
+    assert decide("x", Option(label="none", accuracy=0.5, conf_ece=0.005, mean_conf=0.5), opts).pick is None
+
+
+def _three_option_file(path: Path, n_right: int, n: int, conf: float) -> Path:
+    rows = []
+    for i in range(n):
+        ok = i < n_right
+        rest = (1 - conf) / 2
+        probs = [conf, rest, rest] if ok else [rest, conf, rest]
+        rows.append({"id": f"q{i}", "subject": None, "answer": 0, "probs": probs, "pred": 0 if ok else 1,
+                     "conf": conf, "logits": [float(np.log(p)) for p in probs]})
+    return atomic_write_jsonl(path, rows)
+
+
+def test_run_report_opens_with_the_verdict_and_never_picks_a_method_that_costs_accuracy(tmp_path):
+    from llmcal.metrics import compute_metrics
+    from llmcal.predictions import load_predictions, stack_probs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # none: accuracy 0.6 at confidence 0.9; ts: the same answers at 0.65; "matrix": 30 right answers lost,
+    # confidence 0.45 = its accuracy, so the lowest conf-ECE of all
+    results = []
+    for label, right, conf in (("none", 120, 0.9), ("ts", 120, 0.65), ("matrix", 90, 0.45)):
+        f = _three_option_file(run / f"predictions-{label}.jsonl", right, 200, conf)
+        p, a = stack_probs(load_predictions(f))
+        m = compute_metrics(p, a, n_bootstrap=100, seed=0)
+        save_reliability(m["reliability"], run / f"reliability-{label}.png", label, m)
+        results.append(RunResult(label=label, method=label, dataset="synthetic", split="test",
+                                 predictions=f.name, metrics=m, reliability=f"reliability-{label}.png"))
+    config = {"model": "m", "kind": "calibrate", "method": "ts", "n_bootstrap": 100, "seed": 0}
+    md = write_run_report(run, config, results).read_text(encoding="utf-8")
+    box = md[md.index("## Verdict"):md.index("## Results")]
+    assert md.index("# llmcal run") < md.index("## Verdict") < md.index("- **model**")
+    assert box.startswith("## Verdict\n\n- Overconfident by 0.300 [")
+    assert "mean confidence 0.900 against accuracy 0.600 on 200 questions" in box
+    assert "Use **ts**: conf-ECE 0.300 → 0.0500 [" in box and "at accuracy change 0 [0.00, 0.00]" in box
+    assert "Left out for costing accuracy although their conf-ECE is lower: matrix (" in box
+    assert re.search(r"matrix \([0-9.e-]+ at accuracy change -0\.150 \[-0\.\d+, -0\.\d+\]\)", box), box
+    assert "](verdict-pareto.png)" in box and "](verdict-reliability.png)" in box
+    assert_png(run / "verdict-pareto.png") and assert_png(run / "verdict-reliability.png")
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.index('id="verdict"') < page.index("<h2>Results</h2>")
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == len(re.findall(r"<img ", page)) >= 5
+    assert not re.search(r'src="(?!data:)', page) and "<script" not in page
+
+    # without the predictions: the change comes from the accuracies (no interval), the rule still holds
+    for f in run.glob("predictions-*.jsonl"):
+        f.unlink()
+    box = write_run_report(run, config, results).read_text(encoding="utf-8")
+    box = box[box.index("## Verdict"):box.index("## Results")]
+    assert "Use **ts**" in box and "Overconfident by 0.300 (" not in box and "Overconfident by 0.300:" in box

@@ -91,12 +91,14 @@ def _split_cell(d: dict) -> tuple[dict, dict | None]:
 
 
 def _fmt(x: object, ci: object = None) -> str:
+    """A number to the reports' significant digits (``tables.format_number``), its interval after it."""
+    from .tables import SIG, format_interval, format_number
+
     if x is None or _isnan(x):
         return "n/a"
-    s = f"{float(x):.4f}"
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
-        s += f" [{float(ci[0]):.2f}, {float(ci[1]):.2f}]"
-    return s
+        return format_number(float(x), SIG) + format_interval([float(c) for c in ci], float(x), SIG)
+    return format_number(float(x), SIG)
 
 
 # ---- drawing -----------------------------------------------------------
@@ -401,4 +403,70 @@ def method_reliability_grid(items: Sequence[tuple[str, dict, float | None]], pat
             ax.set_ylabel("accuracy", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return atomic_savefig(fig, path, dpi=DPI)
+
+
+# ---- the verdict ------------------------------------------------------------------------
+PICK_COLOR = "#1a7f37"
+COSTLY_COLOR = "0.55"
+
+
+def pareto_plot(verdicts: Sequence, path: str | os.PathLike, *, ncols: int = 3, title: str | None = None) -> Path:
+    """Accuracy (x) against conf-ECE (y), one panel per :class:`~llmcal.report.verdict.Verdict`.
+
+    Every method is a point (its intervals are in the report's tables): filled when it keeps accuracy (the ones the pick is chosen
+    among; the uncalibrated model is a square), hollow grey when it costs accuracy. The Pareto front (no other
+    method has both a higher accuracy and a lower conf-ECE) is the stepped line; the pick is a star.
+    """
+    from .verdict import keeps_accuracy
+
+    verdicts = [v for v in verdicts if v.base.accuracy is not None and v.base.conf_ece is not None]
+    if not verdicts:
+        raise LlmcalError("Pareto plot: no verdict with accuracy and conf-ECE")
+    nc = max(1, min(ncols, len(verdicts)))
+    nr = math.ceil(len(verdicts) / nc)
+    fig = Figure(figsize=(4.6 * nc, 3.6 * nr + (0.3 if title else 0)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nr, nc, squeeze=False)
+    for idx in range(nr * nc):
+        ax = axes[idx // nc][idx % nc]
+        if idx >= len(verdicts):
+            ax.set_axis_off()
+            continue
+        v = verdicts[idx]
+        pts = [o for o in (v.base, *v.options) if o.accuracy is not None and o.conf_ece is not None]
+        front = [o for o in v.front]
+        if len(front) > 1:
+            xs, ys = [], []
+            for a, b in zip(front, front[1:]):  # a step down-right: higher accuracy costs conf-ECE
+                xs += [a.accuracy, b.accuracy]
+                ys += [a.conf_ece, a.conf_ece]
+            xs.append(front[-1].accuracy)
+            ys.append(front[-1].conf_ece)
+            ax.plot(xs, ys, color="0.3", lw=1.0, ls="--", zorder=2, label="Pareto front")
+        for o in pts:
+            base = o is v.base
+            ok = base or keeps_accuracy(o)
+            color = PICK_COLOR if o is v.pick else (ACC_COLOR if ok else COSTLY_COLOR)
+            marker = "*" if o is v.pick else ("s" if base else "o")
+            ax.plot([o.accuracy], [o.conf_ece], marker=marker, ms=13 if o is v.pick else 6, ls="none",
+                    color=color, markerfacecolor=color if ok else "white", zorder=4)
+            ax.annotate(str(o.label), (o.accuracy, o.conf_ece), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7.5, color="0.15" if ok else COSTLY_COLOR)
+        xs = [o.accuracy for o in pts]
+        ys = [o.conf_ece for o in pts]
+        pad = max(0.05, (max(xs) - min(xs)) * 0.25)
+        ax.set_xlim(max(0.0, min(xs) - pad), min(1.0, max(xs) + pad))
+        ax.set_ylim(0, max(0.05, max(ys) * 1.3))
+        ax.set_xlabel("accuracy (higher is better)", fontsize=8)
+        ax.set_ylabel("conf-ECE (lower is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, ls=":", lw=0.5, color="0.8")
+        ax.set_title(v.scope, fontsize=9)
+        handles = [Patch(facecolor=PICK_COLOR, label="pick"), Patch(facecolor=ACC_COLOR, label="keeps accuracy"),
+                   Patch(facecolor="white", edgecolor=COSTLY_COLOR, label="costs accuracy")]
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=6.5, loc="upper left",
+                  framealpha=0.85)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return atomic_savefig(fig, path, dpi=DPI)

@@ -1,13 +1,15 @@
-"""Reports: ``report.md`` for one run, and a comparison of several runs (md + one self-contained html).
+"""Reports: ``report.md`` and a self-contained ``report.html`` for one run, and a comparison of several runs.
 
-``write_run_report`` works from the run's config and results in memory, so a
-run can write its report before ``metrics.json`` (its last file). The
-comparison reads finished runs back with ``load_run``.
+Both are :class:`~llmcal.report.engine.Document` s rendered by the shared templates.  A run report opens with
+the verdict (``verdict.py``: over- or underconfident by how much, which method to use among those that keep
+accuracy, the Pareto front of accuracy against conf-ECE and the before/after reliability diagram), then
+the header, the results table and the run's sections.
+
+``write_run_report`` works from the run's config and results in memory, so a run can write its report
+before ``metrics.json`` (its last file).  The comparison reads finished runs back with ``load_run``.
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import os
@@ -18,12 +20,15 @@ from typing import Sequence
 from ..errors import LlmcalError
 from ..io import atomic_write_text
 from ..runs import CONFIG, RunRecord, RunResult, load_run
+from .engine import Document
 from .plots import reliability_grid, save_reliability
-from .tables import (extra_columns, format_value, html_table, markdown_table, md_text, result_row, results_rows,
-                     run_names)
+from .tables import extra_columns, format_value, md_text, result_row, results_rows, run_names
 
 REPORT = "report.md"
+REPORT_HTML = "report.html"
 RISK_COVERAGE_PNG = "risk-coverage.png"
+VERDICT_PARETO_PNG = "verdict-pareto.png"
+VERDICT_RELIABILITY_PNG = "verdict-reliability.png"
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +48,15 @@ DEFINITIONS = (
     "*mean conf*: average confidence; mean conf > accuracy means overconfident. "
     "Intervals are 95% bootstrap intervals. In a reliability diagram, bars are per-bin accuracy, the dashed "
     "line is perfect calibration, and the shaded gap up to each bin's mean confidence is over- (red) or "
-    "under-confidence (green)."
+    "under-confidence (green). Numbers are shown to 3 significant digits."
 )
 
 
 # ---- one run -------------------------------------------------------------------
 def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence[RunResult | dict],
                      meta: dict | None = None, sections: Sequence = ()) -> Path:
-    """Write ``RUN/report.md``: header, results table, the run's sections, per-subject tables, diagrams,
-    definitions.
+    """Write ``RUN/report.md`` and ``RUN/report.html``: the verdict, header, results table, the run's sections,
+    per-subject tables, diagrams, definitions.  Returns the path of ``report.md``.
 
     ``sections``: objects with ``title`` and ``body`` (Markdown), e.g. ``llmcal.pipeline.Section``.
 
@@ -64,9 +69,13 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
         config = {**config, "created": _created(run_dir)}
     results = [RunResult(**r) if isinstance(r, dict) else r for r in results]
     rows = [{**result_row(r, run=run_dir.name), **coverage_columns(r)} for r in results]
+    preds = _Predictions(run_dir)
 
     name = run_dir.name.replace("`", "'")  # a code span: a backtick would end it
-    lines = [f"# llmcal run `{name}`", ""]
+    doc = Document(run_dir, f"llmcal run {run_dir.name}")
+    doc.h(1, f"llmcal run `{name}`")
+    _run_verdict(doc, run_dir, config, results, preds)
+
     data = _first(config, "data", "dataset", "datasets")
     if data is not None:
         selection = {k: config.get(k) for k in ("split", "subjects", "limit", "seed") if config.get(k) is not None}
@@ -81,40 +90,186 @@ def write_run_report(run_dir: str | os.PathLike, config: dict, results: Sequence
         "template": template,
         "created": config.get("created"),
     }
-    for key, value in header.items():
-        if value not in (None, "", [], {}):
-            lines.append(f"- **{key}**: {md_text(_inline(value))}")
-    for key, value in meta.items():
-        if key not in header and isinstance(value, (str, int, float, bool)):
-            lines.append(f"- **{key}**: {md_text(_inline(value))}")
-    lines.append("")
+    items = [f"**{key}**: {md_text(_inline(value))}" for key, value in header.items()
+             if value not in (None, "", [], {})]
+    items += [f"**{key}**: {md_text(_inline(value))}" for key, value in meta.items()
+              if key not in header and isinstance(value, (str, int, float, bool))]
+    doc.ul(items)
 
-    lines += ["## Results", ""]
+    doc.h(2, "Results")
     if rows:
-        lines.append(markdown_table(rows, _with_extras(["method", "dataset", "split", "n", "accuracy", "conf_ece",
-                                                        "cw_ece", "brier", "nll", "mean_conf"], rows)))
+        doc.table(rows, _with_extras(["method", "dataset", "split", "n", "accuracy", "conf_ece", "cw_ece", "brier",
+                                      "nll", "mean_conf"], rows))
     else:
-        lines += ["No results.", ""]
+        doc.p("No results.")
 
-    lines += letter_coverage_section(results)
-    lines += selective_section(run_dir, results)
+    letter_coverage_section(doc, results)
+    selective_section(doc, run_dir, results, preds)
 
     for sec in sections:
-        lines += [f"## {sec.title}", "", sec.body.strip("\n"), ""]
+        doc.h(2, sec.title)
+        doc.markdown_section(sec.body)
 
     for res in results:
-        table = per_subject_markdown(res.metrics.get("per_subject") or {})
-        if table:
-            lines += [f"## Per subject: {md_text(res.label)}", "", table]
+        if len(res.metrics.get("per_subject") or {}) >= 2:
+            doc.h(2, f"Per subject: {md_text(res.label)}")
+            per_subject_section(doc, res.metrics["per_subject"])
 
     pictures = [(r.label, _relative(r.reliability, run_dir)) for r in results if r.reliability]
     if pictures:
-        lines += ["## Reliability diagrams", ""]
-        for label, rel in pictures:
-            lines += [f"### {md_text(label)}", "", f"![reliability diagram: {md_text(label)}]({_md_url(rel)})", ""]
+        doc.h(2, "Reliability diagrams")
+        doc.figures([(rel, f"reliability diagram: {md_text(label)}", md_text(label)) for label, rel in pictures])
 
-    lines += ["## Definitions", "", DEFINITIONS, ""]
-    return atomic_write_text(run_dir / REPORT, "\n".join(lines))
+    doc.h(2, "Definitions")
+    doc.p(DEFINITIONS)
+    atomic_write_text(run_dir / REPORT_HTML, doc.html())
+    return atomic_write_text(run_dir / REPORT, doc.markdown())
+
+
+class _Predictions:
+    """A run's predictions files, each read once: ``get(result)`` is (ids, probs, answers) or None."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.cache: dict[Path, tuple | None] = {}
+
+    def path(self, r: RunResult) -> Path | None:
+        return self.run_dir / _relative(r.predictions, self.run_dir) if r.predictions else None
+
+    def get(self, r: RunResult):
+        from ..predictions import load_predictions, stack_probs
+
+        path = self.path(r)
+        if path is None:
+            return None
+        if path not in self.cache:
+            self.cache[path] = None
+            if path.is_file():
+                try:
+                    loaded = load_predictions(path)
+                    probs, answers = stack_probs(loaded)
+                    self.cache[path] = ([p.id for p in loaded], probs, answers)
+                except LlmcalError as e:  # an unreadable file costs the numbers drawn from it, not the report
+                    log.warning("%s: not read for the report (%s)", path, e)
+        return self.cache[path]
+
+
+def _main_label(config: dict) -> str | None:
+    """The label of the run's main result (``RunRecord.main``)."""
+    if config.get("permutations", "none") not in (None, "none"):
+        return "debiased"
+    kind = str(config.get("kind") or "")
+    return "heldout" if kind.endswith("regime") else config.get("method")
+
+
+def _option(r: RunResult, base: RunResult | None, preds: _Predictions, n_bootstrap: int, seed: int):
+    """A result as a verdict Option; its accuracy change against ``base`` paired by question id."""
+    from .verdict import Option
+
+    m = r.metrics or {}
+    ci = m.get("ci") or {}
+    change, change_ci = None, None
+    if base is not None:
+        if base is r:
+            change, change_ci = 0.0, (0.0, 0.0)
+        else:
+            change, change_ci = _paired_change(preds.get(base), preds.get(r), n_bootstrap, seed)
+            if change is None and m.get("n") == (base.metrics or {}).get("n") and None not in (
+                    m.get("accuracy"), (base.metrics or {}).get("accuracy")):
+                change = m["accuracy"] - base.metrics["accuracy"]
+    return Option(label=r.label, kind=r.method, n=m.get("n"), accuracy=m.get("accuracy"),
+                  accuracy_ci=_pair(ci.get("accuracy")), conf_ece=m.get("conf_ece"),
+                  conf_ece_ci=_pair(ci.get("conf_ece")), mean_conf=m.get("mean_conf"), accuracy_change=change,
+                  accuracy_change_ci=change_ci, metrics=m)
+
+
+def _pair(ci):
+    return tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci else None
+
+
+def _paired_change(before, after, n_bootstrap: int, seed: int):
+    """Accuracy change after − before on the same questions (matched by id) with its paired interval."""
+    import numpy as np
+
+    from ..metrics import accuracy, bootstrap_diff_ci
+
+    if before is None or after is None:
+        return None, None
+    ids_b, pb, ab = before
+    ids_a, pa, aa = after
+    index = {q: i for i, q in enumerate(ids_b)}
+    if len(index) != len(ids_a) or any(q not in index for q in ids_a) or pb.shape[1:] != pa.shape[1:]:
+        return None, None
+    order = np.array([index[q] for q in ids_a])
+    if not np.array_equal(ab[order], aa):
+        return None, None
+    pb = pb[order]
+    change = accuracy(pa, aa) - accuracy(pb, aa)
+    if n_bootstrap < 1:
+        return change, None
+    return change, tuple(bootstrap_diff_ci(accuracy, pb, pa, aa, n_resamples=n_bootstrap, seed=seed))
+
+
+def _run_verdict(doc: Document, run_dir: Path, config: dict, results: Sequence[RunResult],
+                 preds: _Predictions) -> None:
+    """The verdict box: per dataset, the uncalibrated result's confidence and the method to use."""
+    from .plots import pareto_plot
+    from .verdict import RULE_TEXT, advice_text, confidence_text
+
+    for old in (VERDICT_PARETO_PNG, VERDICT_RELIABILITY_PNG):
+        (run_dir / old).unlink(missing_ok=True)
+    if not results:
+        return
+    n_bootstrap = min(int(config.get("n_bootstrap") or 1000), 1000)
+    seed = int(config.get("seed") or 0)
+    main = _main_label(config)
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.dataset, r.split), []).append(r)
+    keys = sorted(groups, key=lambda k: not any(r.label == main for r in groups[k]))
+    verdicts = []
+    for key in keys:
+        members = groups[key]
+        base = next((r for r in members if r.label == "none"), None)
+        if base is None:  # nothing to compare with: each result's confidence on its own
+            named = len(groups) > 1 or len(members) > 1
+            verdicts += [_decide_one(r, None, [], preds, n_bootstrap, seed, named) for r in members]
+            continue
+        verdicts.append(_decide_one(base, base, [r for r in members if r is not base], preds, n_bootstrap, seed,
+                                    len(groups) > 1))
+    lines = [(f"**{md_text(v.scope)}**: " if v.scope else "") + confidence_text(v) + " " + advice_text(v)
+             for v in verdicts]
+    inner, side = [], []
+    if any(v.options for v in verdicts):
+        with_options = [v for v in verdicts if v.options]
+        pareto_plot(with_options, run_dir / VERDICT_PARETO_PNG)
+        inner.append((VERDICT_PARETO_PNG, "accuracy against conf-ECE: the Pareto front", RULE_TEXT))
+    first = verdicts[0]
+    if first.base.metrics and first.base.metrics.get("reliability"):
+        cells = [(f"before: {first.base.label}", first.base.metrics)]
+        if first.pick is not None and (first.pick.metrics or {}).get("reliability"):
+            cells.append((f"after: {first.pick.label}", first.pick.metrics))
+        reliability_grid(None, run_dir / VERDICT_RELIABILITY_PNG, grid=[cells])
+        side.append((VERDICT_RELIABILITY_PNG, "reliability diagram before and after",
+                     ("Before and after the pick" if len(cells) > 1 else "The model as it is")
+                     + (f" ({md_text(first.scope)})" if first.scope else "") + ": bars are per-bin accuracy, "
+                     "the dashed line perfect calibration, red over- and green underconfidence."))
+    doc.verdict("Verdict", lines, side=side, inner=inner)
+
+
+def _decide_one(r: RunResult, base: RunResult | None, others: list[RunResult], preds: _Predictions,
+                n_bootstrap: int, seed: int, named: bool):
+    from .verdict import decide, gap_interval
+
+    got = preds.get(r)
+    gap_ci = gap_interval(got[1], got[2], n_bootstrap=n_bootstrap, seed=seed) if got is not None else None
+    scope = ""
+    if named:
+        scope = r.dataset + (f" ({r.split})" if r.split not in (None, "", "all") else "")
+        if base is None:
+            scope = f"{r.label}, {scope}"
+    return decide(scope, _option(r, base, preds, n_bootstrap, seed),
+                  [_option(o, base, preds, n_bootstrap, seed) for o in others], gap_ci)
 
 
 LETTER_COVERAGE_TEXT = (
@@ -135,8 +290,8 @@ def coverage_columns(result: RunResult) -> dict:
             "missing_share": cov.get("missing_share")}
 
 
-def letter_coverage_section(results: Sequence[RunResult]) -> list[str]:
-    """The report's "Letter coverage" lines for a served model's results (empty for a local model)."""
+def letter_coverage_section(doc: Document, results: Sequence[RunResult]) -> None:
+    """The report's "Letter coverage" section for a served model's results (nothing for a local model)."""
     rows = []
     for r in results:
         cov = (r.metrics or {}).get("letter_coverage")
@@ -146,10 +301,11 @@ def letter_coverage_section(results: Sequence[RunResult]) -> list[str]:
                          "missing_share": cov.get("missing_share"), "none_found_share": cov.get("none_found_share"),
                          "missing_letters": cov.get("missing_letters")})
     if not rows:
-        return []
-    return ["## Letter coverage", "", LETTER_COVERAGE_TEXT, "",
-            markdown_table(rows, ["result", "dataset", "n", "letter_mass", "min_letter_mass", "missing_share",
-                                  "none_found_share", "missing_letters"])]
+        return
+    doc.h(2, "Letter coverage")
+    doc.p(LETTER_COVERAGE_TEXT)
+    doc.table(rows, ["result", "dataset", "n", "letter_mass", "min_letter_mass", "missing_share",
+                     "none_found_share", "missing_letters"])
 
 
 SELECTIVE_TEXT = (
@@ -159,20 +315,21 @@ SELECTIVE_TEXT = (
     "A confidence that ranks right answers above wrong ones gives a curve that rises late.")
 
 
-def selective_section(run_dir: Path, results: Sequence[RunResult]) -> list[str]:
-    """The report's "Selective prediction" lines: AURC and accuracy at 80% / 50% coverage per result, and
+def selective_section(doc: Document, run_dir: Path, results: Sequence[RunResult],
+                      preds: _Predictions | None = None) -> None:
+    """The report's "Selective prediction" section: AURC and accuracy at 80% / 50% coverage per result, and
     ``RUN/risk-coverage.png`` with one curve per result.
 
     Numbers come from the result's metrics; the curves (and the numbers of a
     run recorded before llmcal computed them) from its predictions file. A
-    result whose file is missing keeps its numbers and has no curve. Empty
+    result whose file is missing keeps its numbers and has no curve. Nothing
     when no result has either.
     """
     from ..metrics import risk_coverage_curve, selective_accuracy
-    from ..predictions import load_predictions, stack_probs
 
+    preds = preds or _Predictions(run_dir)
     labels = [r.label for r in results]
-    loaded: dict[Path, tuple] = {}
+    curves_of: dict[Path, object] = {}
     rows, curves = [], []
     for r in results:
         m = r.metrics or {}
@@ -181,15 +338,13 @@ def selective_section(run_dir: Path, results: Sequence[RunResult]) -> list[str]:
         row = {"result": name, "dataset": r.dataset, "n": m.get("n"), "accuracy": m.get("accuracy"),
                "accuracy_ci": ci.get("accuracy"), "aurc": m.get("aurc"), "aurc_ci": ci.get("aurc"),
                "acc_at_80": m.get("acc_at_80"), "acc_at_50": m.get("acc_at_50")}
-        path = run_dir / _relative(r.predictions, run_dir) if r.predictions else None
-        if path is not None and path not in loaded and path.is_file():
-            try:
-                probs, answers = stack_probs(load_predictions(path))
-                loaded[path] = (probs, answers, risk_coverage_curve(probs, answers))
-            except LlmcalError as e:  # an unreadable file costs the curve, not the report
-                log.warning("%s: no risk-coverage curve (%s)", path, e)
-        if path in loaded:
-            probs, answers, curve = loaded[path]
+        got = preds.get(r)
+        if got is not None:
+            _, probs, answers = got
+            path = preds.path(r)
+            if path not in curves_of:
+                curves_of[path] = risk_coverage_curve(probs, answers)
+            curve = curves_of[path]
             if row["aurc"] is None:
                 row.update(aurc=curve.aurc, acc_at_80=selective_accuracy(probs, answers, 0.8),
                            acc_at_50=selective_accuracy(probs, answers, 0.5))
@@ -197,33 +352,37 @@ def selective_section(run_dir: Path, results: Sequence[RunResult]) -> list[str]:
         if row["aurc"] is not None:
             rows.append(row)
     if not rows:
-        return []
-    lines = ["## Selective prediction", "", SELECTIVE_TEXT, "",
-             markdown_table(rows, ["result", "dataset", "n", "accuracy", "aurc", "acc_at_80", "acc_at_50"])]
+        return
+    doc.h(2, "Selective prediction")
+    doc.p(SELECTIVE_TEXT)
+    doc.table(rows, ["result", "dataset", "n", "accuracy", "aurc", "acc_at_80", "acc_at_50"])
     if curves:
         from .plots import risk_coverage_plot
 
         risk_coverage_plot(curves, run_dir / RISK_COVERAGE_PNG, title=f"{run_dir.name}: risk-coverage")
-        lines += [f"![risk-coverage curves]({RISK_COVERAGE_PNG})", ""]
-    return lines
+        doc.img(RISK_COVERAGE_PNG, "risk-coverage curves")
 
 
-def per_subject_markdown(per_subject: dict) -> str:
+def per_subject_section(doc: Document, per_subject: dict) -> None:
     """Subjects by accuracy (best first); with many subjects, the best and the worst only.
 
-    Empty when there are fewer than two subjects (the results table says it all).
+    Nothing when there are fewer than two subjects (the results table says it all).
     """
     if len(per_subject) < 2:
-        return ""
+        return
     rows = [{"subject": str(s), **{k: v.get(k) for k in ("n", "accuracy", "conf_ece")}}
             for s, v in per_subject.items()]
     rows.sort(key=lambda r: (-(r["accuracy"] if r["accuracy"] is not None else -1.0), r["subject"]))
     cols = ["subject", "n", "accuracy", "conf_ece"]
     if len(rows) <= SUBJECTS_MAX:
-        return markdown_table(rows, cols)
+        doc.table(rows, cols)
+        return
     k = SUBJECTS_SHOWN
-    return (f"{len(rows)} subjects; the {k} with the highest and the {k} with the lowest accuracy.\n\n"
-            f"Highest:\n\n{markdown_table(rows[:k], cols)}\nLowest:\n\n{markdown_table(rows[-k:], cols)}")
+    doc.p(f"{len(rows)} subjects; the {k} with the highest and the {k} with the lowest accuracy.")
+    doc.p("Highest:")
+    doc.table(rows[:k], cols)
+    doc.p("Lowest:")
+    doc.table(rows[-k:], cols)
 
 
 # ---- several runs ------------------------------------------------------------
@@ -258,8 +417,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
              for row, res in zip(rows, (res for rec in records for res in rec.results))
              if (res.metrics or {}).get("reliability")]
     if cells:
-        written["grid"] = reliability_grid(cells, out_dir / "reliability_grid.png",
-                                                           ncols=min(4, len(cells)))
+        written["grid"] = reliability_grid(cells, out_dir / "reliability_grid.png", ncols=min(4, len(cells)))
 
     # One diagram per result: the run's own, or drawn here.
     diagrams: list[tuple[str, str, Path]] = []  # (run, label, png)
@@ -278,72 +436,24 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
                 written[f"diagram:{png.name}"] = png
             diagrams.append((name, res.label, png))
 
-    written["md"] = atomic_write_text(out_dir / "report.md",
-                                             _comparison_md(records, names, rows, columns, diagrams, out_dir,
-                                                            "grid" in written))
-    written["html"] = atomic_write_text(out_dir / "report.html",
-                                               _comparison_html(records, names, rows, columns, diagrams,
-                                                                written.get("grid")))
+    doc = Document(out_dir, "llmcal comparison")
+    doc.h(1, "llmcal comparison")
+    doc.h(2, "Runs")
+    doc.ul([f"**{md_text(name)}**: {md_text(_inline(rec.model))} ({md_text(rec.kind)}); created "
+            f"{md_text(rec.config.get('created', '?'))}; `{rec.path}`" for rec, name in zip(records, names)])
+    doc.h(2, "Results")
+    doc.table(rows, columns, group=("run",))
+    if "grid" in written:
+        doc.h(2, "Reliability diagrams")
+        doc.img("reliability_grid.png", "reliability grid")
+    doc.figures([(Path(os.path.relpath(png, out_dir)).as_posix(),
+                  f"reliability diagram: {md_text(name)} {md_text(label)}", f"{md_text(name)} · {md_text(label)}")
+                 for name, label, png in diagrams])
+    doc.h(2, "Definitions")
+    doc.p(DEFINITIONS)
+    written["md"] = atomic_write_text(out_dir / "report.md", doc.markdown())
+    written["html"] = atomic_write_text(out_dir / "report.html", doc.html())
     return written
-
-
-def _comparison_md(records, names, rows, columns, diagrams, out_dir: Path, has_grid: bool) -> str:
-    lines = ["# llmcal comparison", "", "## Runs", ""]
-    for rec, name in zip(records, names):
-        lines.append(f"- **{md_text(name)}**: {md_text(_inline(rec.model))} ({md_text(rec.kind)}); created "
-                     f"{md_text(rec.config.get('created', '?'))}; "
-                     f"`{rec.path}`")
-    lines += ["", "## Results", "", markdown_table(rows, columns)]
-    if has_grid:
-        lines += ["## Reliability diagrams", "", "![reliability grid](reliability_grid.png)", ""]
-    for name, label, png in diagrams:
-        rel = Path(os.path.relpath(png, out_dir)).as_posix()
-        lines += [f"### {md_text(name)} · {md_text(label)}", "",
-                  f"![reliability diagram: {md_text(name)} {md_text(label)}]({_md_url(rel)})", ""]
-    lines += ["## Definitions", "", DEFINITIONS, ""]
-    return "\n".join(lines)
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1, h2, h3 { font-weight: 600; } h3 { font-size: 1em; margin-bottom: .3em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
-th { background: #f2f2f2; } td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fafafa; }
-img { max-width: 100%; height: auto; }
-.diagrams { display: flex; flex-wrap: wrap; gap: 1em; }
-.diagrams figure { margin: 0; } figcaption { font-size: .85em; color: #555; }
-code { background: #f4f4f4; padding: 0 .2em; }
-"""
-
-
-def _comparison_html(records, names, rows, columns, diagrams, grid: Path | None) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             "<title>llmcal comparison</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-             "<h1>llmcal comparison</h1>", "<h2>Runs</h2>", "<ul>"]
-    for rec, name in zip(records, names):
-        parts.append(f"<li><b>{e(name)}</b>: {e(_inline(rec.model))} ({e(str(rec.kind))}); "
-                     f"created {e(str(rec.config.get('created', '?')))}; <code>{e(str(rec.path))}</code></li>")
-    parts += ["</ul>", "<h2>Results</h2>", html_table(rows, columns)]
-    if grid is not None:
-        parts += ["<h2>Reliability diagrams</h2>", _img(grid, "reliability grid")]
-    if diagrams:
-        parts.append('<div class="diagrams">')
-        for name, label, png in diagrams:
-            parts.append(f"<figure>{_img(png, f'reliability diagram: {name} {label}')}"
-                         f"<figcaption>{e(name)} · {e(label)}</figcaption></figure>")
-        parts.append("</div>")
-    parts += ["<h2>Definitions</h2>", f"<p>{e(DEFINITIONS.replace('**', '').replace('*', ''))}</p>",
-              "</body>", "</html>", ""]
-    return "\n".join(parts)
-
-
-def _img(png: Path, alt: str) -> str:
-    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -382,10 +492,6 @@ def _relative(p: str, base: Path) -> str:
         except ValueError:
             pass
     return path.as_posix()
-
-
-def _md_url(p: str) -> str:
-    return p.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
 
 
 def _slug(s: str) -> str:

@@ -96,9 +96,47 @@ def extra_columns(rows: Sequence[dict]) -> list[str]:
 
 
 # ---- formatting -----------------------------------------------------------
-def format_value(value: object, ci: object = None, *, signed: bool = False) -> str:
-    """Numbers to 4 decimals (``signed``: with their sign), an interval as `` [lo, hi]`` to 2, ``None`` as an
-    em dash."""
+# Significant digits of the numbers in run, comparison and study reports (``sig=SIG``).
+SIG = 3
+
+
+def format_number(value: float, sig: int = SIG, *, signed: bool = False) -> str:
+    """A number to ``sig`` significant digits, never in exponent notation: 0.0853, 0.520, 1.19, 12.3, 1234
+    (digits left of the point are kept), 0 as ``0``; ``signed`` puts a ``+`` before positive numbers."""
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    s = f"{value:.{_decimals(value, sig)}f}"
+    if float(s) == 0:  # rounded away
+        s = "0"
+    return f"+{s}" if signed and not s.startswith("-") and s != "0" else s
+
+
+def _decimals(value: float, sig: int) -> int:
+    """Decimals that show ``value`` to ``sig`` significant digits (after rounding: 0.9996 -> 1.00)."""
+    if value == 0 or math.isnan(value) or math.isinf(value):
+        return 0
+    rounded = float(f"{value:.{sig - 1}e}")
+    return max(sig - 1 - math.floor(math.log10(abs(rounded))), 0)
+
+
+def format_interval(ci: object, value: object = None, sig: int | None = None) -> str:
+    """`` [lo, hi]``: to 2 decimals, or with ``sig`` to 2 significant digits of the larger end (at least 2
+    decimals): 0.520 [0.42, 0.62], 0.0862 [0.06, 0.15], +0.00333 [-0.030, 0.033]; empty when ``ci`` is not a
+    pair of numbers."""
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) and
+                                                                   not isinstance(c, bool) for c in ci)):
+        return ""
+    d = 2
+    if sig is not None:
+        d = max(_decimals(max(abs(float(ci[0])), abs(float(ci[1]))), 2), 2)
+    return f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"
+
+
+def format_value(value: object, ci: object = None, *, signed: bool = False, sig: int | None = None) -> str:
+    """Numbers to 4 decimals, or with ``sig`` to that many significant digits (``format_number``); ``signed``:
+    with their sign; an interval after it (``format_interval``); ``None`` as an em dash."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -106,14 +144,15 @@ def format_value(value: object, ci: object = None, *, signed: bool = False) -> s
     if isinstance(value, int):
         s = f"{value:+d}" if signed else str(value)
     elif isinstance(value, float):
-        s = "nan" if math.isnan(value) else f"{value:+.4f}" if signed else f"{value:.4f}"
+        if sig is not None:
+            s = format_number(value, sig, signed=signed)
+        else:
+            s = "nan" if math.isnan(value) else f"{value:+.4f}" if signed else f"{value:.4f}"
     elif isinstance(value, (dict, list, tuple)):
         return json.dumps(value, ensure_ascii=False, default=str)
     else:
         return str(value)
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return s
+    return s + format_interval(ci, value, sig)
 
 
 def _columns(columns: Sequence[Column] | None) -> list[tuple[str, str]]:
@@ -121,8 +160,8 @@ def _columns(columns: Sequence[Column] | None) -> list[tuple[str, str]]:
     return [c if isinstance(c, tuple) else (c, HEADERS.get(c, c)) for c in cols]
 
 
-def _cell(row: dict, key: str) -> str:
-    return format_value(row.get(key), row.get(f"{key}_ci"), signed=key.endswith(SIGNED_SUFFIX))
+def _cell(row: dict, key: str, sig: int | None = None) -> str:
+    return format_value(row.get(key), row.get(f"{key}_ci"), signed=key.endswith(SIGNED_SUFFIX), sig=sig)
 
 
 def _numeric(row: dict, key: str) -> bool:
@@ -143,33 +182,69 @@ def md_text(s: object) -> str:
     return _MD_MARKUP.sub(lambda m: _MD_ENTITIES.get(m[1]) or "\\" + m[1], text)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[Column] | None = None) -> str:
+def _spans(rows: Sequence[dict], group: Sequence[str]) -> list[dict[str, int]]:
+    """Per row, for each ``group`` key: how many rows its cell spans (0: the row above names it already).
+
+    A key's value is named once per run of equal values, and a run ends where a key before it changes: the
+    model is named on its first row, the point on the first row of each point of that model.
+    """
+    out: list[dict[str, int]] = [{} for _ in rows]
+    for gi, key in enumerate(group):
+        start = 0
+        for i in range(1, len(rows) + 1):
+            same = i < len(rows) and all(rows[i].get(k) == rows[i - 1].get(k) for k in group[:gi + 1])
+            if not same:
+                out[start][key] = i - start
+                for j in range(start + 1, i):
+                    out[j][key] = 0
+                start = i
+    return out
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column] | None = None, *, sig: int | None = None,
+                   group: Sequence[str] = ()) -> str:
     """A GitHub-flavoured Markdown table; a column is a row key or ``(key, header)``.  Text cells are data
-    (subjects, ids, names): escaped by ``md_text``; numeric cells are written as they are."""
+    (subjects, ids, names): escaped by ``md_text``; numeric cells are written as they are.  ``sig``: numbers
+    to that many significant digits (``format_value``); ``group``: leading keys named once per run of equal
+    values (the cells below left empty)."""
     cols = _columns(columns)
 
     def esc(s: str) -> str:
         return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
     numeric = [any(_numeric(r, k) for r in rows) for k, _ in cols]
+    spans = _spans(rows, [k for k in group if k in {c for c, _ in cols}])
     lines = ["| " + " | ".join(esc(h) for _, h in cols) + " |",
              "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(esc(_cell(row, k)) if num else md_text(_cell(row, k))
-                                       for (k, _), num in zip(cols, numeric)) + " |")
+    for row, span in zip(rows, spans):
+        cells = []
+        for (k, _), num in zip(cols, numeric):
+            if span.get(k, 1) == 0:
+                cells.append("")
+            else:
+                cells.append(esc(_cell(row, k, sig)) if num else md_text(_cell(row, k, sig)))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def html_table(rows: Sequence[dict], columns: Sequence[Column] | None = None) -> str:
-    """An HTML ``<table>`` (every cell escaped); numeric cells carry ``class="num"``."""
+def html_table(rows: Sequence[dict], columns: Sequence[Column] | None = None, *, sig: int | None = None,
+               group: Sequence[str] = ()) -> str:
+    """An HTML ``<table>`` (every cell escaped); numeric cells carry ``class="num"``.  ``sig`` and ``group`` as
+    in ``markdown_table``; a grouped cell spans its rows (``rowspan``)."""
     cols = _columns(columns)
     numeric = [any(_numeric(r, k) for r in rows) for k, _ in cols]
+    spans = _spans(rows, [k for k in group if k in {c for c, _ in cols}])
     out = ["<table>", "<thead><tr>"]
     out += [f"<th{_NUM if num else ''}>{html.escape(h)}</th>" for (_, h), num in zip(cols, numeric)]
     out += ["</tr></thead>", "<tbody>"]
-    for row in rows:
-        cells = [f"<td{_NUM if num else ''}>{html.escape(_cell(row, k))}</td>"
-                 for (k, _), num in zip(cols, numeric)]
+    for row, span in zip(rows, spans):
+        cells = []
+        for (k, _), num in zip(cols, numeric):
+            n = span.get(k, 1)
+            if n == 0:
+                continue
+            attrs = (_NUM if num else "") + (f' rowspan="{n}"' if n > 1 else "")
+            cells.append(f"<td{attrs}>{html.escape(_cell(row, k, sig))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out) + "\n"

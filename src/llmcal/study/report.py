@@ -1,20 +1,19 @@
 """A study's report: report.md and a self-contained report.html from study.json's numbers, and the figures.
 
-``write_report`` lays the report out as blocks (headings, paragraphs, lists, tables, figures); the
-templates in ``templates/`` render the blocks as Markdown and as HTML.  Paragraphs use Markdown's
-**bold**, *italic* and `code`, which the HTML template turns into tags.
+``write_report`` lays the report out as a :class:`llmcal.report.engine.Document` (the engine run reports
+share): the verdict box first (per model and sweep point: over- or underconfident by how much, which method
+to use among those that keep accuracy, the Pareto front, the before/after reliability diagram), then the
+tables, the post-hoc calibrators, figures, the regime diagnosis and the sizes.
 """
 from __future__ import annotations
 
-import base64
-import functools
 import re
 from pathlib import Path
-from typing import Sequence
 
 from ..io import atomic_write_json, atomic_write_text
+from ..report.engine import Document
 from .collect import method_rows
-from .grid import DOMAIN, EVAL_ROLES
+from .grid import DOMAIN, EVAL_ROLES, REGIME, TRAINING
 from .util import fmt_time, group_label, rel
 
 COLUMNS_PAPER = [("id_accuracy", "ID acc"), ("id_conf_ece", "ID conf-ECE"), ("id_cw_ece", "ID cw-ECE"),
@@ -23,64 +22,10 @@ COLUMNS_PAPER = [("id_accuracy", "ID acc"), ("id_conf_ece", "ID conf-ECE"), ("id
 COLUMNS_DOMAIN = [("n", "N"), ("accuracy", "accuracy"), ("accuracy_change", "Δ acc"), ("conf_ece", "conf-ECE"),
                   ("cw_ece", "cw-ECE"), ("brier", "Brier"), ("nll", "NLL"), ("mean_conf", "mean conf"),
                   ("aurc", "AURC"), ("acc_at_80", "acc@80%"), ("acc_at_50", "acc@50%")]
-
-
-@functools.lru_cache(maxsize=1)
-def _templates():
-    import jinja2
-
-    from ..report.tables import html_table, markdown_table
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("llmcal.study", "templates"),
-                             autoescape=jinja2.select_autoescape(["html.j2"], default=False),
-                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    env.filters["inline"] = _inline_html
-    env.globals.update(md_table=markdown_table, html_table=html_table)
-    return env
-
-
-def _inline_html(text: str):
-    """Markdown's **bold**, *italic* and `code` of a paragraph as HTML, the rest escaped."""
-    from markupsafe import Markup, escape
-
-    s = str(escape(text))
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-    return Markup(re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", s))
-
-
-class _Doc:
-    """The report as blocks, rendered by the Markdown and the HTML template."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.blocks: list[dict] = []
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append({"kind": "h", "level": level, "text": text})
-
-    def p(self, text: str) -> None:
-        self.blocks.append({"kind": "p", "text": text})
-
-    def ul(self, items: Sequence[str]) -> None:
-        if items:
-            self.blocks.append({"kind": "ul", "items": list(items)})
-
-    def table(self, rows: list[dict], columns: list) -> None:
-        if rows:
-            self.blocks.append({"kind": "table", "rows": rows, "columns": columns})
-
-    def img(self, src: str, alt: str, caption: str = "") -> None:
-        self.blocks.append({"kind": "img", "src": src, "alt": alt, "caption": caption})
-
-    def markdown(self) -> str:
-        return _templates().get_template("report.md.j2").render(blocks=self.blocks)
-
-    def html(self, title: str) -> str:
-        def embed(src: str) -> str:
-            return base64.b64encode((self.root / src).read_bytes()).decode("ascii")
-
-        return _templates().get_template("report.html.j2").render(blocks=self.blocks, title=title, embed=embed)
+VERDICT_PARETO = "verdict-pareto.png"
+VERDICT_RELIABILITY = "verdict-reliability.png"
+# The before/after diagram of the verdict box shows at most this many models / sweep points.
+VERDICT_GROUPS_SHOWN = 4
 
 
 def _domain_rows(rows: list[dict], role: str) -> list[dict]:
@@ -108,7 +53,8 @@ def _figures(doc: dict, rows: list[dict], root: Path) -> dict[str, Path]:
     from ..report.plots import reliability_grid
 
     written: dict[str, Path] = {}
-    for old in [*root.glob("plane*.png"), *root.glob("reliability-*.png"), *root.glob("risk-coverage*.png")]:
+    for old in [*root.glob("plane*.png"), *root.glob("reliability-*.png"), *root.glob("risk-coverage*.png"),
+                *root.glob("verdict-*.png")]:
         old.unlink()  # figures of an earlier version of the study must not linger
     groups = _groups(doc)
     method_cols: list[str] = []
@@ -184,26 +130,147 @@ def _plane(points: list[dict], path: Path, d: dict | None, title: str) -> Path:
                               boundary_label=f"SFT bound: train acc {a:.2f} − accuracy", title=title)
 
 
+# ---- the verdict ---------------------------------------------------------------------------
+def _option(row: dict, role: str):
+    from ..report.verdict import Option
+
+    res = row["results"].get(role) or {}
+    ci = res.get("ci") or {}
+
+    def pair(k):
+        v = ci.get(k)
+        return tuple(v) if isinstance(v, (list, tuple)) and len(v) == 2 and None not in v else None
+
+    change, change_ci = res.get("accuracy_change"), pair("accuracy_change")
+    if row["kind"] == "none":  # the uncalibrated model is its own reference
+        change, change_ci = 0.0, (0.0, 0.0)
+    return Option(label=row["method"], kind=row["kind"], n=res.get("n"), accuracy=res.get("accuracy"),
+                  accuracy_ci=pair("accuracy"), conf_ece=res.get("conf_ece"), conf_ece_ci=pair("conf_ece"),
+                  mean_conf=res.get("mean_conf"), accuracy_change=change, accuracy_change_ci=change_ci,
+                  metrics=res if res.get("reliability") else None)
+
+
+def _gap_ci(res: dict, root: Path, n_bootstrap: int, seed: int):
+    """The interval of mean confidence − accuracy from the result's predictions file (None without it)."""
+    from ..errors import LlmcalError
+    from ..predictions import load_predictions, stack_probs
+    from ..report.verdict import gap_interval
+
+    pred = res.get("predictions")
+    if not pred or not (root / pred).is_file():
+        return None
+    try:
+        probs, answers = stack_probs(load_predictions(root / pred))
+    except LlmcalError:
+        return None
+    return gap_interval(probs, answers, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def verdicts(doc: dict, root: Path) -> list[tuple[str, str, str, object]]:
+    """(model, point, role, Verdict) per model, sweep point and test role with an uncalibrated row: every
+    complete method of the study and every post-hoc row measured on the same questions."""
+    from ..report.verdict import decide
+
+    rows = [r for r in method_rows(doc, posthoc=True) if r["status"] == "complete"]
+    defaults = (doc.get("config") or {}).get("defaults") or {}
+    n_bootstrap = min(int(defaults.get("n_bootstrap") or 1000), 1000)
+    seed = int(doc.get("seed") or 0)
+    groups = _groups(doc)
+    out = []
+    for role in EVAL_ROLES:
+        for m, p in groups:
+            mine = [r for r in rows if (r["model"], r["point"]) == (m, p) and (r["results"].get(role) or {})
+                    .get("accuracy") is not None]
+            base = next((r for r in mine if r["kind"] == "none"), None)
+            if base is None:
+                continue
+            scope = DOMAIN[role] if len(groups) == 1 else f"{group_label(m, p)}, {DOMAIN[role]}"
+            v = decide(scope, _option(base, role), [_option(r, role) for r in mine if r is not base],
+                       _gap_ci(base["results"][role], root, n_bootstrap, seed))
+            out.append((m, p, role, v))
+    return out
+
+
+def _verdict_figures(vs: list, root: Path, name: str) -> dict[str, Path]:
+    from ..report.plots import pareto_plot, reliability_grid
+
+    written = {}
+    ind = [v for _, _, role, v in vs if role == "test"] or [v for *_, v in vs]
+    with_options = [v for v in ind if v.options]
+    if with_options:
+        written["verdict:pareto"] = pareto_plot(with_options, root / VERDICT_PARETO,
+                                                ncols=1 if len(with_options) <= 2 else 2)
+    grid, labels = [], []
+    for v in ind[:VERDICT_GROUPS_SHOWN]:
+        if not (v.base.metrics or {}).get("reliability"):
+            continue
+        line = [(f"before: {v.base.label}", v.base.metrics)]
+        line.append((f"after: {v.pick.label}", v.pick.metrics) if v.pick is not None and v.pick.metrics else None)
+        grid.append(line)
+        labels.append(v.scope)
+    if grid:
+        written["verdict:reliability"] = reliability_grid(None, root / VERDICT_RELIABILITY, grid=grid,
+                                                          row_labels=labels if len(grid) > 1 else None)
+    return written
+
+
+def _verdict_box(r: Document, doc: dict, vs: list, figs: dict, root: Path) -> None:
+    from ..report.verdict import RULE_TEXT, advice_text, confidence_text
+
+    diag = {(d["model"], d["point"]): d for d in doc["diagnoses"]}
+
+    def regime(d: dict) -> str:
+        return f"Regime: {d['regime']} (recommended `{d['recommended']}`; see Regime diagnosis)."
+
+    lines = []
+    for m, p, role, v in vs:
+        d = diag.pop((m, p), None) if role == "test" else None
+        lines.append(f"**{v.scope}**: {confidence_text(v)} {advice_text(v)}" + (f" {regime(d)}" if d else ""))
+    lines += [f"**{group_label(m, p)}**: {regime(d)}" for (m, p), d in diag.items()]
+    if not lines:
+        lines = ["No verdict: no complete cell has the uncalibrated model's results."]
+    inner, side = [], []
+    if "verdict:pareto" in figs:
+        inner.append((rel(figs["verdict:pareto"], root), "accuracy against conf-ECE: the Pareto front",
+                      RULE_TEXT + (" In-domain." if any(role == "ood" for *_, role, _ in vs) else "")))
+    if "verdict:reliability" in figs:
+        shown = sum(1 for _, _, role, _ in vs if role == "test")
+        more = (f" The first {VERDICT_GROUPS_SHOWN} of {shown}; every diagram is under Reliability diagrams."
+                if shown > VERDICT_GROUPS_SHOWN else "")
+        side.append((rel(figs["verdict:reliability"], root), "reliability diagram before and after",
+                     "In-domain reliability before (the uncalibrated model) and after the pick. Bars: accuracy "
+                     "per confidence bin; dashed: perfect calibration; red: overconfidence; green: "
+                     "underconfidence." + more))
+    r.verdict("Verdict", lines, side=side, inner=inner)
+
+
 # ---- the report ----------------------------------------------------------------------------
 def write_report(doc: dict, root: Path) -> dict[str, Path]:
     """DIR/report.md, DIR/report.html (self-contained), the figures and DIR/study.json from ``collect``'s dict."""
     root = Path(root)
     rows = method_rows(doc)
     figs = _figures(doc, rows, root)
+    vs = verdicts(doc, root)
+    figs.update(_verdict_figures(vs, root, doc["name"]))
     doc = {**doc, "figures": {k: rel(v, root) for k, v in figs.items()}}
     atomic_write_json(root / "study.json", doc)
     has_point = any(doc["points"])
     has_ood = any(r["results"].get("ood") for r in rows)
-    ident = [("model", "model")] + ([("point", "point")] if has_point else []) + [("method", "method")]
+    one_model = len(doc["models"]) == 1
+    ident = ([] if one_model else [("model", "model")]) + ([("point", "point")] if has_point else []) + \
+        [("method", "method")]
+    group = ("model", "point")
 
-    r = _Doc(root)
+    r = Document(root, f"llmcal study {doc['name']}")
     r.h(1, f"llmcal study `{doc['name']}`")
+    _verdict_box(r, doc, vs, figs, root)
     if doc["description"]:
         r.p(doc["description"])
     done = sum(e["status"] == "complete" for e in doc["cells"])
     cfg_name = Path(doc["config_file"]).name
     r.ul([f"**config**: `{cfg_name}`" + (" (copied to `study.yaml`)" if cfg_name != "study.yaml" else ""),
-          "**models**: " + "; ".join(f"{k} = `{v['model']}`" for k, v in doc["models"].items()),
+          ("**model**: " if one_model else "**models**: ")
+          + "; ".join(f"{k} = `{v['model']}`" for k, v in doc["models"].items()),
           "**methods**: " + ", ".join(f"{k} ({v['method']})" if k != v["method"] else k
                                       for k, v in doc["methods"].items()),
           f"**cells**: {done} of {len(doc['cells'])} complete; total wall time {fmt_time(doc['wall_s_total'])}",
@@ -214,23 +281,28 @@ def write_report(doc: dict, root: Path) -> dict[str, Path]:
                                                + (f": {e['error']}" if e.get("error") else "") + ")"
                                                for e in missing))
 
+    complete = [x for x in rows if x["status"] == "complete"]
+    has_drift = any(x.get("drift") is not None for x in complete)
     r.h(2, "Results (the paper's layout)")
-    r.p("Per model and method: in-domain (ID, `data.test`) and out-of-domain (OOD, `data.ood`) accuracy, "
-        "conf-ECE and cw-ECE with 95% bootstrap intervals, and the alignment drift of the fine-tuned models "
-        "(mean per-token KL between the original and the calibrated model on the original's greedy answers "
-        "to the shipped instruction prompts; none and ts do not change the model's generations).")
-    cols = ident + [c for c in COLUMNS_PAPER if has_ood or not c[0].startswith("ood")]
-    r.table([x for x in rows if x["status"] == "complete"], cols)
+    r.p("Per " + ("" if one_model else "model and ") + "method: in-domain (ID, `data.test`)"
+        + (" and out-of-domain (OOD, `data.ood`)" if has_ood else "")
+        + " accuracy, conf-ECE and cw-ECE with 95% bootstrap intervals"
+        + (", and the alignment drift of the fine-tuned models (mean per-token KL between the original and the "
+           "calibrated model on the original's greedy answers to the shipped instruction prompts; none and ts do "
+           "not change the model's generations)." if has_drift else "."))
+    cols = ident + [c for c in COLUMNS_PAPER if (has_ood or not c[0].startswith("ood"))
+                    and (has_drift or c[0] != "drift")]
+    r.table(complete, cols, group=group)
     posthoc_rows = method_rows(doc, posthoc=True)
     for role in EVAL_ROLES:
         drows = _domain_rows(posthoc_rows, role)
         if drows:
             r.h(3, f"{DOMAIN[role].capitalize()} ({role}): all metrics")
             r.p(DOMAIN_TEXT)
-            r.table(drows, ident + COLUMNS_DOMAIN)
+            r.table(drows, ident + COLUMNS_DOMAIN, group=group)
 
     r.h(2, "Post-hoc calibrators")
-    _posthoc_section(r, doc, has_point)
+    _posthoc_section(r, doc, has_point, vs)
     if doc.get("conformal"):
         r.h(2, "Conformal prediction sets")
         _conformal_section(r, doc)
@@ -274,7 +346,7 @@ def write_report(doc: dict, root: Path) -> dict[str, Path]:
     r.p(DEFINITIONS)
     written = dict(figs)
     written["md"] = atomic_write_text(root / "report.md", r.markdown())
-    written["html"] = atomic_write_text(root / "report.html", r.html(f"llmcal study {doc['name']}"))
+    written["html"] = atomic_write_text(root / "report.html", r.html())
     written["json"] = root / "study.json"
     return written
 
@@ -286,8 +358,8 @@ DOMAIN_TEXT = (
     "confident questions.")
 
 
-def _posthoc_section(r: _Doc, doc: dict, has_point: bool) -> None:
-    from .posthoc import best_rows
+def _posthoc_section(r: Document, doc: dict, has_point: bool, vs: list) -> None:
+    from ..report.verdict import advice_text
 
     ph = doc.get("posthoc") or {}
     if not ph.get("methods"):
@@ -316,11 +388,12 @@ def _posthoc_section(r: _Doc, doc: dict, has_point: bool) -> None:
              "; ".join(f"{k} left out ({v})" for k, v in e["skipped"].items()))
              for e in entries if e.get("error") or e.get("skipped")]
     r.ul(notes)
-    r.p("Lowest conf-ECE per model and domain, among every row of the tables above:")
-    r.ul(best_rows(doc))
+    r.p("Lowest conf-ECE per model and domain among the rows of the tables above that keep accuracy (a paired "
+        "accuracy change whose interval lies above 0 or has 0 inside it; one that ends at 0 counts as a loss):")
+    r.ul([f"**{group_label(m, p)}, {DOMAIN[role]}**: {advice_text(v)}" for m, p, role, v in vs])
 
 
-def _conformal_section(r: _Doc, doc: dict) -> None:
+def _conformal_section(r: Document, doc: dict) -> None:
     from .conformal import conformal_rows
 
     cf = doc["conformal"]
@@ -336,12 +409,14 @@ def _conformal_section(r: _Doc, doc: dict) -> None:
     rows = conformal_rows(doc)
     if not any(x["point"] for x in rows):
         cols = [c for c in cols if c[0] != "point"]
-    r.table(rows, cols)
+    if len(doc["models"]) == 1:
+        cols = [c for c in cols if c[0] != "model"]
+    r.table(rows, cols, group=("model", "point", "domain"))
     errors = [f"{e['model']} {e['method']} ({e['role']}): {e['error']}" for e in cf["entries"] if e.get("error")]
     r.ul(errors)
 
 
-def _risk_section(r: _Doc, doc: dict, figs: dict, root: Path) -> None:
+def _risk_section(r: Document, doc: dict, figs: dict, root: Path) -> None:
     keys = [k for k in figs if k.startswith("risk:")]
     if not keys:
         r.p("No risk-coverage curves: no result has its predictions file.")
@@ -355,7 +430,7 @@ def _risk_section(r: _Doc, doc: dict, figs: dict, root: Path) -> None:
               f"{group_label(m, p)}, {DOMAIN[role]} ({role}).")
 
 
-def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:
+def _diagnosis_section(r: Document, doc: dict, has_point: bool) -> None:
     if doc["diagnoses"]:
         r.p("For each model, the fine-tuned model (the `regime.from` cell) is scored on the questions it was "
             "trained on; train accuracy − in-domain test accuracy is the gap. The verdict is on the *added* gap "
@@ -380,10 +455,12 @@ def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:
             keys += [k for k in row if k not in keys]
         if not has_point:
             keys.remove("point")
-        r.table(drows, keys)
+        if len(doc["models"]) == 1:
+            keys.remove("model")
+        r.table(drows, keys, group=("model",))
         r.ul([f"**{group_label(d['model'], d['point'])}**: {d['reason']}" for d in doc["diagnoses"]])
     else:
-        r.p("No diagnosis: the study has no fine-tuning cell to diagnose (add cft, or set `regime.from`).")
+        r.p(_no_diagnosis(doc))
     if doc["auto"]:
         items = []
         for a in doc["auto"]:
@@ -396,7 +473,31 @@ def _diagnosis_section(r: _Doc, doc: dict, has_point: bool) -> None:
         r.ul(items)
 
 
-def _sizes_section(r: _Doc, doc: dict, has_point: bool) -> None:
+def _no_diagnosis(doc: dict) -> str:
+    """Why the study has no regime diagnosis: no fine-tuning cell, the diagnosis switched off, no method to
+    diagnose from, or regime cells that did not complete."""
+    training = list(dict.fromkeys(e["method"] for e in doc["cells"] if e["kind"] in TRAINING))
+    regime = [e for e in doc["cells"] if e["kind"] == REGIME]
+    if not training:
+        return "No diagnosis: the study has no fine-tuning cell to diagnose (add cft, or set `regime.from`)."
+    which = ", ".join(training)
+    if not regime:
+        if (doc.get("config") or {}).get("regime", {}) is False:
+            return (f"Off (`regime: false` in the study config): the fine-tuning cells ({which}) were not "
+                    f"diagnosed. `regime: {{from: {training[0]}}}` adds a cell per model that scores the fine-tuned "
+                    "model on the questions it trained on; the gap to its test accuracy tells the calibratable "
+                    "regime (CFT suffices) from the non-calibratable one (RCFT).")
+        return (f"No regime cell: `regime.from` names none of the study's fine-tuning methods (its default is the "
+                f"method `cft`); set `regime: {{from: {training[0]}}}` (one of {which}).")
+    def why(e: dict) -> str:
+        if e["status"] == "complete":
+            return f"{e['name']} holds no diagnosis (rerun it)"
+        return f"{e['name']} is {e['status']}" + (f" ({e['error']})" if e.get("error") else "")
+
+    return "No diagnosis yet: " + "; ".join(why(e) for e in regime) + "."
+
+
+def _sizes_section(r: Document, doc: dict, has_point: bool) -> None:
     srows = []
     for pname, roles in doc["data"].items():
         for role, info in roles.items():
