@@ -29,7 +29,7 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 WHEELS ?= $(HOME)/.cache/llmcal/wheels
 SERVED_STAMP := $(VENV)/.served-installed
 
-.PHONY: install demo served test test-all bench clean
+.PHONY: install demo served chromium test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,9 +63,17 @@ $(SERVED_STAMP): $(STAMP)
 
 served: $(SERVED_STAMP)
 
+# Debian's chromium, for the test that opens a report in a real headless browser
+# (tests/test_report_browser.py); installed with apt when missing (sudo when not root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
 # The README's test command (what CI runs): everything but the heavy checks, on 2 processes.
-# It installs the llama.cpp server (served) so that the served-model tests run.
-test: install served
+# It installs the llama.cpp server (served) so that the served-model tests run, and chromium for the
+# browser test.
+test: install served chromium
 	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 -m "not heavy" $(PYTEST_ARGS)
 
 # Also the heavy checks (many epochs, several launches).
