@@ -15,8 +15,8 @@ What it does (bench/README.md, "Training", has the details):
    the CFT loss, answer letter only) and TRL (``SFTTrainer`` on the same token ids with a completion
    mask on the letter, ``completion_only_loss=True``); both: the model in bfloat16, LoRA r=16,
    alpha=32, dropout 0.05 on all linear layers (peft defaults otherwise), AdamW, lr 2e-4,
-   batch ``--batch``, no gradient checkpointing, no autocast, one process with ``--threads`` threads
-   (torch's default when 0) — the matmul peak is measured on the same threads;
+   batch ``--batch``, no gradient checkpointing (llmcal: unless ``--gradient-checkpointing``), no autocast,
+   one process with ``--threads`` threads (torch's default when 0) — the matmul peak is measured on the same threads;
 4. times every optimizer step (data, forward, backward, optimizer), records peak RSS, the first
    step's loss on each side (the same first batch: they must agree), and how much CPU other processes took;
 5. prints the table (Markdown) and the targets, and saves bench/results/train-<time>-<label>.json.
@@ -146,7 +146,8 @@ def child_llmcal(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
     timers = []
     for part, steps in ((warm, args.warmup), (measured, args.steps)):
         timer = StepTimer()
-        targs = TrainingArguments(**_common_args(args.tmp, steps, per))
+        targs = TrainingArguments(**{**_common_args(args.tmp, steps, per),
+                                     "gradient_checkpointing": args.gradient_checkpointing})
         trainer = CalibrationTrainer(
             model=model, args=targs, train_dataset=ExampleDataset(build_examples(part, tok)),
             data_collator=collator, callbacks=[timer.callback],
@@ -276,6 +277,8 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
             "--warmup", str(args.warmup), "--steps", str(args.steps), "--tmp", str(work / f"tmp-{slug}")]
     if side == TRL_PADDING_FREE:
         argv.append("--padding-free")
+    if args.gradient_checkpointing and kind == "llmcal":
+        argv.append("--gradient-checkpointing")
     b0 = _busy_jiffies()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(work))
@@ -376,6 +379,9 @@ def main() -> int:
                     help=f"also run TRL with padding_free=True ({TRL_PADDING_FREE}): its packed batches, not its "
                          "default; the targets stay measured against the default")
     ap.add_argument("--padding-free", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="llmcal sides with activation checkpointing of every decoder layer (llmcal's checkpoint_layers, "
+                         "as --gradient_checkpointing true does in llmcal calibrate); TRL's side stays without")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for the peak and every side (0: torch's default, one per core). On a "
                          "shared machine --threads 1 measures one core that others leave alone: a torch "
@@ -479,6 +485,7 @@ def main() -> int:
            "setup": {"model": args.model, "data": args.data, "seed": args.seed, "batch": args.batch,
                      "warmup_steps": args.warmup, "steps": args.steps, "rounds": args.rounds, "dtype": "bfloat16",
                      "trl_padding_free": args.trl_padding_free, "processes": args.processes,
+                     "gradient_checkpointing": args.gradient_checkpointing,
                      "threads": args.threads or info["torch_threads"],
                      "lora": LORA, "lr": LR, "variants": list(variants),
                      "flops_count": "forward 2Pn + attention 4hd n(n+1)/2 per layer + LoRA 2nr(din+dout) + "

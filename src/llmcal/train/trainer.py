@@ -43,6 +43,11 @@ What makes the step fast (bench/RESULTS.md, "Training", measures each):
   weights are cast instead of the large activations, and the weights, their
   gradients and the optimizer state stay float32 (bfloat16 mixed precision, as
   ``bf16=True`` does on a GPU).
+
+Memory (bench/RESULTS.md, "Memory", ``bench/bench_memory.py``): at batch 2 the weights are three
+quarters of a step; the rest is mostly what autograd keeps for the backward pass, 159 KB per token
+and decoder layer on Qwen2.5-1.5B.  ``--gradient_checkpointing true`` (``checkpoint_layers``) keeps
+one hidden state per token and layer instead and computes each layer again in the backward pass.
 """
 from __future__ import annotations
 
@@ -128,13 +133,16 @@ def _cpu_bf16_mixed(model) -> bool:
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = next((p for p in model.parameters() if not p.requires_grad), None)
     return (frozen is not None and frozen.device.type == "cpu" and frozen.dtype == torch.bfloat16
-            and any(p.dtype == torch.float32 for p in trainable) and not torch.is_autocast_enabled("cpu"))
+            and any(p.dtype == torch.float32 for p in trainable))
 
 
-def training_precision(model):
+def training_precision(model, *, recompute: bool = False):
     """The context the training forward runs in: bfloat16 autocast without peft's input casts on a CPU
-    bfloat16 base with float32 adapters (module docstring), else nothing."""
-    if not _cpu_bf16_mixed(model):
+    bfloat16 base with float32 adapters (module docstring), else nothing.
+
+    ``recompute``: the same for a checkpointed layer's recomputation in the backward pass, which
+    ``torch.utils.checkpoint`` starts inside the forward's autocast state (``checkpoint_layers``)."""
+    if not _cpu_bf16_mixed(model) or (torch.is_autocast_enabled("cpu") and not recompute):
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
@@ -144,6 +152,37 @@ def training_precision(model):
         return stack
     stack.enter_context(disable_input_dtype_casting(model))
     return stack
+
+
+def checkpoint_layers(model, every_n_layers: int = 1) -> None:
+    """Activation checkpointing of the decoder layers (transformers' own), for llmcal's training forward.
+
+    A checkpointed layer keeps only its input for the backward pass and computes its forward again
+    there, under the RNG state of the first time (the same dropout masks) and in the same precision:
+    the recomputation runs in ``training_precision(model, recompute=True)``, without which peft would
+    cast the adapters' inputs to float32 in the recomputation only and the two passes would differ.
+    Non-reentrant ``torch.utils.checkpoint``; ``every_n_layers`` layers share one checkpoint.
+    The losses and gradients are those without it (``tests/test_train_memory.py``); the memory they save and
+    the time they cost are in bench/RESULTS.md, "Memory"."""
+    core = _core(model)
+
+    @contextlib.contextmanager
+    def recompute():  # entered when the backward pass recomputes, not when the forward builds it
+        with training_precision(model, recompute=True):
+            yield
+
+    def contexts():
+        return contextlib.nullcontext(), recompute()
+
+    kwargs = {"use_reentrant": False, "context_fn": contexts}
+    if hasattr(core, "activation_checkpointing_enable"):
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    else:  # transformers before the rename
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _checkpointing_requested(args) -> bool:
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None))
 
 
 class CalibrationTrainer(Trainer):
@@ -158,6 +197,15 @@ class CalibrationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.train_state = train_state
         self.rcft_loss = rcft_loss
+        if _checkpointing_requested(self.args):
+            # --gradient_checkpointing (TrainingArguments): llmcal's checkpointing, whose recomputation runs in the
+            # training precision; the Trainer's own would recompute with peft's float32 casts on a CPU bf16 model.
+            kw = dict(getattr(self.args, "activation_checkpointing_kwargs", None)
+                      or getattr(self.args, "gradient_checkpointing_kwargs", None) or {})
+            checkpoint_layers(self.model, int(kw.get("every_n_layers", 1)))
+            for name in ("activation_checkpointing", "gradient_checkpointing"):
+                if hasattr(self.args, name):
+                    setattr(self.args, name, False)  # on already: the Trainer must not enable its own over it
 
     def _get_train_sampler(self, train_dataset=None):
         """``group_by_length``: llmcal's length-bucketed batches (module docstring); anything else as the Trainer."""
