@@ -76,10 +76,13 @@ def test_calibrate_ts_and_report(tiny_model_dir, tmp_path):
     r = invoke("report", out, ev, "--out", rep)
     assert r.exit_code == 0, r.output
     md = (rep / "report.md").read_text()
-    # the ts row of the comparison table carries the ts result's accuracy from metrics.json
-    acc = f"{after['metrics']['accuracy']:.4f}"
-    assert re.search(rf"^\| ts \| ts \| {re.escape(data)} \| test \| {before['metrics']['n']} \| {acc}\b", md,
-                     re.M), md
+    # the ts row of the comparison table carries the ts result's accuracy from metrics.json, to 3
+    # significant digits, the run named once for its rows (the none row above it)
+    from llmcal.report.tables import format_value
+
+    acc = format_value(after["metrics"]["accuracy"], after["metrics"]["ci"]["accuracy"], sig=3)
+    assert re.search(rf"^\| ts \| none \| {re.escape(data)} \| test \|.*\n\|  \| ts \| {re.escape(data)} \| test \| "
+                     rf"{before['metrics']['n']} \| {re.escape(acc)} \|", md, re.M), md
     html = (rep / "report.html").read_text()
     assert "data:image/png;base64," in html and "src=\"http" not in html
 

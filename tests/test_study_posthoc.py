@@ -174,13 +174,16 @@ def test_report_and_results_show_the_posthoc_rows(study, tmp_path):
     assert "Δ acc" in md and "AURC" in md
     # the in-domain table: the post-hoc rows follow none and ts, with their interval and signed change
     table = md[md.index("### In-domain (test): all metrics"):md.index("### Out-of-domain")]
-    methods = re.findall(r"^\| tiny \| (\w+) \|", table, re.M)
-    assert methods == ["none", "ts", *DEFAULT]
-    row = next(line for line in table.splitlines() if line.startswith("| tiny | vector |"))
+    methods = re.findall(r"^\| (\w+) \| \d+ \|", table, re.M)
+    assert methods == ["none", "ts", *DEFAULT], table
+    row = next(line for line in table.splitlines() if line.startswith("| vector |"))
     acc_ci = vec["ci"]["accuracy"]
-    assert f"| {vec['accuracy']:.4f} [{acc_ci[0]:.2f}, {acc_ci[1]:.2f}] | {vec['accuracy_change']:+.4f} [" in row
+    from llmcal.report.tables import format_number, format_value
+
+    change = format_number(vec["accuracy_change"], 3, signed=True)
+    assert f"| {format_value(vec['accuracy'], acc_ci, sig=3)} | {change} [" in row, row
     ood = md[md.index("### Out-of-domain (ood): all metrics"):md.index("## Post-hoc calibrators")]
-    assert "| tiny | matrix |" not in ood and "| tiny | vector |" in ood
+    assert "| matrix |" not in ood and "| vector |" in ood
     assert "Lowest conf-ECE per model and domain" in md and "**tiny, in-domain**:" in md
     for png in ("risk-coverage-in-domain.png", "risk-coverage-out-of-domain.png"):
         assert f"]({png})" in md and (study / png).stat().st_size > 5_000
