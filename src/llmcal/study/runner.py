@@ -146,7 +146,11 @@ def _study_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LlmcalError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "study.yaml").exists() and not (out / "runs").exists():
+    # Dot files and data/ are another process of the same study starting at this moment (its lock, the
+    # data copies it writes before study.yaml, the temporary file of that atomic copy): they do not make
+    # the directory someone else's.
+    if (out.is_dir() and any(not p.name.startswith(".") and p.name != "data" for p in out.iterdir())
+            and not (out / "study.yaml").exists() and not (out / "runs").exists()):
         raise LlmcalError(f"{out}: directory is not empty and holds no llmcal study; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out

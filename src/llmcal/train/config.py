@@ -271,6 +271,12 @@ def validate(cfg: FinetuneConfig) -> None:
                         ("--save-steps", cfg.save_steps), ("--batch-tokens", cfg.batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             bad(f"{name} must be a positive integer (got {value!r})")
+    # Values from YAML reach here untyped: a string compared with a number would be a TypeError.
+    for name, value in (("--lora-dropout", cfg.lora_dropout), ("--heldout-fraction", cfg.heldout_fraction),
+                        ("--rcft-lambda", cfg.rcft_lambda), ("--tolerance", cfg.tolerance),
+                        ("--n-bootstrap", cfg.n_bootstrap)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad(f"{name} must be a number (got {value!r})")
     if not 0 <= cfg.lora_dropout < 1:
         bad(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
     if not 0 <= cfg.heldout_fraction < 1:
