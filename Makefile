@@ -77,7 +77,7 @@ test: install served chromium
 	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 -m "not heavy" $(PYTEST_ARGS)
 
 # Also the heavy checks (many epochs, several launches).
-test-all: install served
+test-all: install served chromium
 	LLMCAL_PROGRESS=0 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:

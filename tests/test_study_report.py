@@ -165,11 +165,18 @@ def test_a_method_that_costs_accuracy_is_never_the_pick(tiny_study, tmp_path):
     assert "-0.140 [-0.30, 0.00]" in box
     picks = md[md.index("Lowest conf-ECE per model and domain"):md.index("## Selective prediction")]
     assert "**tiny, in-domain**:" in picks and "Use **matrix**" not in picks
+    # and studies/RESULTS.md's pick (study.posthoc.best_rows) follows the same rule
+    from llmcal.study.posthoc import best_rows
+
+    rows = [r for r in best_rows(doc) if r.startswith("**tiny, in-domain**")]
+    assert len(rows) == 1 and ": matrix, conf-ECE" not in rows[0], rows
+    assert "left out for costing accuracy: matrix" in rows[0] and "-0.140 [-0.300, 0.000]" in rows[0], rows
 
     # the same change with an interval that has 0 inside keeps accuracy: then matrix is the pick
     matrix["ci"]["accuracy_change"] = [-0.30, 0.05]
     write_report(doc, dst)
     assert "Use **matrix**" in _verdict_md((dst / "report.md").read_text())
+    assert any(r.startswith("**tiny, in-domain**: matrix, conf-ECE") for r in best_rows(doc))
 
 
 def test_a_study_without_any_fine_tuning_or_with_a_failed_regime_cell_says_so(tiny_study, tmp_path):

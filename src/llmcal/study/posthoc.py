@@ -213,7 +213,13 @@ def best_rows(doc: dict) -> list[str]:
                 have = [r for r in mine if r.get(f"{pre}_conf_ece") is not None]
                 if not have:
                     continue
-                best = min(have, key=lambda r: r[f"{pre}_conf_ece"])
+                # The same rule as the reports' verdict: a method whose accuracy-change interval lies
+                # below 0 or ends at it costs accuracy and is not picked, however low its conf-ECE.
+                kept = [r for r in have if _keeps_accuracy(r, pre)]
+                left_out = [r for r in have if r not in kept]
+                if not kept:
+                    continue
+                best = min(kept, key=lambda r: r[f"{pre}_conf_ece"])
                 s = (f"**{group_label(m, p)}, {DOMAIN[role]}**: {best['method']}, conf-ECE "
                      f"{best[f'{pre}_conf_ece']:.3f}{_ci_text(best.get(f'{pre}_conf_ece_ci'))}")
                 change = best.get(f"{pre}_accuracy_change")
@@ -221,9 +227,25 @@ def best_rows(doc: dict) -> list[str]:
                     s += f", accuracy change {change:+.3f}{_ci_text(best.get(f'{pre}_accuracy_change_ci'))}"
                 ref = [f"{r['method']} {r[f'{pre}_conf_ece']:.3f}" for r in have
                        if r["kind"] in ("none", "ts") and r is not best]
-                posthoc = [r for r in have if r["kind"] == "posthoc"]
+                posthoc = [r for r in kept if r["kind"] == "posthoc"]
                 if posthoc and best["kind"] != "posthoc":
                     b = min(posthoc, key=lambda r: r[f"{pre}_conf_ece"])
                     ref.append(f"best post-hoc {b['method']} {b[f'{pre}_conf_ece']:.3f}")
+                cheaper = [r for r in left_out if r[f"{pre}_conf_ece"] < best[f"{pre}_conf_ece"]]
+                if cheaper:
+                    ref.append("left out for costing accuracy: " + ", ".join(
+                        f"{r['method']} {r[f'{pre}_conf_ece']:.3f} at {r[f'{pre}_accuracy_change']:+.3f}"
+                        f"{_ci_text(r.get(f'{pre}_accuracy_change_ci'))}" for r in cheaper))
                 out.append(s + (f" ({'; '.join(ref)})" if ref else "") + ".")
     return out
+
+
+def _keeps_accuracy(row: dict, pre: str) -> bool:
+    """``report.verdict.keeps_accuracy`` on a study row; a row without an accuracy change (the base) is kept."""
+    from ..report.verdict import Option, keeps_accuracy
+
+    change = row.get(f"{pre}_accuracy_change")
+    if change is None:
+        return True
+    return keeps_accuracy(Option(row["method"], accuracy_change=change,
+                                 accuracy_change_ci=row.get(f"{pre}_accuracy_change_ci")))
