@@ -14,11 +14,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from llmcal.io import atomic_write_jsonl
 from llmcal.runs import RunResult
+from test_report import _three_option_file  # the same three-method run the report tests build
 
 # The first screen: a common laptop screen (the page gets it less the window's frame).
 WIDTH, HEIGHT = 1366, 768
@@ -92,17 +91,6 @@ def check_first_screen(found: dict) -> None:
     assert re.search(r"(Overconfident|Underconfident|Neither over- nor underconfident)", v["text"])
     side = found.get("side")
     assert side and side["top"] < height / 3 and side["left"] >= v["right"], side  # beside the box, on screen
-
-
-def _three_option_file(path: Path, n_right: int, n: int, conf: float) -> Path:
-    rows = []
-    for i in range(n):
-        ok = i < n_right
-        rest = (1 - conf) / 2
-        probs = [conf, rest, rest] if ok else [rest, conf, rest]
-        rows.append({"id": f"q{i}", "subject": None, "answer": 0, "probs": probs, "pred": 0 if ok else 1,
-                     "conf": conf, "logits": [float(np.log(p)) for p in probs]})
-    return atomic_write_jsonl(path, rows)
 
 
 def test_run_report_in_headless_chromium(tmp_path):
