@@ -459,7 +459,8 @@ def test_run_report_opens_with_the_verdict_and_never_picks_a_method_that_costs_a
     assert "Left out for costing accuracy although their conf-ECE is lower: matrix (" in box
     assert re.search(r"matrix \([0-9.e-]+ at accuracy change -0\.150 \[-0\.\d+, -0\.\d+\]\)", box), box
     assert "](verdict-pareto.png)" in box and "](verdict-reliability.png)" in box
-    assert_png(run / "verdict-pareto.png") and assert_png(run / "verdict-reliability.png")
+    assert_png(run / "verdict-pareto.png")
+    assert_png(run / "verdict-reliability.png")
     page = (run / "report.html").read_text(encoding="utf-8")
     assert page.index('id="verdict"') < page.index("<h2>Results</h2>")
     assert len(re.findall(r'src="data:image/png;base64,', page)) == len(re.findall(r"<img ", page)) >= 5

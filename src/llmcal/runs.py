@@ -154,9 +154,7 @@ class RunRecord:
         regime diagnosis, the debiased one of ``eval --permutations``, else the first."""
         if not self.results:
             raise LlmcalError(f"{self.path}: the run holds no results")
-        want = "heldout" if self.kind == "regime" else self.config.get("method")
-        if self.config.get("permutations", "none") != "none":
-            want = "debiased"
+        want = main_label({**self.config, "kind": self.kind})
         return next((r for r in self.results if r.label == want), self.results[0])
 
     @property
@@ -178,7 +176,7 @@ def _own(name: str) -> bool:
     return name in (LOCK_NAME, MARKER) or (name.startswith((f".{MARKER}.", f".{CONFIG}.")) and name.endswith(".tmp"))
 
 
-def _clear(path: Path) -> None:
+def clear_run_dir(path: Path) -> None:
     """Remove everything in the run directory but its lock (which this process holds)."""
     for p in path.iterdir():
         if p.name == LOCK_NAME:
@@ -253,14 +251,14 @@ class RunDir:
 
     def _start_locked(self, config: dict, *, overwrite: bool, restart: bool) -> bool:
         if restart and self.is_started and not self.is_complete:
-            _clear(self.path)
+            clear_run_dir(self.path)
         if self.is_complete:
             if not overwrite:
                 raise LlmcalError(
                     f"{self.path}: already holds a complete run; pass --overwrite to replace it "
                     f"or choose another --out"
                 )
-            _clear(self.path)
+            clear_run_dir(self.path)
         resumed = False
         config = portable(_jsonable(config), self.path)
         if self.is_started:
@@ -275,7 +273,7 @@ class RunDir:
             if old is not None and a == b:
                 resumed = True
             elif overwrite:  # a different run was interrupted here: start this one from nothing
-                _clear(self.path)
+                clear_run_dir(self.path)
             else:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise LlmcalError(
@@ -384,3 +382,13 @@ def _jsonable(obj: Any) -> Any:
     from .io import dumps
 
     return json.loads(dumps(obj))
+
+
+def main_label(config: dict) -> str | None:
+    """The label of a run's main result from its config (``kind``, ``method``, ``permutations``): the
+    debiased side of ``eval --permutations``, the held-out side of a regime diagnosis (``regime``,
+    ``study-regime``), else the method's own."""
+    if config.get("permutations", "none") not in (None, "none"):
+        return "debiased"
+    kind = str(config.get("kind") or "")
+    return "heldout" if kind.endswith("regime") else config.get("method")

@@ -92,13 +92,11 @@ def _split_cell(d: dict) -> tuple[dict, dict | None]:
 
 def _fmt(x: object, ci: object = None) -> str:
     """A number to the reports' significant digits (``tables.format_number``), its interval after it."""
-    from .tables import SIG, format_interval, format_number
+    from .tables import SIG, format_value
 
     if x is None or _isnan(x):
         return "n/a"
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
-        return format_number(float(x), SIG) + format_interval([float(c) for c in ci], float(x), SIG)
-    return format_number(float(x), SIG)
+    return format_value(float(x), ci, sig=SIG)
 
 
 # ---- drawing -----------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..errors import LlmcalError
 from ..io import atomic_write_text
-from ..runs import CONFIG, RunRecord, RunResult, load_run
+from ..runs import CONFIG, RunRecord, RunResult, load_run, main_label
 from .engine import Document
 from .plots import reliability_grid, save_reliability
 from .tables import extra_columns, format_value, md_text, result_row, results_rows, run_names
@@ -154,14 +154,6 @@ class _Predictions:
         return self.cache[path]
 
 
-def _main_label(config: dict) -> str | None:
-    """The label of the run's main result (``RunRecord.main``)."""
-    if config.get("permutations", "none") not in (None, "none"):
-        return "debiased"
-    kind = str(config.get("kind") or "")
-    return "heldout" if kind.endswith("regime") else config.get("method")
-
-
 def _option(r: RunResult, base: RunResult | None, preds: _Predictions, n_bootstrap: int, seed: int):
     """A result as a verdict Option; its accuracy change against ``base`` paired by question id."""
     from .verdict import Option
@@ -222,7 +214,7 @@ def _run_verdict(doc: Document, run_dir: Path, config: dict, results: Sequence[R
         return
     n_bootstrap = min(int(config.get("n_bootstrap") or 1000), 1000)
     seed = int(config.get("seed") or 0)
-    main = _main_label(config)
+    main = main_label(config)
     groups: dict[tuple, list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.dataset, r.split), []).append(r)

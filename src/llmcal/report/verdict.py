@@ -22,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .tables import format_interval, format_number
+from .tables import SIG, format_value
 
-SIG = 3
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,6 @@ class Verdict:
     options: tuple[Option, ...]  # every method but the base
     pick: Option | None  # None: no method beats the base without costing accuracy (or there is none)
     front: tuple[Option, ...]  # the Pareto front over the base and the options
-
-    @property
-    def kept(self) -> tuple[Option, ...]:
-        """The options that keep accuracy (the ones the pick is chosen among)."""
-        return tuple(o for o in self.options if keeps_accuracy(o))
 
     @property
     def costly(self) -> tuple[Option, ...]:
@@ -125,7 +119,7 @@ def gap_interval(probs, answers, *, n_bootstrap: int = 1000, seed: int = 0) -> t
 def _num(x: float | None, ci=None, *, signed: bool = False) -> str:
     if x is None:
         return "—"
-    return format_number(float(x), SIG, signed=signed) + format_interval(ci, float(x), SIG)
+    return format_value(float(x), ci, signed=signed, sig=SIG)
 
 
 def confidence_text(v: Verdict) -> str:

@@ -215,8 +215,9 @@ def best_rows(doc: dict) -> list[str]:
                     continue
                 # The same rule as the reports' verdict: a method whose accuracy-change interval lies
                 # below 0 or ends at it costs accuracy and is not picked, however low its conf-ECE.
-                kept = [r for r in have if _keeps_accuracy(r, pre)]
-                left_out = [r for r in have if r not in kept]
+                kept, left_out = [], []
+                for r in have:
+                    (kept if _keeps_accuracy(r, pre) else left_out).append(r)
                 if not kept:
                     continue
                 best = min(kept, key=lambda r: r[f"{pre}_conf_ece"])

@@ -18,15 +18,15 @@ import gc
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import LlmcalError
 from ..io import atomic_write_json, atomic_write_text
-from ..lock import LOCK_NAME, RunLock
+from ..lock import RunLock
 from ..redact import redact_text
+from ..runs import clear_run_dir
 from .cells import PointData, cell_config, materialise, regime_source, run_cell, run_dir
 from .collect import collect
 from .grid import EVAL_ROLES, IGNORED_KEYS, REGIME, TRAINING, Cell, Point, Study
@@ -277,7 +277,7 @@ def _claim(ctx: Context, cell: Cell, overwrite: bool) -> RunLock | None:
         raise _Busy(str(e)) from None
     try:
         if overwrite:
-            _empty(rd.path)
+            clear_run_dir(rd.path)
         elif rd.is_complete:
             if _complete_matches(ctx, cell):
                 lock.release()
@@ -285,7 +285,7 @@ def _claim(ctx: Context, cell: Cell, overwrite: bool) -> RunLock | None:
             # only a regime cell gets here: derived from its source, it is redone quietly once the source is
             # complete (until then it fails with a message that names the source)
             if run_dir(ctx, regime_source(ctx, cell)).is_complete:
-                _empty(rd.path)
+                clear_run_dir(rd.path)
     except BaseException:
         lock.release()
         raise
@@ -298,17 +298,6 @@ def _let_go(path: Path) -> None:
 
     if holds(path):
         RunLock.acquire(path).release()  # re-entrant: the lock this process holds
-
-
-def _empty(path: Path) -> None:
-    """Remove everything in a run directory but its lock file (which this process holds)."""
-    for p in path.iterdir():
-        if p.name == LOCK_NAME:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
 
 
 def _assemble(ctx: Context, failures: Sequence[tuple[Cell, str]] = (), config_file: str | None = None

@@ -136,13 +136,16 @@ def _cpu_bf16_mixed(model) -> bool:
             and any(p.dtype == torch.float32 for p in trainable))
 
 
-def training_precision(model, *, recompute: bool = False):
+def training_precision(model, *, recompute: bool = False, mixed: bool | None = None):
     """The context the training forward runs in: bfloat16 autocast without peft's input casts on a CPU
     bfloat16 base with float32 adapters (module docstring), else nothing.
 
     ``recompute``: the same for a checkpointed layer's recomputation in the backward pass, which
-    ``torch.utils.checkpoint`` starts inside the forward's autocast state (``checkpoint_layers``)."""
-    if not _cpu_bf16_mixed(model) or (torch.is_autocast_enabled("cpu") and not recompute):
+    ``torch.utils.checkpoint`` starts inside the forward's autocast state (``checkpoint_layers``);
+    ``mixed``: ``_cpu_bf16_mixed(model)`` when the caller already knows it."""
+    # The cheap test first: _cpu_bf16_mixed walks every parameter.
+    if (torch.is_autocast_enabled("cpu") and not recompute) or not (
+            _cpu_bf16_mixed(model) if mixed is None else mixed):
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
@@ -166,9 +169,18 @@ def checkpoint_layers(model, every_n_layers: int = 1) -> None:
     the time they cost are in bench/RESULTS.md, "Memory"."""
     core = _core(model)
 
+    mixed: list[bool] = []  # whether the model is a CPU bf16 base with float32 adapters, found once
+
     @contextlib.contextmanager
     def recompute():  # entered when the backward pass recomputes, not when the forward builds it
-        with training_precision(model, recompute=True):
+        # Decided at the first recomputation (after the Trainer has placed the model), not per layer and
+        # step: the parameters' devices and dtypes do not change while training runs.
+        if not mixed:
+            mixed.append(_cpu_bf16_mixed(model))
+        if not mixed[0]:
+            yield
+            return
+        with training_precision(model, recompute=True, mixed=True):
             yield
 
     def contexts():
