@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -111,22 +112,90 @@ def test_compare_run_writes_the_comparison(tmp_path):
     run = make_run(tmp_path / "run", preds)
     rep = compare_run(run, "ts,vector,isotonic")
     out = run / "posthoc"
-    for name in ("posthoc.json", "posthoc.md", "reliability-grid.png", "risk-coverage.png"):
+    for name in ("posthoc.json", "report.md", "report.html", "reliability-grid.png", "risk-coverage.png",
+                 "verdict-pareto.png", "verdict-reliability.png"):
         assert (out / name).exists()
     doc = json.loads((out / "posthoc.json").read_text())
     assert [m["method"] for m in doc["methods"]] == ["none", "ts", "vector", "isotonic"]
     assert doc["source"]["calib_file"] is None and "hash_unit(id, seed) >= 0.8" in doc["source"]["split"]
     assert doc["n_bootstrap"] == 200  # from the run's config
     assert doc["n_calib"] + doc["n_test"] == 400
-    md = (out / "posthoc.md").read_text()
+    md = (out / "report.md").read_text()
     assert "| isotonic |" in md and "docs/posthoc.md" in md
+    assert md.index("## Verdict") < md.index("- **model**: fake") < md.index("## Methods")
+    assert "src=\"data:image/png;base64," in (out / "report.html").read_text()
     assert rep.comparison.row("ts").params["temperature_"] > 0
     # a run with its own calibration split uses it
     run2 = make_run(tmp_path / "run2", preds[100:], calib=preds[:100])
     calib, test, source = select_predictions(run2)
     assert len(calib) == 100 and len(test) == 300 and source["calib_file"] == "predictions-calib.jsonl"
     rep2 = compare_run(run2, "ts", out_dir=tmp_path / "elsewhere", n_bootstrap=0)
-    assert (tmp_path / "elsewhere" / "posthoc.md").exists() and rep2.comparison.n_calib == 100
+    assert (tmp_path / "elsewhere" / "report.md").exists() and rep2.comparison.n_calib == 100
+    # the comparison never lands in a run directory, where its report.md would replace the run's own
+    with pytest.raises(LlmcalError, match="a run directory .* would replace the run's own"):
+        compare_run(run2, "ts", out_dir=run, n_bootstrap=0)
+    assert not (run / "posthoc.json").exists()
+
+
+def three_option_predictions(n: int, n_right: int, conf: float) -> list[Prediction]:
+    """``n`` three-option questions (answer A), the first ``n_right`` answered A, the rest B, all at ``conf``."""
+    rest = (1 - conf) / 2
+    return [Prediction.from_logits(f"q{i}", "s", 0, np.log([conf, rest, rest] if i < n_right else [rest, conf, rest]))
+            for i in range(n)]
+
+
+def costly_matrix_run(tmp_path, monkeypatch):
+    """A run whose post-hoc comparison has a method that costs accuracy and has the lowest conf-ECE.
+
+    The uncalibrated model answers 120 of 200 right at confidence 0.9 (conf-ECE 0.3); "ts" keeps its answers at
+    0.65 (conf-ECE 0.05); "matrix" loses 30 right answers at confidence 0.45, its accuracy (conf-ECE 0). The
+    methods' outputs are fixed here (``calibrate_predictions`` replaced) so the rule, not a fit, decides.
+    """
+    from llmcal.posthoc import compare
+
+    outputs = {"ts": three_option_predictions(200, 120, 0.65), "matrix": three_option_predictions(200, 90, 0.45)}
+
+    def fixed(method, calib, test, *, contextual_priors=None):
+        return (list(test), {}) if method == "none" else (outputs[method], {})
+
+    monkeypatch.setattr(compare, "calibrate_predictions", fixed)
+    return make_run(tmp_path / "run", three_option_predictions(200, 120, 0.9),
+                    calib=three_option_predictions(50, 30, 0.9))
+
+
+def test_the_comparison_report_never_picks_a_method_that_costs_accuracy(tmp_path, monkeypatch):
+    from llmcal.report.tables import SIG, format_value
+
+    run = costly_matrix_run(tmp_path, monkeypatch)
+    rep = compare_run(run, "ts,matrix", n_bootstrap=200)
+    ts, matrix = rep.comparison.row("ts"), rep.comparison.row("matrix")
+    assert matrix.conf_ece < ts.conf_ece and matrix.accuracy_change_ci[1] < 0  # lowest conf-ECE, costs accuracy
+    assert rep.verdict.pick.label == "ts" and [o.label for o in rep.verdict.costly] == ["matrix"]
+    md = (run / "posthoc" / "report.md").read_text(encoding="utf-8")
+    box = md[md.index("## Verdict"):md.index("- **model**")]
+    assert md.index(f"# Post-hoc calibration of `{tmp_path.name}/run`") < md.index("## Verdict") < md.index("## Methods")
+    assert box.startswith("## Verdict\n\n- Overconfident by 0.300 [")
+    before = format_value(rep.comparison.row("none").conf_ece, rep.comparison.row("none").ci["conf_ece"], sig=SIG)
+    after = format_value(ts.conf_ece, ts.ci["conf_ece"], sig=SIG)
+    assert f"Use **ts**: conf-ECE {before} → {after} at accuracy change 0 [0.00, 0.00]." in box
+    assert re.search(r"Left out for costing accuracy although their conf-ECE is lower: matrix \([0-9.]+ at accuracy "
+                     r"change -0\.150 \[-0\.\d+, -0\.\d+\]\)", box), box
+    assert "](verdict-pareto.png)" in box and "](verdict-reliability.png)" in box
+    assert md.count("fake") == 1  # the model named once
+    # the table's cells: 3 significant digits with their intervals, the reference's change left empty
+    assert f"| ts | calibration split | {format_value(ts.accuracy, ts.ci['accuracy'], sig=SIG)} | 0 [0.00, 0.00] | {after} |" in md
+    assert "| none | - | 0.600 [" in md and "| — | " + before in md
+    page = (run / "posthoc" / "report.html").read_text(encoding="utf-8")
+    assert page.index('id="verdict"') < page.index("<h2>Methods</h2>")
+    # the four images, each embedded: the two in and beside the verdict, the per-method grid, risk-coverage
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == len(re.findall(r"<img ", page)) == 4
+    assert not re.search(r'src="(?!data:)', page) and "<script" not in page
+
+    # without a method that keeps accuracy and lowers conf-ECE: keep the predictions as they are
+    rep = compare_run(run, "matrix", n_bootstrap=200)
+    md = (run / "posthoc" / "report.md").read_text(encoding="utf-8")
+    assert rep.verdict.pick is None and "Keep the model as it is" in md and "Use **" not in md
+    assert "*The predictions as they are: bars" in md  # the diagram beside the box: "before" alone
 
 
 def test_compare_run_refuses_an_incomplete_run(tmp_path):

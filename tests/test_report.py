@@ -455,7 +455,9 @@ def test_run_report_opens_with_the_verdict_and_never_picks_a_method_that_costs_a
     assert md.index("# llmcal run") < md.index("## Verdict") < md.index("- **model**")
     assert box.startswith("## Verdict\n\n- Overconfident by 0.300 [")
     assert "mean confidence 0.900 against accuracy 0.600 on 200 questions" in box
-    assert "Use **ts**: conf-ECE 0.300 → 0.0500 [" in box and "at accuracy change 0 [0.00, 0.00]" in box
+    # what the pick buys: conf-ECE before and after, each with its interval
+    assert re.search(r"Use \*\*ts\*\*: conf-ECE 0\.300 \[0\.\d+, 0\.\d+\] → 0\.0500 \[", box), box
+    assert "at accuracy change 0 [0.00, 0.00]" in box
     assert "Left out for costing accuracy although their conf-ECE is lower: matrix (" in box
     assert re.search(r"matrix \([0-9.e-]+ at accuracy change -0\.150 \[-0\.\d+, -0\.\d+\]\)", box), box
     assert "](verdict-pareto.png)" in box and "](verdict-reliability.png)" in box

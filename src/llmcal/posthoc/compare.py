@@ -4,8 +4,9 @@
 predictions (or, for batch calibration, on the test predictions without their
 labels), applies it to the test predictions and measures the result with
 bootstrap intervals. :func:`compare_run` does the same for a finished run
-directory and writes ``posthoc.json``, ``posthoc.md``, ``reliability-grid.png``
-and ``risk-coverage.png``.
+directory and writes ``posthoc.json``, the plots, and ``report.md`` with a
+self-contained ``report.html`` that open with the verdict
+(:mod:`llmcal.report.posthocreport`).
 """
 from __future__ import annotations
 
@@ -91,17 +92,11 @@ class Comparison:
                 "methods": [r.to_dict() for r in self.rows]}
 
     def table_markdown(self) -> str:
-        """The comparison as a Markdown table (values with 95% intervals)."""
-        head = ["method", "fit on", "accuracy", "Δ accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "AURC",
-                "smECE", "acc@80%", "acc@50%"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in self.rows:
-            cells = [r.method, r.fit_on, _ci(r.scores["accuracy"], r.ci.get("accuracy")),
-                     _ci(r.accuracy_change, r.accuracy_change_ci, signed=True)]
-            cells += [_ci(r.scores[k], r.ci.get(k)) for k in ("conf_ece", "cw_ece", "brier", "nll", "aurc")]
-            cells += [_num(r.scores[k]) for k in ("smece", "acc_at_80", "acc_at_50")]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+        """The comparison as a Markdown table: the report's methods table (3 significant digits, 95% intervals)."""
+        from ..report.posthocreport import COLUMNS, comparison_rows
+        from ..report.tables import SIG, markdown_table
+
+        return markdown_table(comparison_rows(self), COLUMNS, sig=SIG)
 
 
 @dataclass
@@ -113,17 +108,7 @@ class PosthocReport:
     comparison: Comparison
     out_dir: Path
     files: dict[str, Path]
-
-
-def _num(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def _ci(x, ci, signed: bool = False) -> str:
-    s = "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:+.4f}" if signed else f"{x:.4f}")
-    if ci and None not in ci and not any(math.isnan(v) for v in ci):
-        s += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return s
+    verdict: object = None  # the report's llmcal.report.verdict.Verdict: which method to use, if any
 
 
 # ---------------------------------------------------------------------------- applying one method
@@ -324,16 +309,25 @@ def compare_run(run_dir: str | Path, methods: str | Sequence[str] = "all", out_d
 
     Predictions are chosen by :func:`select_predictions`; ``n_bins``,
     ``n_bootstrap`` and ``seed`` default to the run's config (10, 1000, 0 when
-    absent). Writes into ``out_dir`` (default ``RUN_DIR/posthoc``), atomically:
-    ``posthoc.json`` (everything, predictions aside), ``posthoc.md`` (the
-    table), ``reliability-grid.png`` (one panel per method) and
-    ``risk-coverage.png``.
+    absent). Writes into ``out_dir`` (default ``RUN_DIR/posthoc``; not a run
+    directory, whose own report it would replace), atomically:
+    ``posthoc.json`` (everything, predictions aside), ``reliability-grid.png``
+    (one panel per method), ``risk-coverage.png``, and the report
+    (:mod:`llmcal.report.posthocreport`): ``report.md`` and a self-contained
+    ``report.html`` opening with the verdict (which method to use, among those
+    that keep accuracy), ``verdict-pareto.png`` and ``verdict-reliability.png``.
     """
-    from ..io import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json
     from ..report.plots import method_reliability_grid, risk_coverage_plot
-    from ..runs import load_run
+    from ..report.posthocreport import (RELIABILITY_GRID_PNG, RISK_COVERAGE_PNG, posthoc_verdict,
+                                          write_posthoc_report)
+    from ..runs import CONFIG, load_run
 
     run = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run / "posthoc"
+    if (out / CONFIG).exists():
+        raise LlmcalError(f"{out}: a run directory (it has {CONFIG}); the comparison's report.md would replace the "
+                          f"run's own: write it elsewhere (the default is RUN_DIR/posthoc)")
     calib, test, source = select_predictions(run, calib_fraction=calib_fraction, result=result)
     cfg = load_run(run).config
     n_bins = int(n_bins if n_bins is not None else cfg.get("n_bins") or 10)
@@ -342,28 +336,15 @@ def compare_run(run_dir: str | Path, methods: str | Sequence[str] = "all", out_d
     t0 = time.perf_counter()
     comp = compare_methods(calib, test, methods, contextual_priors=contextual_priors, n_bins=n_bins,
                            n_bootstrap=n_bootstrap, seed=seed)
-    out = Path(out_dir) if out_dir is not None else run / "posthoc"
-    title = f"{source['model']}: post-hoc calibration ({source['dataset']}: n={comp.n_test})"
+    title = f"{source['dataset']}: n={comp.n_test}"
     files = {
         "json": atomic_write_json(out / "posthoc.json", {"source": source, **comp.to_dict(),
                                                          "seconds": time.perf_counter() - t0}),
         "grid": method_reliability_grid([(r.method, r.metrics, None if r.method == "none" else r.accuracy_change)
-                                         for r in comp.rows], out / "reliability-grid.png", title=title),
+                                         for r in comp.rows], out / RELIABILITY_GRID_PNG, title=title),
         "risk_coverage": risk_coverage_plot([(r.method, r.risk_coverage) for r in comp.rows],
-                                            out / "risk-coverage.png", title=title),
+                                            out / RISK_COVERAGE_PNG, title=title),
     }
-    files["markdown"] = atomic_write_text(out / "posthoc.md", _markdown(comp, source, title))
-    return PosthocReport(run=run, source=source, comparison=comp, out_dir=out, files=files)
-
-
-def _markdown(comp: Comparison, source: dict, title: str) -> str:
-    lines = [f"# {title}", "",
-             f"Calibration: {comp.n_calib} predictions ({source['split']}); test: {comp.n_test} predictions "
-             f"({source['test_file']}). Intervals: 95% percentile bootstrap, {comp.n_bootstrap} resamples "
-             f"(Δ accuracy: paired). ECEs: {comp.n_bins} equal-width bins; smECE: smooth ECE; acc@X%: accuracy "
-             f"on the X% most confident questions. Formulas and sources: docs/posthoc.md.", "",
-             comp.table_markdown()]
-    if comp.skipped:
-        lines += ["Left out:", ""] + [f"- {k}: {v}" for k, v in comp.skipped.items()] + [""]
-    lines += ["![reliability per method](reliability-grid.png)", "", "![risk-coverage](risk-coverage.png)", ""]
-    return "\n".join(lines)
+    verdict = posthoc_verdict(comp, scope=str(source.get("dataset") or ""))
+    files.update(write_posthoc_report(comp, source, out, verdict))
+    return PosthocReport(run=run, source=source, comparison=comp, out_dir=out, files=files, verdict=verdict)

@@ -147,8 +147,8 @@ def _abs_ci(ci):
 
 
 def advice_text(v: Verdict) -> str:
-    """Which method to use and what it buys, or why none: "Use **ts**: conf-ECE 0.0862 → 0.0501 [0.04, 0.11]
-    at accuracy change 0 [0.00, 0.00]."."""
+    """Which method to use and what it buys, or why none: "Use **ts**: conf-ECE 0.0862 [0.06, 0.15] → 0.0501
+    [0.04, 0.11] at accuracy change 0 [0.00, 0.00]."."""
     b = v.base
     if not v.options:
         return "No calibration method was measured on these questions."
@@ -160,7 +160,8 @@ def advice_text(v: Verdict) -> str:
     if v.pick is None:
         return (f"Keep the model as it is: no method lowers its conf-ECE without costing accuracy.{left_out}")
     p = v.pick
-    return (f"Use **{p.label}**: conf-ECE {_num(b.conf_ece)} → {_num(p.conf_ece, p.conf_ece_ci)} at accuracy change "
+    return (f"Use **{p.label}**: conf-ECE {_num(b.conf_ece, b.conf_ece_ci)} → {_num(p.conf_ece, p.conf_ece_ci)} at "
+            f"accuracy change "
             f"{_num(p.accuracy_change, p.accuracy_change_ci, signed=True)}.{left_out}")
 
 
