@@ -198,6 +198,20 @@ def test_the_comparison_report_never_picks_a_method_that_costs_accuracy(tmp_path
     assert "*The predictions as they are: bars" in md  # the diagram beside the box: "before" alone
 
 
+def test_calibrate_from_prints_the_pick_and_where_the_report_is(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmcal.cli import app
+
+    run = costly_matrix_run(tmp_path, monkeypatch)
+    r = CliRunner().invoke(app, ["calibrate", "--from", str(run), "--method", "ts,matrix", "--n-bootstrap", "100",
+                                 "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())  # rich wraps the lines at the console's width
+    assert "Use ts: conf-ECE 0.300 [" in said and "Left out for costing accuracy" in said
+    assert "(report.md, report.html, posthoc.json, plots)" in said and (tmp_path / "cmp" / "report.html").is_file()
+
+
 def test_compare_run_refuses_an_incomplete_run(tmp_path):
     from llmcal.runs import RunDir
 

@@ -259,19 +259,24 @@ def _posthoc_from(ctx, run_dir: Path, method: str, values: dict, out: Optional[P
     t = Table(title=f"post-hoc calibration of {run_dir} ({report.source.get('split', '')})")
     for col in ("method", "accuracy", "Δ accuracy", "conf-ECE", "cw-ECE", "Brier", "NLL", "AURC"):
         t.add_column(col, justify="left" if col == "method" else "right")
+    from .report.tables import SIG, format_value
+    from .report.verdict import advice_text
+
     for row in report.comparison.rows:
-        sc, ci = row.scores, row.ci
+        def cell(k):  # the report's numbers: 3 significant digits, the interval after them
+            return format_value(row.scores[k], row.ci.get(k), sig=SIG)
 
-        def cell(k):
-            lo_hi = ci.get(k)
-            return f"{sc[k]:.4f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
-
-        t.add_row(row.method, cell("accuracy"), f"{row.accuracy_change:+.4f}", cell("conf_ece"), cell("cw_ece"),
-                  cell("brier"), cell("nll"), cell("aurc"))
+        change = "—" if row.method == "none" else format_value(row.accuracy_change, row.accuracy_change_ci,
+                                                                signed=True, sig=SIG)
+        t.add_row(row.method, cell("accuracy"), change, cell("conf_ece"), cell("cw_ece"), cell("brier"), cell("nll"),
+                  cell("aurc"))
     out_console.print(t)
     for name, why in report.comparison.skipped.items():
         out_console.print(f"[yellow]skipped {name}[/]: {why}")
-    out_console.print(f"comparison written to [bold]{report.out_dir}[/] (posthoc.md, posthoc.json, plots)")
+    if report.verdict is not None:
+        out_console.print(advice_text(report.verdict).replace("**", ""), highlight=False, markup=False)
+    out_console.print(f"comparison written to [bold]{report.out_dir}[/] (report.md, report.html, posthoc.json, "
+                      f"plots)")
 
 
 def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[Path], out: Optional[Path],
