@@ -1,5 +1,6 @@
 """report.html in a real headless browser (Debian's chromium, `make chromium`): every image loads and the
-verdict box, with the before/after reliability diagram beside it, is in the first screen.
+verdict box, with the before/after reliability diagram beside it, is in the first screen; for a run, a study
+and a post-hoc comparison (``llmcal calibrate --from RUN``).
 
 The report itself holds no script; the test opens a copy with a small script appended that measures the
 page once it has loaded (images decoded, layout done) and writes what it found into the DOM, which
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from llmcal.runs import RunResult
+from test_posthoc_compare import costly_matrix_run  # the comparison whose lowest conf-ECE costs accuracy
 from test_report import _three_option_file  # the same three-method run the report tests build
 
 # The first screen: a common laptop screen (the page gets it less the window's frame).
@@ -138,3 +140,18 @@ methods:
     check_first_screen(found)
     alts = [im["alt"] for im in found["images"]]
     assert "reliability diagram before and after" in alts and "accuracy against conf-ECE: the Pareto front" in alts
+
+
+def test_posthoc_comparison_report_in_headless_chromium(tmp_path, monkeypatch):
+    from llmcal.posthoc import compare_run
+
+    run = costly_matrix_run(tmp_path, monkeypatch)
+    rep = compare_run(run, "ts,matrix", n_bootstrap=100)
+    found = probe(rep.files["html"], tmp_path)
+    check_first_screen(found)
+    text = found["verdict"]["text"]
+    assert "Use ts" in text and "Left out for costing accuracy although their conf-ECE is lower: matrix" in text
+    alts = [im["alt"] for im in found["images"]]
+    assert alts == ["accuracy against conf-ECE: the Pareto front", "reliability diagram before and after",
+                    "reliability per method", "risk-coverage curves"]
+    assert found["side"]["alt"] == "reliability diagram before and after"
