@@ -1,7 +1,7 @@
 """The one report engine: a report is a list of blocks, rendered by two jinja2 templates.
 
-Run reports (``runreport.write_run_report``), comparisons (``runreport.write_comparison``) and study reports
-(``llmcal.study.report.write_report``) build a :class:`Document` (headings, paragraphs, lists, tables,
+Run reports (``runreport.write_run_report``), comparisons (``runreport.write_comparison``), post-hoc
+comparisons (``posthocreport.write_posthoc_report``) and study reports (``llmcal.study.report.write_report``) build a :class:`Document` (headings, paragraphs, lists, tables,
 figures, Markdown sections, the verdict box) and write ``doc.markdown()`` as ``report.md`` and
 ``doc.html()`` as ``report.html``.  The templates are ``report.md.j2`` and ``report.html.j2`` (in
 ``llmcal/study/templates/``, the package data).  Text is Markdown (``**bold**``, ``*italic*``, `` `code` ``,

@@ -385,7 +385,9 @@ def method_reliability_grid(items: Sequence[tuple[str, dict, float | None]], pat
         _draw_bars(ax, bins, small=True)
         acc = _fmt(s["accuracy"])
         if change is not None and not _isnan(change):
-            acc += f" ({float(change):+.3f})"
+            from .tables import SIG, format_value
+
+            acc += f" ({format_value(float(change), signed=True, sig=SIG)})"
         lines = [f"acc {acc}", f"ECE {_fmt(s['conf_ece'])}"]
         if full and full.get("aurc") is not None:
             lines.append(f"AURC {_fmt(full['aurc'])}")
