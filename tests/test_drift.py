@@ -174,9 +174,9 @@ def test_responses_are_cached_and_reused(tiny, prompts, tmp_path):
     other = _perturbed(model)
     kw = dict(prompts=prompts[:4], max_new_tokens=NEW, progress=False, batch_size=2, cache=tmp_path)
     first = alignment_drift(model, other, tok, **kw)
-    assert not first["responses_cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    assert not first["responses_cached"] and len(list(tmp_path.rglob("*.jsonl"))) == 1
     second = alignment_drift(model, _perturbed(model, seed=5), tok, **kw)  # another tuned model, same original
-    assert second["responses_cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    assert second["responses_cached"] and len(list(tmp_path.rglob("*.jsonl"))) == 1
     again = alignment_drift(model, other, tok, **kw)
     assert again["responses_cached"] and again == {**first, "responses_cached": True}
 
@@ -223,26 +223,40 @@ def test_cache_key_from_the_model_spec_follows_the_weight_files(tiny, prompts, t
     assert responses_key(model, False, enc, original_spec=resolve_model(str(d)), **kw) != k
 
 
-@pytest.mark.parametrize("damage", ["token", "truncate", "checksum"])
-def test_a_damaged_cache_entry_is_recomputed_not_trusted(tiny, prompts, tmp_path, damage, caplog):
+def _damage(entry, how, vocab):
+    """Damage a drift store entry (header line, then one {"id", "tokens"} record per prompt) in place."""
     import json
+
+    head, *lines = entry.read_text().splitlines()
+    if how == "token":  # valid JSON, a plausible token id: only the checksum catches it
+        rec = json.loads(lines[0])
+        rec["tokens"][0] = (rec["tokens"][0] + 1) % vocab
+        lines[0] = json.dumps(rec)
+    elif how == "truncate":
+        entry.write_text(entry.read_text()[:40])
+        return
+    elif how == "checksum":
+        head = json.dumps({**json.loads(head), "sha256": "0" * 64})
+    else:  # a consistent entry (checksum rewritten) whose records are not this measurement's prompts
+        lines = lines[:-1]
+        body = "".join(line + "\n" for line in lines).encode()
+        import hashlib
+
+        head = json.dumps({**json.loads(head), "n": len(lines), "sha256": hashlib.sha256(body).hexdigest()})
+    entry.write_text("".join(line + "\n" for line in [head, *lines]))
+
+
+@pytest.mark.parametrize("damage", ["token", "truncate", "checksum", "records"])
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(tiny, prompts, tmp_path, damage, caplog):
     import logging
 
     model, tok = tiny
     other = _perturbed(model)
     kw = dict(prompts=prompts[:4], max_new_tokens=NEW, progress=False, batch_size=2, cache=tmp_path)
     want = alignment_drift(model, other, tok, **kw)
-    (entry,) = tmp_path.glob("*.json")
-    doc = json.loads(entry.read_text())
-    if damage == "token":  # valid JSON, a plausible token id: only the checksum catches it
-        doc["responses"][0][0] = (doc["responses"][0][0] + 1) % len(tok)
-        entry.write_text(json.dumps(doc))
-    elif damage == "truncate":
-        entry.write_text(entry.read_text()[:40])
-    else:
-        doc["checksum"] = "0" * 64
-        entry.write_text(json.dumps(doc))
-    with caplog.at_level(logging.WARNING, logger="llmcal.drift"):
+    (entry,) = tmp_path.rglob("*.jsonl")
+    _damage(entry, damage, len(tok))
+    with caplog.at_level(logging.WARNING, logger="llmcal.cache"):
         got = alignment_drift(model, other, tok, **kw)
     assert not got["responses_cached"] and got == want
     assert any("damaged drift response cache entry" in r.getMessage() for r in caplog.records)

@@ -136,20 +136,20 @@ def test_content_free_distribution_scores_content_free_questions_and_caches(tiny
     from llmcal.prompts import encode_questions
 
     lm = load_model(resolve_model(str(tiny_model_dir)), dtype="float32", device="cpu")
-    priors = content_free_distribution(lm, "plain", [3, 4], cache_dir=tmp_path)
+    priors = content_free_distribution(lm, "plain", [3, 4], cache=tmp_path)
     assert set(priors) == {3, 4}
     assert priors[4].sum() == pytest.approx(1.0) and priors[4].shape == (4,)
     qs = [Question(id=f"cf{j}", question=s, choices=(s,) * 4, answer=0) for j, s in enumerate(("N/A", "", "[MASK]"))]
     preds = scoring.score(lm.model, lm.tokenizer, encode_questions(qs, lm.tokenizer, "plain"),
                           options=scoring.ScoreOptions(progress=False))
     assert priors[4] == pytest.approx(np.mean([p.probs for p in preds], axis=0), abs=1e-6)
-    assert (tmp_path / "contextual-priors.json").exists()
+    assert len(list(tmp_path.rglob("*.jsonl"))) == 2  # one store entry per K
 
     def no_scoring(*a, **k):
         raise AssertionError("a cached prior was scored again")
 
     monkeypatch.setattr(scoring, "score", no_scoring)
-    again = content_free_distribution(lm, "plain", 4, cache_dir=tmp_path)
+    again = content_free_distribution(lm, "plain", 4, cache=tmp_path)
     assert again[4] == pytest.approx(priors[4])
 
 

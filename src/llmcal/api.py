@@ -219,10 +219,10 @@ def _posthoc(run_dir: str | Path, method: str | Sequence[str], out: str | Path |
                               f"content-free prompts with a local model, so it cannot run here: leave 'contextual' "
                               f"out of --method")
         _, test, source = select_predictions(run_dir, calib_fraction=calib_fraction)
+        # lazy: priors from llmcal's store (the priors namespace) never load the weights
         loaded = load_model(recorded_model_spec(spec_doc, run_dir), dtype=options.get("dtype") or "auto",
-                            device=options.get("device") or "auto")
-        priors = content_free_distribution(loaded, source["template"], sorted({len(p.probs) for p in test}),
-                                           cache_dir=run_dir / "posthoc")
+                            device=options.get("device") or "auto", lazy=True)
+        priors = content_free_distribution(loaded, source["template"], sorted({len(p.probs) for p in test}))
     return compare_run(run_dir, names, out, calib_fraction=calib_fraction, contextual_priors=priors,
                        n_bins=options.get("n_bins"), n_bootstrap=options.get("n_bootstrap"), seed=options.get("seed"))
 

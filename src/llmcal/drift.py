@@ -25,16 +25,17 @@ peft model whose base *is* the original is handled without a second copy:
 ``original_model=None`` means "``tuned_model`` with its adapter disabled".
 
 The original's responses depend only on the original model, so they are
-generated once and kept in the llmcal cache (``<cache>/drift/``, see
-``llmcal.models.cache_dir``), keyed by a sha256 of everything that decides
-them: the original's weights (a fingerprint of its files when the caller names
-its ``ModelSpec``, else a hash of the parameters themselves), their dtype and
-device type, the exact prompt token ids (prompt text, chat template and
-tokenizer act through these), the end-of-sequence and padding ids, the batch
-size (it decides the padding, which can move bfloat16 arithmetic),
-``max_new_tokens`` and the transformers version.  An entry carries a sha256 of
-its contents; one that fails any check is deleted and generated again, never
-trusted.
+generated once and kept in the ``drift`` namespace of llmcal's one store
+(``llmcal.cache.Store``, ``<llmcal cache>/drift/``), keyed by everything that
+decides them: the original's weights (``llmcal.cache.weights_fingerprint`` of
+its ``ModelSpec`` when the caller names it, the fingerprint the scoring cache
+uses too; else a hash of the parameters themselves), their dtype and device
+type, the exact prompt token ids (prompt text, chat template and tokenizer act
+through these), the end-of-sequence and padding ids, the batch size (it
+decides the padding, which can move bfloat16 arithmetic), ``max_new_tokens``
+and the transformers and torch versions.  An entry is one record per prompt
+(its id and response token ids) behind the store's checksum; one that fails
+any check is deleted and generated again, never trusted.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .cache import Store
 from .errors import LlmcalError
-from .io import atomic_write_json
 from .progress import bar
 
 log = logging.getLogger(__name__)
@@ -231,87 +232,55 @@ def _weights_digest(model: Any, disable: bool) -> str:
     return h.hexdigest()
 
 
-def _file_fingerprint(spec: Any) -> list:
-    """(name, size, mtime_ns) of the files of a ModelSpec's weights, its base's for an adapter, a hub revision."""
-    out: list = [spec.kind, spec.path, spec.gguf_file]
-    path = Path(spec.path)
-    if spec.kind == "gguf" and path.is_dir():
-        files = [path / spec.gguf_file]
-    elif spec.kind in ("local", "lora") and path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file())
-    else:
-        files = []
-        if spec.kind == "hub":
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(spec.path, "config.json")
-            out.append(Path(hit).parent.name if isinstance(hit, str) else None)  # the snapshot's commit
-    for f in files:
-        st = f.stat()
-        out.append([f.name, st.st_size, st.st_mtime_ns])
-    if getattr(spec, "base", None) is not None:
-        out.append(_file_fingerprint(spec.base))
-    return out
-
-
-def responses_key(original: Any, disable: bool, encoded: Sequence[Sequence[int]], *, max_new_tokens: int,
-                  eos: set[int], pad_id: int, batch_size: int, original_spec: Any = None) -> str:
-    """The cache key of the original's greedy responses (see the module docstring)."""
+def responses_key_doc(original: Any, disable: bool, encoded: Sequence[Sequence[int]], *, max_new_tokens: int,
+                      eos: set[int], pad_id: int, batch_size: int, original_spec: Any = None) -> dict:
+    """What decides the original's greedy responses (the ``drift`` key document; see the module docstring)."""
     import torch
     import transformers
 
+    from .cache import weights_fingerprint
+
     p = next(original.parameters())
-    weights = (["files", _file_fingerprint(original_spec)] if original_spec is not None
-               else ["params", _weights_digest(original, disable)])
-    head = {"version": CACHE_VERSION, "weights": weights, "dtype": str(p.dtype), "device": p.device.type,
-            "max_new_tokens": max_new_tokens, "eos": sorted(eos), "pad": pad_id, "batch_size": batch_size,
-            "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
-    h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    weights = weights_fingerprint(original_spec) if original_spec is not None else None
+    if weights is None:  # no spec, or weights it cannot name: the parameters themselves
+        weights = {"params": _weights_digest(original, disable)}
+    prompts = hashlib.sha256()
     for ids in encoded:
-        h.update(json.dumps(list(ids)).encode())
-    return h.hexdigest()
+        prompts.update(json.dumps(list(ids)).encode())
+    return {"version": CACHE_VERSION, "weights": weights, "dtype": str(p.dtype), "device": p.device.type,
+            "max_new_tokens": max_new_tokens, "eos": sorted(eos), "pad": pad_id, "batch_size": batch_size,
+            "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
+            "prompts": prompts.hexdigest()}
 
 
-def _checksum(key: str, responses: list[list[int]]) -> str:
-    return hashlib.sha256(json.dumps([key, responses]).encode()).hexdigest()
+def responses_key(original: Any, disable: bool, encoded: Sequence[Sequence[int]], **kw: Any) -> str:
+    """The ``drift`` store key of the original's greedy responses (:func:`responses_key_doc`)."""
+    from .cache import store_key
+
+    return store_key("drift", responses_key_doc(original, disable, encoded, **kw))
 
 
-def _cache_path(root: Path, key: str) -> Path:
-    return root / f"{key}.json"
+def read_responses(store: Any, key: str, ids: list[str], max_new_tokens: int) -> list[list[int]] | None:
+    """The cached responses for ``key``, one per prompt of ``ids``; None when absent or damaged (then deleted).
 
-
-def read_responses(root: Path, key: str, n: int, max_new_tokens: int) -> list[list[int]] | None:
-    """The cached responses for ``key``; None when absent, or when damaged (then the entry is deleted)."""
-    path = _cache_path(root, key)
-    if not path.exists():
+    Each must be 1..max_new_tokens non-negative token ids, and the entry's prompt ids those asked for.
+    """
+    records = store.get(key)
+    if records is None:
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        responses = doc["responses"]
-        ok = (doc.get("key") == key and doc.get("checksum") == _checksum(key, responses) and len(responses) == n
-              and all(isinstance(r, list) and 1 <= len(r) <= max_new_tokens
-                      and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in r)
-                      for r in responses))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        ok, why = False, f"{type(e).__name__}: {e}"
-    else:
-        why = "its checksum, key or contents do not match"
+    ok = (len(records) == len(ids)
+          and all(isinstance(r, dict) and r.get("id") == i and isinstance(r.get("tokens"), list)
+                  and 1 <= len(r["tokens"]) <= max_new_tokens
+                  and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in r["tokens"])
+                  for r, i in zip(records, ids)))
     if not ok:
-        log.warning("%s: damaged drift response cache entry (%s); generating the responses again", path, why)
-        path.unlink(missing_ok=True)
+        store.reject(key, "its prompts or token ids are not those of this measurement")
         return None
-    return responses
+    return [r["tokens"] for r in records]
 
 
-def write_responses(root: Path, key: str, responses: list[list[int]], ids: list[str]) -> Path:
-    return atomic_write_json(_cache_path(root, key), {"key": key, "ids": ids, "responses": responses,
-                                                      "checksum": _checksum(key, responses)})
-
-
-def _default_cache_root() -> Path:
-    from .models import cache_dir
-
-    return cache_dir() / "drift"
+def write_responses(store: Any, key: str, responses: list[list[int]], ids: list[str]) -> Path:
+    return store.put(key, [{"id": i, "tokens": r} for i, r in zip(ids, responses)])
 
 
 def _left_pad(rows: list[list[int]], pad_id: int):
@@ -389,13 +358,14 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
         if not disable:
             stack.enter_context(_eval(original_model))
 
-        root = None if cache is False else (_default_cache_root() if cache is True else Path(cache))
+        store = None if cache is False else Store("drift", None if cache is True else Path(cache))
         key = None
         responses = None
-        if root is not None:
+        prompt_ids = [it["id"] for it in items]
+        if store is not None:
             key = responses_key(original, disable, encoded, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
                                 batch_size=batch_size, original_spec=original_spec)
-            responses = read_responses(root, key, len(items), max_new_tokens)
+            responses = read_responses(store, key, prompt_ids, max_new_tokens)
         cached = responses is not None
         if responses is None:
             responses = [[] for _ in items]
@@ -407,10 +377,10 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
                                                        pad_id)):
                             responses[i] = r
                     task.advance(len(rows))
-            if root is not None:
-                write_responses(root, key, responses, [it["id"] for it in items])
+            if store is not None:
+                write_responses(store, key, responses, prompt_ids)
         else:
-            log.info("alignment drift: the original's responses from the cache (%s)", _cache_path(root, key))
+            log.info("alignment drift: the original's responses from the cache (%s)", store.path(key))
 
         task = stack.enter_context(bar("alignment drift", total=len(items), show=progress))
         for rows in _batches(order, batch_size):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,7 +56,9 @@ class Section:
 
 def cache_enabled() -> bool:
     """``LLMCAL_SCORE_CACHE=0`` turns the scoring cache off (it is on by default)."""
-    return os.environ.get("LLMCAL_SCORE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    from .cache import enabled
+
+    return enabled("scores")
 
 
 class Run:
@@ -160,8 +161,9 @@ class Run:
         if cache and backend.cacheable and cache_enabled():
             from .cache import ScoreCache, score_key
 
-            store, key = ScoreCache(), score_key(loaded, encoded, template, batch_tokens)
-            hit = store.get(key, [q.id for q in questions])
+            key = score_key(loaded, encoded, template, batch_tokens)  # None: weights unknown, not cached
+            store = ScoreCache() if key is not None else None
+            hit = store.get(key, [q.id for q in questions]) if store is not None else None
             if hit is not None:
                 log.info("%s: %d predictions from the scoring cache", filename, len(hit))
 

@@ -14,7 +14,7 @@ They differ in where the prior comes from:
   same prompt template, averaged over those inputs. The paper's W =
   diag(prior)^-1, b = 0 applied to p and renormalised (as its code does) is
   exactly the formula above. Needs the model once per (model, template, K):
-  :func:`content_free_distribution` computes it and caches it in a JSON file.
+  :func:`content_free_distribution` computes it and caches it in llmcal's store.
 * batch calibration (Zhou et al., "Batch Calibration: Rethinking Calibration
   for In-Context Learning and Prompt Engineering", ICLR 2024): the mean of the
   model's option distributions over the batch being calibrated,
@@ -26,7 +26,6 @@ have different letter priors), so mixed K is handled when every K has a prior.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -36,13 +35,11 @@ import numpy as np
 from ..errors import LlmcalError
 from ._common import Calibrator, _log_softmax, _masked_softmax, _option_counts
 
-__all__ = ["CONTENT_FREE_STRINGS", "BatchCalibrator", "ContextualCalibrator", "content_free_distribution",
-           "CONTEXTUAL_CACHE_FILE"]
+__all__ = ["CONTENT_FREE_STRINGS", "BatchCalibrator", "ContextualCalibrator", "content_free_distribution"]
 
 log = logging.getLogger(__name__)
 
 CONTENT_FREE_STRINGS = ("N/A", "", "[MASK]")
-CONTEXTUAL_CACHE_FILE = "contextual-priors.json"
 
 
 def _apply_priors(z: np.ndarray, mask: np.ndarray, log_priors: Mapping[int, np.ndarray], what: str) -> np.ndarray:
@@ -149,29 +146,38 @@ class ContextualCalibrator(Calibrator):
 
 # ---------------------------------------------------------------------------- the model's content-free prior
 
-def _cache_key(identity: str, dtype: str, template: str, k: int, strings: Sequence[str]) -> str:
-    return json.dumps({"model": identity, "dtype": dtype, "template": template, "k": k, "strings": list(strings)},
-                      sort_keys=True)
+def _prior_key_doc(loaded, encoded, template: str, batch_tokens: int, strings: Sequence[str]) -> dict | None:
+    """The ``priors`` key document: the scoring pass's key (weights, dtype, device, questions...) and the strings."""
+    from ..cache import score_key_doc
+
+    scoring = score_key_doc(loaded, encoded, template, batch_tokens)
+    return None if scoring is None else {"prior": "content-free mean", "scoring": scoring, "strings": list(strings)}
 
 
 def content_free_distribution(loaded, template: str, ks: int | Iterable[int], *, tokenizer: Any = None,
-                              strings: Sequence[str] = CONTENT_FREE_STRINGS, cache_dir: str | Path | None = None,
+                              strings: Sequence[str] = CONTENT_FREE_STRINGS, cache: bool | str | Path = True,
                               batch_tokens: int | None = None) -> dict[int, np.ndarray]:
     """The model's option distribution on content-free questions, per K: {K: prior (K,)}.
 
     For each K and each content-free string s, the question is s and every one
     of its K options is s (no subject), rendered with ``template`` ("plain",
     "chat" or "auto") exactly like a real question and scored by the scoring
-    engine (``llmcal.scoring.score``); the prior is the mean of the resulting
-    option distributions over the strings (Zhao et al. 2021, section 5).
+    engine (``llmcal.scoring.score``), one pass per K; the prior is the mean of
+    the resulting option distributions over the strings (Zhao et al. 2021,
+    section 5).
 
-    ``loaded`` is a :class:`llmcal.models.LoadedModel` (its tokenizer is used
-    unless ``tokenizer`` is given). With ``cache_dir`` the result is cached in
-    ``cache_dir/contextual-priors.json`` under (model identity, dtype, template,
-    K, strings); a cached K is not scored again.
+    ``loaded`` is a :class:`llmcal.models.LoadedModel` as loaded from its spec
+    (its tokenizer is used unless ``tokenizer`` is given). Each K's prior is
+    kept in the ``priors`` namespace of llmcal's store (``llmcal.cache``), keyed
+    by what keys that K's scoring pass in the scoring cache (the weights'
+    fingerprint, backend, dtype, device type, template, the encoded questions,
+    the batch budget, the engine version) and the strings; a cached K is not
+    scored, and a model loaded lazily (``load_model(..., lazy=True)``) is not
+    even loaded when every K is cached. ``cache=True`` uses the llmcal cache, a
+    path a store rooted there, ``False`` computes without caching.
     """
+    from ..cache import Store, store_key
     from ..data.schema import MAX_CHOICES, MIN_CHOICES, Question
-    from ..io import atomic_write_json
     from ..prompts import encode_questions, resolve_template
     from ..scoring import ScoreOptions, score
 
@@ -185,38 +191,27 @@ def content_free_distribution(loaded, template: str, ks: int | Iterable[int], *,
             raise LlmcalError(f"content_free_distribution: K must be in {MIN_CHOICES}..{MAX_CHOICES}, got {k}")
     if not strings:
         raise LlmcalError("content_free_distribution: give at least one content-free string")
-    identity = loaded.spec.identity
-    dtype = str(getattr(loaded, "dtype", ""))
-    cache_path = Path(cache_dir) / CONTEXTUAL_CACHE_FILE if cache_dir is not None else None
-    cache: dict = {}
-    if cache_path is not None and cache_path.exists():
-        try:
-            cache = json.loads(cache_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LlmcalError(f"{cache_path}: not a JSON file ({e}); delete it to recompute") from e
+    opts = ScoreOptions(progress=False, description="content-free inputs")
+    if batch_tokens is not None:
+        opts.batch_tokens = int(batch_tokens)
+    store = None if cache is False else Store("priors", None if cache is True else Path(cache))
     out: dict[int, np.ndarray] = {}
-    todo = []
     for k in k_list:
-        hit = cache.get(_cache_key(identity, dtype, template, k, strings))
-        if hit is not None:
-            out[k] = _check_prior(k, hit["prior"])
-        else:
-            todo.append(k)
-    if todo:
         questions = [Question(id=f"content-free-K{k}-{j}", question=s, choices=tuple([s] * k), answer=0)
-                     for k in todo for j, s in enumerate(strings)]
+                     for j, s in enumerate(strings)]
         encoded = encode_questions(questions, tok, template)
-        opts = ScoreOptions(progress=False, description="content-free inputs")
-        if batch_tokens is not None:
-            opts.batch_tokens = int(batch_tokens)
-        by_id = {p.id: p for p in score(loaded.model, tok, encoded, options=opts)}
-        for k in todo:
-            probs = np.array([by_id[f"content-free-K{k}-{j}"].probs for j in range(len(strings))])
-            out[k] = probs.mean(axis=0)
-            cache[_cache_key(identity, dtype, template, k, strings)] = {
-                "model": identity, "dtype": dtype, "template": template, "k": k, "strings": list(strings),
-                "prior": out[k].tolist()}
-            log.info("content-free prior for K=%d (%s, %s): %s", k, identity, template, np.round(out[k], 4))
-        if cache_path is not None:
-            atomic_write_json(cache_path, cache)
+        doc = _prior_key_doc(loaded, encoded, template, opts.batch_tokens, strings) if store is not None else None
+        key = store_key("priors", doc) if doc is not None else None
+        hit = store.get(key) if key is not None else None
+        if hit is not None:
+            try:
+                out[k] = _check_prior(k, hit[0]["prior"])
+                continue
+            except (LlmcalError, LookupError, TypeError) as e:
+                store.reject(key, f"not a prior for K={k}: {e}")
+        preds = score(loaded.model, tok, encoded, options=opts)
+        out[k] = np.mean([p.probs for p in preds], axis=0)
+        log.info("content-free prior for K=%d (%s, %s): %s", k, loaded.spec.name, template, np.round(out[k], 4))
+        if key is not None:
+            store.put(key, [{"k": k, "prior": out[k].tolist()}])
     return out
