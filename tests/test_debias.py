@@ -261,3 +261,27 @@ def test_cli_eval_permutations_pride(tiny_model_dir, tmp_path):
     r = CliRunner().invoke(app, ["eval", "-m", str(tiny_model_dir), "-d", DATA, "--permutations", "all",
                                  "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "--permutations 'all'" in r.output
+
+
+def test_debias_section_tables_come_from_the_report_engine():
+    """The section's tables are the engine's (``markdown_table``, 3 significant digits, intervals after the value)."""
+    from llmcal.debias import debias_section
+
+    prior = {"n_questions": 40, "uniform": 0.25, "letters": ["A", "B", "C", "D"],
+             "mean_prob": [0.2081, 0.3042, 0.27, 0.2177], "mean_prob_ci": [[0.199, 0.218]] * 4,
+             "pride_prior": [0.25] * 4, "pride_prior_ci": [[0.24, 0.26]] * 4,
+             "pick_share": [0.1, 0.38, 0.3, 0.22], "pick_share_ci": [[0.05, 0.15]] * 4}
+    summary = {"mode": "pride", "n_subset": 40, "pride_fraction": 0.2, "seed": 0, "forward_passes": 320,
+               "n_questions": 200, "cost": "1.6 passes per question", "letter_prior": {4: prior},
+               "prior_used": {4: [0.21, 0.30, 0.27, 0.22]},
+               "change": {"accuracy": -0.025, "accuracy_ci": [-0.07, 0.02], "conf_ece": 0.0021,
+                          "conf_ece_ci": [-0.05, 0.06]}}
+    metrics = {"accuracy": 0.52, "conf_ece": 0.0741, "brier": 0.61234, "nll": 1.23456,
+               "ci": {"accuracy": [0.45, 0.59], "conf_ece": [0.05, 0.12]}}
+    text = debias_section(summary, metrics, {**metrics, "accuracy": 0.495})
+    assert "| letter | mean probability | PriDe prior | argmax share | divided out |" in text
+    assert "| A | 0.208 [0.20, 0.22] | 0.250 [0.24, 0.26] | 0.100 [0.05, 0.15] | 0.210 |" in text
+    assert "| result | accuracy | conf-ECE | Brier | NLL |" in text
+    assert "| none | 0.520 [0.45, 0.59] | 0.0741 [0.05, 0.12] | 0.612 | 1.23 |" in text
+    assert "| debiased | 0.495 [0.45, 0.59] |" in text
+    assert "accuracy -0.0250 [-0.070, 0.020], conf-ECE +0.00210 [-0.050, 0.060]." in text

@@ -278,12 +278,11 @@ def debias_predictions(plain: Sequence[Prediction], permuted: Sequence[Predictio
 
 
 # ---------------------------------------------------------------------------- the report section
-def _ci(v, ci) -> str:
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
 def debias_section(summary: dict, none_metrics: dict, deb_metrics: dict) -> str:
-    """Markdown: cost, the letter prior per option count, and the metrics with and without debiasing."""
+    """Markdown: cost, the letter prior per option count, and the metrics with and without debiasing (the report
+    engine's tables: ``llmcal.report.tables.markdown_table``, numbers to 3 significant digits)."""
+    from .report.tables import SIG, format_value, markdown_table
+
     mode = summary["mode"]
     how = ("the K cyclic shifts of every question's options, averaged in the original order" if mode == "cyclic"
            else f"PriDe: the letter prior estimated from the K cyclic shifts of {summary['n_subset']} questions "
@@ -294,22 +293,21 @@ def debias_section(summary: dict, none_metrics: dict, deb_metrics: dict) -> str:
     for k, pr in summary["letter_prior"].items():
         used = (summary.get("prior_used") or {}).get(k)
         lines += [f"Letter prior, {k} options ({pr['n_questions']} questions under all {k} shifts; an unbiased model "
-                  f"has {pr['uniform']:.3f} everywhere):", "",
-                  "| letter | mean probability | PriDe prior | argmax share |" + (" divided out |" if used else ""),
-                  "|---|---|---|---|" + ("---|" if used else "")]
-        for i, letter in enumerate(pr["letters"]):
-            row = (f"| {letter} | {_ci(pr['mean_prob'][i], pr['mean_prob_ci'][i])} | "
-                   f"{_ci(pr['pride_prior'][i], pr['pride_prior_ci'][i])} | "
-                   f"{_ci(pr['pick_share'][i], pr['pick_share_ci'][i])} |")
-            lines.append(row + (f" {used[i]:.3f} |" if used else ""))
-        lines.append("")
-    lines += ["| result | accuracy | conf-ECE | Brier | NLL |", "|---|---|---|---|---|"]
+                  f"has {format_value(pr['uniform'], sig=SIG)} everywhere):", ""]
+        rows = [{"letter": letter, **{key: pr[key][i] for key in ("mean_prob", "pride_prior", "pick_share")},
+                 **{f"{key}_ci": pr[f"{key}_ci"][i] for key in ("mean_prob", "pride_prior", "pick_share")},
+                 "divided_out": used[i] if used else None} for i, letter in enumerate(pr["letters"])]
+        columns = ["letter", ("mean_prob", "mean probability"), ("pride_prior", "PriDe prior"),
+                   ("pick_share", "argmax share")] + ([("divided_out", "divided out")] if used else [])
+        lines += [markdown_table(rows, columns, sig=SIG)]
+    rows = []
     for label, m in (("none", none_metrics), ("debiased", deb_metrics)):
-        ci = m.get("ci", {})
-        acc = _ci(m["accuracy"], ci["accuracy"]) if "accuracy" in ci else f"{m['accuracy']:.3f}"
-        ece = _ci(m["conf_ece"], ci["conf_ece"]) if "conf_ece" in ci else f"{m['conf_ece']:.3f}"
-        lines.append(f"| {label} | {acc} | {ece} | {m['brier']:.4f} | {m['nll']:.4f} |")
+        ci = m.get("ci") or {}
+        rows.append({"result": label, **{key: m[key] for key in ("accuracy", "conf_ece", "brier", "nll")},
+                     "accuracy_ci": ci.get("accuracy"), "conf_ece_ci": ci.get("conf_ece")})
+    lines += [markdown_table(rows, ["result", "accuracy", "conf_ece", "brier", "nll"], sig=SIG)]
     ch = summary["change"]
-    lines += ["", f"Debiased minus none, paired 95% bootstrap intervals: accuracy "
-                  f"{_ci(ch['accuracy'], ch['accuracy_ci'])}, conf-ECE {_ci(ch['conf_ece'], ch['conf_ece_ci'])}.", ""]
+    lines += [f"Debiased minus none, paired 95% bootstrap intervals: accuracy "
+              f"{format_value(ch['accuracy'], ch['accuracy_ci'], signed=True, sig=SIG)}, conf-ECE "
+              f"{format_value(ch['conf_ece'], ch['conf_ece_ci'], signed=True, sig=SIG)}.", ""]
     return "\n".join(lines)
