@@ -319,3 +319,9 @@ def test_calibrate_from_a_run_with_contextual_twice_loads_the_model_once(tiny_mo
                                                                                                   "contextual"]
     assert one.comparison.rows[-1].params == two.comparison.rows[-1].params  # the same prior
     assert one.comparison.rows[-1].scores == two.comparison.rows[-1].scores
+
+
+def test_a_kind_of_model_llmcal_does_not_know_is_named_by_its_spec():
+    spec = ModelSpec(name="m", kind="toy", path="m")  # an outside backend's model (tests/test_backends.py)
+    assert weights_fingerprint(spec) == {"spec": spec.to_dict()}
+    assert weights_fingerprint(replace(spec, path="n")) != weights_fingerprint(spec)

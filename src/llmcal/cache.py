@@ -90,7 +90,10 @@ def weights_fingerprint(spec: Any) -> dict | None:
     ``{"model": ..., "revision": commit}`` for a hub model (or a hub GGUF
     file), the commit of the snapshot in the local hub cache that a load would
     read; an adapter adds ``"base"``, its base's fingerprint, so an adapter on
-    replaced base weights is a different model.
+    replaced base weights is a different model.  A kind of model llmcal does
+    not know (an outside backend's, ``llmcal.backends``) is named by its spec,
+    ``{"spec": spec.to_dict()}``: a backend that says ``cacheable`` says its
+    spec names the weights.
 
     Why size and modification time rather than a hash of the contents: a
     content hash reads every byte of the weights on every run, including the
@@ -108,6 +111,9 @@ def weights_fingerprint(spec: Any) -> dict | None:
     means "unknown": the caller does not cache (it must not store an entry
     under a key that would match other weights later).
     """
+    if spec.kind not in ("hub", "local", "gguf", "lora"):
+        # a backend's own kind of model: its ``cacheable`` says its spec names the weights, so the spec is the name
+        return {"spec": spec.to_dict()}
     fp: dict = {"model": spec.identity}
     path = Path(spec.path)
     if spec.kind == "hub" or (spec.kind == "gguf" and not path.exists()):
