@@ -200,6 +200,12 @@ def test_conformal_run_uses_the_posthoc_calibration_slice_and_writes_its_files(t
     assert (run / "conformal" / "conformal-alpha.png").stat().st_size > 1000
     md = (run / "conformal" / "conformal.md").read_text()
     assert "## Conformal prediction sets" in md and "conformal-alpha.png" in md
+    # the table is the report engine's: 3 significant digits, the coverage's interval after it
+    from llmcal.report.tables import SIG, format_value
+
+    cell = format_value(res.summary["coverage"], res.summary["coverage_ci"], sig=SIG)
+    assert f"| {len(calib)} | {len(test)} | {format_value(res.qhat, sig=SIG)} | {cell} | \\[" in md  # [lo, hi], escaped
+    assert "| result | n calib | n test | qhat | coverage | expected | mean size | singleton share | empty share |" in md
     assert str(tmp_path) not in (run / "conformal" / "conformal.json").read_text()
 
 

@@ -416,7 +416,10 @@ def _f(x) -> str:
 
 def conformal_section(rows: Sequence[tuple[str, ConformalResult]], *, plot: str | None = None,
                       heading: str = "## Conformal prediction sets") -> list[str]:
-    """Markdown lines: one row per (label, result): coverage with interval, expected range, set sizes."""
+    """Markdown lines: one row per (label, result): coverage with interval, expected range, set sizes (the report
+    engine's tables, ``llmcal.report.tables.markdown_table``: 3 significant digits)."""
+    from .report.tables import SIG, format_interval, markdown_table
+
     if not rows:
         return []
     r0 = rows[0][1]
@@ -424,25 +427,26 @@ def conformal_section(rows: Sequence[tuple[str, ConformalResult]], *, plot: str 
              f"Split conformal, score `{r0.score}`, alpha {r0.alpha:g} (target coverage {1 - r0.alpha:g}). Coverage: "
              "share of test questions whose answer is in its set, with its 95% Clopper-Pearson interval; expected: "
              "the central 95% range of that share under exchangeability (beta-binomial). docs/posthoc.md#conformal.",
-             "", "| result | n calib | n test | qhat | coverage | expected | mean size | singletons | empty |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    table = []
     for label, r in rows:
         s = r.summary
-        exp = "all sets full" if s["expected_range"] is None else \
-            f"[{s['expected_range'][0]:.3f}, {s['expected_range'][1]:.3f}]" + ("" if s["within_expected"] else " (outside)")
-        q = "per subject" if r.mondrian else ("inf" if math.isinf(r.qhat) else f"{r.qhat:.4f}")
-        lines.append(f"| {label} | {len(r.calibration_ids)} | {s['n']} | {q} | {s['coverage']:.3f} "
-                     f"[{s['coverage_ci'][0]:.3f}, {s['coverage_ci'][1]:.3f}] | {exp} | {s['mean_size']:.2f} | "
-                     f"{s['singleton_share']:.1%} | {s['empty_share']:.1%} |")
-    lines.append("")
+        expected = "all sets full" if s["expected_range"] is None else (
+            format_interval(s["expected_range"], sig=SIG).strip() + ("" if s["within_expected"] else " (outside)"))
+        table.append({"result": label, "n_calib": len(r.calibration_ids), "n_test": s["n"],
+                      "qhat": "per subject" if r.mondrian else r.qhat, "coverage": s["coverage"],
+                      "coverage_ci": s["coverage_ci"], "expected": expected, "mean_size": s["mean_size"],
+                      "singletons": s["singleton_share"], "empty": s["empty_share"]})
+    lines += [markdown_table(table, ["result", ("n_calib", "n calib"), ("n_test", "n test"), "qhat", "coverage",
+                                     "expected", ("mean_size", "mean size"), ("singletons", "singleton share"),
+                                     ("empty", "empty share")], sig=SIG)]
     for label, r in rows:
         if r.per_group:
             kind = "Mondrian (a threshold per subject)" if r.mondrian else "one threshold for all subjects"
-            lines += [f"Coverage per subject, {label} ({kind}):", "", "| subject | n | coverage | mean size |",
-                      "|---|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {v['coverage']:.3f} [{v['coverage_ci'][0]:.3f}, {v['coverage_ci'][1]:.3f}] "
-                      f"| {v['mean_size']:.2f} |" for g, v in r.per_group.items()]
-            lines.append("")
+            lines += [f"Coverage per subject, {label} ({kind}):", ""]
+            groups = [{"subject": g, "n": v["n"], "coverage": v["coverage"], "coverage_ci": v["coverage_ci"],
+                       "mean_size": v["mean_size"]} for g, v in r.per_group.items()]
+            lines += [markdown_table(groups, ["subject", "n", "coverage", ("mean_size", "mean size")], sig=SIG)]
     for label, r in rows:
         rc = r.risk_control
         if rc:
@@ -454,12 +458,13 @@ def conformal_section(rows: Sequence[tuple[str, ConformalResult]], *, plot: str 
                 lines += [f"No threshold is certified on the {cal['n']} calibration questions: abstain on every "
                           "question (or ask for a larger risk).", ""]
             else:
-                err = "n/a" if te["selective_error"] is None else (
-                    f"{te['selective_error']:.3f} [{te['selective_error_ci'][0]:.3f}, {te['selective_error_ci'][1]:.3f}]")
-                lines += ["| threshold | calib coverage | calib error | bound | test coverage | test error |",
-                          "|---|---|---|---|---|---|",
-                          f"| {rc['threshold']:.4f} | {cal['coverage']:.3f} | {cal['selective_error']:.3f} | "
-                          f"{cal['bound']:.3f} | {te['coverage']:.3f} | {err} |", ""]
+                row = {"threshold": rc["threshold"], "calib_coverage": cal["coverage"],
+                       "calib_error": cal["selective_error"], "bound": cal["bound"], "test_coverage": te["coverage"],
+                       "test_error": te["selective_error"], "test_error_ci": te.get("selective_error_ci")}
+                lines += [markdown_table([row], ["threshold", ("calib_coverage", "calib coverage"),
+                                                 ("calib_error", "calib error"), "bound",
+                                                 ("test_coverage", "test coverage"), ("test_error", "test error")],
+                                         sig=SIG)]
     if plot:
         lines += [f"![coverage and set size against alpha]({plot})", ""]
     return lines
