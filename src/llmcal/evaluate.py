@@ -14,10 +14,13 @@ import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 from . import distributed
 from .backends import DEFAULT_BACKEND, backend_of, check_backend, check_options, get_backend
+from .confidence import FIELDS as CONFIDENCE_OPTIONS
+from .confidence import check_confidence
+from .confidence import cost as confidence_cost
 from .data import load_dataset
 from .data.fewshot import check_num_fewshot, choose_shots
 from .data.schema import Question
@@ -84,6 +87,25 @@ class EvalConfig:
     request_timeout: float = option(60.0, help="--backend openai: seconds to wait for one response.")
     max_retries: int = option(5, help="--backend openai: retries of a request after HTTP 429 or 5xx, a timeout or "
                                       "a connection error (backoff from 1 s, doubling).")
+    # ---- confidence without logprobs (--backend openai; docs/reference.md, "Confidence without logprobs") ----
+    confidence: Literal["logprobs", "verbalized", "ptrue", "consistency"] = option(
+        "logprobs", help="Where confidence comes from: logprobs (the option letters' probabilities of the first "
+                         "token), or, asking a served model in words (--backend openai, chat endpoint): verbalized "
+                         "(the model states a confidence), ptrue (the probability of 'True' when asked whether its "
+                         "answer is correct) or consistency (the share of --samples sampled answers).")
+    verbalized_template: Literal["1stage-percent", "1stage-prob", "2stage"] = option(
+        "1stage-percent", help="--confidence verbalized: 1stage-percent (answer and a 0-100% confidence in one "
+                               "reply), 1stage-prob (answer and a 0.0-1.0 probability) or 2stage (the answer, then "
+                               "'how confident are you?' in a second turn).")
+    samples: int = option(10, help="--confidence consistency: answers sampled per question.")
+    sample_temperature: float = option(1.0, help="--confidence consistency: sampling temperature (0 to 2).")
+    reasoning: bool = option(False, help="--confidence consistency, ptrue or verbalized 2stage: let the model think "
+                                         "step by step, then read the letter of its last 'Answer: X' line.")
+    max_parse_retries: int = option(2, help="--confidence verbalized, ptrue, consistency: times an unreadable reply "
+                                            "is asked again (with the reason) before the question is recorded as "
+                                            "unparseable (uniform distribution, flagged and counted).")
+    max_new_tokens: Optional[int] = option(None, help="--confidence verbalized, ptrue, consistency: tokens a reply "
+                                                      "may have (default 32; 512 for a reasoned answer).")
     # ---- option-order debiasing (docs/reference.md, "Option-order debiasing") ----
     permutations: str = option("none", help="llmcal eval only: option-order debiasing: none, cyclic (score every question under the K "
                                             "cyclic shifts of its options and average them in the original order: K "
@@ -108,10 +130,12 @@ def _check(cfg: EvalConfig) -> None:
         raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
     check_num_fewshot(cfg.num_fewshot)
     _check_debias(cfg)
+    check_confidence(cfg)  # --confidence and its options (llmcal.confidence): the backend, the api mode
     check_options(cfg)  # each backend's own options, and what it cannot do (--num-fewshot)
 
 
 DEBIAS_FIELDS = ("permutations", "pride_fraction")
+CONFIDENCE_FIELDS = ("confidence", *CONFIDENCE_OPTIONS)
 
 
 def _check_debias(cfg: EvalConfig) -> None:
@@ -129,6 +153,9 @@ def config_fields(cfg: Any) -> dict:
     then (study cells included) still resume; pride_fraction is recorded only with ``--permutations pride``.
     """
     d = asdict(cfg)
+    if d.get("confidence", "logprobs") == "logprobs":  # so a logprobs run's config.json is what it was before
+        for k in CONFIDENCE_FIELDS:
+            d.pop(k, None)
     if d.get("permutations", "none") == "none":
         for k in DEBIAS_FIELDS:
             d.pop(k, None)
@@ -217,11 +244,15 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
     if cfg.permutations != "none":
         return _run_debiased(cfg, run, spec, loaded, questions)
     template, encoded, cache = _prepared(cfg, loaded, questions)
+    counted = confidence_cost.Counted(loaded, resumed=run.resumed)
     preds = run.score("predictions.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
                       description=f"eval {cfg.data}")
+    block = counted.block(cfg, preds)  # the confidence source's parse counts and cost (None for a local model)
     res = run.result("none", preds, dataset=cfg.data, split=cfg.split, pred_file="predictions.jsonl",
                      png="reliability.png", title=f"{spec.name} on {cfg.data} ({cfg.split})")
-    return run.finish(model=spec.name, results=[res],
+    if block is not None:
+        run.section("Confidence source", confidence_cost.section(block))
+    return run.finish(model=spec.name, results=[res], confidence=block,
                       meta=run_meta(loaded, template, n_questions=len(preds)))
 
 
@@ -289,6 +320,9 @@ def run_calibrate_ts(cfg: EvalConfig, out: str | Path, *, overwrite: bool = Fals
     _check(cfg)
     if cfg.permutations != "none":
         raise LlmcalError(f"--permutations {cfg.permutations} applies to llmcal eval, not to calibrate --method ts")
+    if cfg.confidence != "logprobs":
+        raise LlmcalError(f"--confidence {cfg.confidence} applies to llmcal eval; fit post-hoc calibrators on its run "
+                          f"with llmcal calibrate --from RUN")
     check_backend(cfg.backend)
     spec = _spec(cfg, loaded)
     questions = _load_questions(cfg, cfg.split)

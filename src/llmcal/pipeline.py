@@ -105,8 +105,10 @@ class Run:
         return distributed.on_main(fn, what=what)
 
     def finish(self, *, model: str, results: Sequence[RunResult], meta: dict | None = None,
-               kind: str | None = None) -> RunRecord:
-        """Report and metrics.json on rank 0; every process returns the finished run."""
+               kind: str | None = None, confidence: dict | None = None) -> RunRecord:
+        """Report and metrics.json on rank 0; every process returns the finished run.
+
+        ``confidence``: metrics.json's top-level ``confidence`` block (llmcal.confidence.cost), when given."""
         from .report.runreport import write_run_report
 
         meta = meta or {}
@@ -118,7 +120,7 @@ class Run:
             shown = [RunResult(**portable(json.loads(dumps(r.__dict__)), self.path)) for r in results]
             write_run_report(self.path, portable(json.loads(dumps(self.config)), self.path), shown,
                              portable(json.loads(dumps(meta)), self.path), sections=self.sections)
-            self.dir.finish(kind=kind, model=model, results=list(results), meta=meta)
+            self.dir.finish(kind=kind, model=model, results=list(results), meta=meta, confidence=confidence)
             return load_run(self.path)
 
         rec = distributed.on_main(write, what=f"writing the run in {self.path}")

@@ -1,13 +1,17 @@
 """Predictions: the scoring engine's output and every later stage's input."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import LlmcalError
+
+PROB_FLOOR = 1e-12  # a zero probability's logit is log(PROB_FLOOR) (as NLL floors p_y)
+# The keys every record has (and a served model's coverage); anything else in a record is ``extra``.
+RECORD_KEYS = ("id", "subject", "answer", "probs", "pred", "conf", "logits", "letter_mass", "missing")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,13 @@ class Prediction:
     letters carried (``letter_mass``) and which options were not among the top N
     (``missing``, option indices); see docs/reference.md, "Served models".  Both
     are written only when set, so a local model's records are unchanged.
+
+    A confidence read without logprobs (``--confidence verbalized|ptrue|consistency``, llmcal.confidence)
+    is a distribution given as probabilities, which may hold exact zeros (no sample chose that option):
+    ``from_probs`` keeps them as given, and its ``logits`` are ``log(max(p, PROB_FLOOR))`` (finite, so
+    every logit-based calibrator runs; softmax of them equals ``probs`` up to ``PROB_FLOOR`` per zero).
+    Such a record carries ``extra``: the source (key ``confidence``, which marks the record as read from
+    its ``probs``), the raw replies and the parse outcome, written after the usual keys.
     """
 
     id: str
@@ -33,6 +44,18 @@ class Prediction:
     conf: float
     letter_mass: float | None = None
     missing: tuple[int, ...] = ()
+    extra: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    @classmethod
+    def from_probs(cls, id: str, subject: str | None, answer: int, probs: Sequence[float], *,
+                   extra: Mapping[str, Any] | None = None) -> "Prediction":
+        """A distribution given as probabilities (zeros allowed): kept exactly; logits floored (class docstring)."""
+        p = np.asarray(probs, dtype=np.float64)
+        pred = int(np.argmax(p))
+        return cls(id=id, subject=subject, answer=int(answer), logits=tuple(float(v) for v in
+                                                                            np.log(np.maximum(p, PROB_FLOOR))),
+                   probs=tuple(float(v) for v in p), pred=pred, conf=float(p[pred]),
+                   extra=dict(extra) if extra is not None else None)
 
     @classmethod
     def from_logits(cls, id: str, subject: str | None, answer: int, logits: Sequence[float], *,
@@ -55,10 +78,15 @@ class Prediction:
         if self.letter_mass is not None:  # served models only: local records stay byte for byte as before
             d["letter_mass"] = self.letter_mass
             d["missing"] = list(self.missing)
+        if self.extra:  # llmcal.confidence's records: the source, raw replies, parse outcome
+            d.update((k, v) for k, v in self.extra.items() if k not in RECORD_KEYS)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
+        if "confidence" in d:  # a distribution given as probabilities (llmcal.confidence): read back as written
+            return cls.from_probs(d["id"], d.get("subject"), d["answer"], d["probs"],
+                                  extra={k: v for k, v in d.items() if k not in RECORD_KEYS})
         return cls.from_logits(d["id"], d.get("subject"), d["answer"], d["logits"],
                                letter_mass=d.get("letter_mass"), missing=d.get("missing") or ())
 

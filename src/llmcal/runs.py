@@ -294,7 +294,8 @@ class RunDir:
         (self.path / METRICS).unlink(missing_ok=True)
         return resumed
 
-    def finish(self, *, kind: str, model: str, results: list[RunResult], meta: dict | None = None) -> None:
+    def finish(self, *, kind: str, model: str, results: list[RunResult], meta: dict | None = None,
+               confidence: dict | None = None) -> None:
         doc = {
             "llmcal_version": version(),
             "kind": kind,
@@ -303,6 +304,8 @@ class RunDir:
             "meta": portable(_jsonable(meta or {}), self.path),
             "results": [portable(_jsonable(r.__dict__), self.path) for r in results],
         }
+        if confidence is not None:  # a served model's confidence source: parse counts and cost (llmcal.confidence)
+            doc["confidence"] = _jsonable(confidence)
         atomic_write_json(self.path / METRICS, doc)
         (self.path / MARKER).unlink(missing_ok=True)
         self.release()

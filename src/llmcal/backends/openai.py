@@ -34,6 +34,13 @@ The client retries 429, 5xx and connection errors with exponential backoff
 and hands finished predictions to the pipeline in question order, so a killed
 run resumes like a local one.  Nothing is cached: the weights behind an endpoint
 are not on disk and can change.
+
+With ``--confidence verbalized|ptrue|consistency`` (``ApiSettings.confidence``)
+the engine asks each question in words through the chat endpoint instead
+(``llmcal.confidence``: its prompts, readers and retry rule), through this same
+client, and the mode is chat without a probe.  The client counts the requests
+and the tokens the server's ``usage`` reports (``OpenAIClient.usage``), which
+the run's ``confidence`` block records.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -81,6 +89,7 @@ class ApiSettings:
     max_retries: int = 5
     backoff_s: float = 1.0  # first retry's wait; doubles each time, capped at BACKOFF_CAP_S
     backoff_cap_s: float = 30.0
+    confidence: Any = None  # llmcal.confidence.ConfidenceSettings: ask in words (None: read top logprobs)
 
     @property
     def root(self) -> str:
@@ -380,12 +389,28 @@ class OpenAIClient:
         if key:  # local servers need no key; the key itself is never written anywhere
             headers["Authorization"] = f"Bearer {key}"
         self.sleep = sleep
+        self._counted = threading.Lock()
+        self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._http = httpx.Client(base_url=settings.root + "/", headers=headers, transport=transport,
                                   timeout=httpx.Timeout(settings.timeout_s),
                                   limits=httpx.Limits(max_connections=max(1, settings.concurrency)))
 
     def close(self) -> None:
         self._http.close()
+
+    def usage(self) -> dict:
+        """Answered requests and the prompt/completion tokens their ``usage`` reported, so far (a copy)."""
+        with self._counted:
+            return dict(self._usage)
+
+    def _count(self, doc: Any) -> None:
+        usage = doc.get("usage") if isinstance(doc, dict) else None
+        with self._counted:
+            self._usage["requests"] += 1
+            for key in ("prompt_tokens", "completion_tokens"):
+                v = usage.get(key) if isinstance(usage, dict) else None
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                    self._usage[key] += v
 
     def post(self, path: str, body: dict) -> Any:
         import httpx
@@ -401,10 +426,12 @@ class OpenAIClient:
             else:
                 if r.status_code < 300:
                     try:
-                        return r.json()
+                        doc = r.json()
                     except ValueError:
                         raise LlmcalError(f"{url}: the response is not JSON ({redact_text(r.text[:200])!r})") \
                             from None
+                    self._count(doc)
+                    return doc
                 why = f"HTTP {r.status_code}: {redact_text(_error_text(r))}"
                 if r.status_code not in RETRY_STATUS:
                     raise ApiStatusError(f"{url}: {why}{_hint(r.status_code, why, self.settings)}", r.status_code)
@@ -460,9 +487,16 @@ class OpenAIEngine:
 
     def encode(self, questions: Sequence[Question]) -> list[ApiQuestion]:
         s = self.settings
+        if s.confidence is not None:  # llmcal.confidence builds each step's request itself
+            return [ApiQuestion(q, {}) for q in questions]
         return [ApiQuestion(q, request_body(q, self.mode, s.model, s.top_logprobs)) for q in questions]
 
     def score_one(self, item: ApiQuestion) -> Prediction:
+        if self.settings.confidence is not None:
+            from ..confidence import score_question
+
+            return score_question(self.client, self.settings.confidence, item.question,
+                                  f"{self.settings.shown_root}/chat/completions")
         return fetch_prediction(self.client, endpoint(self.mode), item)
 
     def score(self, encoded: Sequence[ApiQuestion], *, options=None, done: Iterable[str] = (),
@@ -547,6 +581,8 @@ def load_openai(settings: ApiSettings, *, transport: Any = None,
                 sleep: Callable[[float], None] = time.sleep) -> LoadedModel:
     """A ``LoadedModel`` whose engine scores through the endpoint; ``extra`` records the resolved template and mode."""
     template, mode = mode_for_template(settings.template, settings.mode)
+    if settings.confidence is not None:  # asked in words: the chat endpoint (llmcal.confidence checks the flags)
+        template, mode = "chat", "chat"
     client = OpenAIClient(settings, transport=transport, sleep=sleep)
     if mode == "auto":
         mode = probe_mode(client)
@@ -572,6 +608,7 @@ class OpenAIBackend(Backend):
     needs_base_url = True
     cacheable = False  # the weights behind an endpoint are not on disk and can change
     options = API_FIELDS
+    asks_in_words = True  # --confidence verbalized|ptrue|consistency (llmcal.confidence)
 
     @classmethod
     def check(cls) -> None:
@@ -604,10 +641,12 @@ class OpenAIBackend(Backend):
 
     def settings(self, cfg: Any) -> ApiSettings:
         """The endpoint from the config (the API key stays in its environment variable)."""
+        from ..confidence import settings_of
+
         return ApiSettings(base_url=cfg.base_url or "", model=cfg.model, api_key_env=cfg.api_key_env or None,
                            mode=cfg.api_mode, template=cfg.template, top_logprobs=cfg.top_logprobs,
                            concurrency=cfg.concurrency, timeout_s=float(cfg.request_timeout),
-                           max_retries=cfg.max_retries)
+                           max_retries=cfg.max_retries, confidence=settings_of(cfg))
 
     def open(self, spec: ModelSpec, *, dtype: str, device: str, world: Any, api: ApiSettings) -> LoadedModel:
         return load_openai(api)

@@ -1,0 +1,96 @@
+"""The run's ``confidence`` block (metrics.json, top level) and its report section.
+
+``{"source", "template", "n", "unparseable", "retries", "requests", "prompt_tokens", "completion_tokens",
+"seconds", ...}``: ``n`` questions; ``unparseable`` questions recorded as unparseable (``record``: uniform,
+flagged); ``retries`` parse retries; requests and tokens summed from the records' ``usage`` (tokens as the
+server's ``usage`` reports them: a server that reports none adds 0); ``seconds`` the wall time of the
+scoring pass in the process that finished the run (a resumed run's earlier attempts are not in it; the
+records' summed request seconds are ``request_seconds``, which survive a resume).  Also
+``unparseable_samples`` (consistency), ``below_chance`` (verbalized, ptrue: stated confidences below 1/K)
+and ``parse_rate`` (share of questions parsed).
+
+For ``--confidence logprobs`` through ``--backend openai`` the same block is written from the client's
+counters (``OpenAIClient.usage``) of this process's scoring requests: ``questions_costed`` says how many
+questions those are (fewer than ``n`` after a resume).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+
+def block_from_records(source: str, template: str | None, preds: Sequence[Any], seconds: float) -> dict:
+    """The block of a verbalized, ptrue or consistency run, summed over its predictions' records."""
+    n = len(preds)
+    extras = [p.extra or {} for p in preds]
+    bad = sum(1 for e in extras if (e.get("parse") or {}).get("status") == "unparseable")
+    usage = [e.get("usage") or {} for e in extras]
+
+    def total(key: str) -> Any:
+        return sum(u.get(key, 0) for u in usage)
+
+    block = {"source": source, "template": template, "n": n, "unparseable": bad,
+             "retries": sum((e.get("parse") or {}).get("retries", 0) for e in extras),
+             "requests": total("requests"), "prompt_tokens": total("prompt_tokens"),
+             "completion_tokens": total("completion_tokens"), "seconds": round(seconds, 3),
+             "request_seconds": round(total("seconds"), 3), "questions_costed": n,
+             "parse_rate": (n - bad) / n if n else None}
+    if source == "consistency":
+        block["unparseable_samples"] = sum((e.get("parse") or {}).get("unparseable_samples", 0) for e in extras)
+    else:
+        block["below_chance"] = sum(1 for e in extras if e.get("below_chance"))
+    return block
+
+
+def block_from_counters(n: int, counters: dict, seconds: float, costed: int) -> dict:
+    """The block of a logprobs run through a served model (one request per question, nothing to parse)."""
+    return {"source": "logprobs", "template": None, "n": n, "unparseable": 0, "retries": 0,
+            "requests": counters["requests"], "prompt_tokens": counters["prompt_tokens"],
+            "completion_tokens": counters["completion_tokens"], "seconds": round(seconds, 3),
+            "questions_costed": costed, "parse_rate": 1.0}
+
+
+def section(block: dict) -> str:
+    """The report's "Confidence source" section (Markdown)."""
+    rows = [("source", block["source"] + (f" ({block['template']})" if block.get("template") else "")),
+            ("questions", block["n"]), ("unparseable (uniform, flagged)", block["unparseable"]),
+            ("parse retries", block["retries"])]
+    for key in ("unparseable_samples", "below_chance"):
+        if key in block:
+            rows.append((key.replace("_", " "), block[key]))
+    rows += [("requests", block["requests"]), ("prompt tokens", block["prompt_tokens"]),
+             ("completion tokens", block["completion_tokens"]), ("scoring seconds", block["seconds"])]
+    if block.get("questions_costed") != block["n"]:
+        rows.append(("questions in the cost", block.get("questions_costed")))
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n\nEach question's raw replies and parse outcome are in predictions.jsonl " \
+                              "(`responses`, `parse`); docs/reference.md, \"Confidence without logprobs\".\n"
+
+
+class Counted:
+    """The clock and the served client's counters when scoring starts; ``block`` once it has finished."""
+
+    def __init__(self, loaded: Any, resumed: bool = False):
+        engine = (getattr(loaded, "extra", None) or {}).get("engine")
+        self.client = getattr(engine, "client", None)
+        self.before = self.client.usage() if hasattr(self.client, "usage") else None
+        self.resumed = resumed
+        self.start = time.monotonic()
+
+    def block(self, cfg: Any, preds: Sequence[Any]) -> dict | None:
+        """The run's ``confidence`` block; None for a local model read from logprobs (nothing to count)."""
+        seconds = time.monotonic() - self.start
+        source = getattr(cfg, "confidence", "logprobs")
+        if source != "logprobs":
+            block = block_from_records(source, cfg.verbalized_template if source == "verbalized" else None, preds,
+                                       seconds)
+            if source == "consistency":
+                block.update(samples=cfg.samples, sample_temperature=cfg.sample_temperature)
+            if source != "verbalized" or cfg.verbalized_template == "2stage":
+                block["reasoning"] = bool(cfg.reasoning)
+            return block
+        if self.before is None:
+            return None
+        after = self.client.usage()
+        counters = {k: after[k] - self.before[k] for k in after}
+        return block_from_counters(len(preds), counters, seconds, None if self.resumed else len(preds))
