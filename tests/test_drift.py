@@ -223,6 +223,29 @@ def test_cache_key_from_the_model_spec_follows_the_weight_files(tiny, prompts, t
     assert responses_key(model, False, enc, original_spec=resolve_model(str(d)), **kw) != k
 
 
+def test_an_adapters_original_named_by_its_spec_is_cached_under_the_scores_fingerprint(tiny, prompts, tmp_path,
+                                                                                      tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from llmcal.cache import Store, weights_fingerprint
+    from llmcal.drift import _encode, _normalise_prompts, responses_key_doc
+    from llmcal.models import resolve_model
+
+    model, tok = tiny
+    spec = resolve_model(str(tiny_model_dir))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    kw = dict(prompts=prompts[:3], max_new_tokens=NEW, progress=False, batch_size=2, cache=tmp_path,
+              original_spec=spec)
+    first = alignment_drift(None, peft_model, tok, **kw)
+    assert not first["responses_cached"] and alignment_drift(None, peft_model, tok, **kw)["responses_cached"]
+    (entry,) = tmp_path.rglob("*.jsonl")
+    enc = _encode(_normalise_prompts(prompts[:3]), tok)
+    doc = responses_key_doc(peft_model, True, enc, max_new_tokens=NEW, eos={tok.eos_token_id},
+                            pad_id=tok.pad_token_id, batch_size=2, original_spec=spec)
+    assert doc["weights"] == weights_fingerprint(spec)  # the files, not the parameters: what the scores key uses
+    assert entry == Store("drift", tmp_path).path(Store("drift").key(doc))
+
+
 def _damage(entry, how, vocab):
     """Damage a drift store entry (header line, then one {"id", "tokens"} record per prompt) in place."""
     import json
