@@ -12,7 +12,6 @@ conversation and answered by a user turn saying what was wrong and restating the
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,19 +29,21 @@ def derive_seed(seed: int, qid: str, *place: Any) -> int:
 
 @dataclass
 class Tally:
-    """One question's requests, tokens, seconds, raw replies and parse failures (the record's ``usage``)."""
+    """One question's requests, tokens, raw replies and parse failures (the record's ``usage``).
+
+    No time is recorded per question: a predictions file is a function of the model, the questions and the
+    seeds, so a resumed run ends with the same bytes as an uninterrupted one (the run's block has the time).
+    """
 
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    seconds: float = 0.0
     retries: int = 0
     responses: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # every unreadable reply's reason, in order
 
-    def add_usage(self, response: Any, seconds: float) -> None:
+    def add_usage(self, response: Any) -> None:
         self.requests += 1
-        self.seconds += seconds
         usage = response.get("usage") if isinstance(response, dict) else None
         if isinstance(usage, dict):
             for key in ("prompt_tokens", "completion_tokens"):
@@ -52,7 +53,7 @@ class Tally:
 
     def usage(self) -> dict:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "seconds": round(self.seconds, 6)}
+                "completion_tokens": self.completion_tokens}
 
 
 def reply_text(response: Any, where: str) -> str:
@@ -79,9 +80,8 @@ def post_chat(client: Any, body: dict, tally: Tally, *, scored: bool = False) ->
     """POST one chat request, counting it; ``scored``: read logprobs (``post_scored``'s min_tokens rule)."""
     from ..backends.openai import post_scored
 
-    start = time.monotonic()
     response = post_scored(client, "chat/completions", body) if scored else client.post("chat/completions", body)
-    tally.add_usage(response, time.monotonic() - start)
+    tally.add_usage(response)
     return response
 
 

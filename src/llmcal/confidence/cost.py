@@ -4,8 +4,8 @@
 "seconds", ...}``: ``n`` questions; ``unparseable`` questions recorded as unparseable (``record``: uniform,
 flagged); ``retries`` parse retries; requests and tokens summed from the records' ``usage`` (tokens as the
 server's ``usage`` reports them: a server that reports none adds 0); ``seconds`` the wall time of the
-scoring pass in the process that finished the run (a resumed run's earlier attempts are not in it; the
-records' summed request seconds are ``request_seconds``, which survive a resume).  Also
+scoring pass in the process that finished the run (a resumed run's earlier attempts are not in it: the
+records hold no times, so that a resumed predictions file equals an uninterrupted one).  Also
 ``unparseable_samples`` (consistency), ``below_chance`` (verbalized, ptrue: stated confidences below 1/K)
 and ``parse_rate`` (share of questions parsed).
 
@@ -33,7 +33,7 @@ def block_from_records(source: str, template: str | None, preds: Sequence[Any], 
              "retries": sum((e.get("parse") or {}).get("retries", 0) for e in extras),
              "requests": total("requests"), "prompt_tokens": total("prompt_tokens"),
              "completion_tokens": total("completion_tokens"), "seconds": round(seconds, 3),
-             "request_seconds": round(total("seconds"), 3), "questions_costed": n,
+             "questions_costed": n,
              "parse_rate": (n - bad) / n if n else None}
     if source == "consistency":
         block["unparseable_samples"] = sum((e.get("parse") or {}).get("unparseable_samples", 0) for e in extras)
