@@ -369,7 +369,7 @@ def test_a_logprobs_run_keeps_its_config_and_counts_its_requests(tmp_path):
     ({"confidence": "consistency", "template": "plain"}, "talks to the chat endpoint"),
     ({"confidence": "ptrue", "permutations": "cyclic"}, "--permutations cyclic goes with --confidence logprobs"),
     ({"confidence": "verbalized", "reasoning": True}, "--reasoning with --confidence verbalized goes with"),
-    ({"confidence": "consistency", "samples": 0}, "--samples must be an integer >= 1"),
+    ({"confidence": "consistency", "samples": 0}, "--samples must be (an integer >= 1|a positive integer)"),
     ({"confidence": "consistency", "sample_temperature": 3.0}, "--sample-temperature must be a number from 0 to 2"),
     ({"confidence": "ptrue", "max_parse_retries": -1}, "--max-parse-retries must be an integer >= 0"),
     ({"confidence": "ptrue", "max_new_tokens": 0}, "--max-new-tokens must be a positive integer"),

@@ -7,13 +7,14 @@ the reply is asked again (``--max-parse-retries``).
 **The option letter** (``parse_letter``; letters are capital A, B, ... up to the question's options; the
 reply is first stripped of surrounding whitespace and Markdown emphasis ``*``, ``_``, backticks):
 
-1. the reply is a letter alone, optionally in parentheses or followed by ``.``, ``)`` or ``:``
+1. a line that is a letter alone, optionally in parentheses or followed by ``.``, ``)`` or ``:``
    (``B``, ``(B)``, ``B.``);
-2. the reply starts with a letter followed by ``.``, ``)``, ``:`` or ``,`` (``B. 4``, ``(B) four``,
+2. a line that starts with a letter followed by ``.``, ``)``, ``:`` or ``,`` (``B. 4``, ``(B) four``,
    ``B, 90%``); a letter followed by a space alone does not count (``A cat ...``);
 3. a phrase naming the letter: ``answer``/``option``/``choice`` followed by ``:``, ``is``, ``-`` or
    nothing, then the letter, optionally in parentheses (``Answer: B``, ``The correct answer is (C)``);
-   several such phrases must agree, else "names several letters";
+   the letters rules 1-3 find must all agree: ``A. foo\nThe answer is D`` and a reply listing options line
+   by line (``A. foo\nC. bar``) name several letters;
 4. the reply is exactly one option's text (case and a final period aside): that option.
 
 A letter past the question's options (``E`` of four) is "not an option"; anything else is "no option
@@ -77,11 +78,10 @@ def parse_letter(text: str, q: Question) -> tuple[int | None, str | None]:
     t = _clean(text)
     if not t:
         return None, "empty reply"
-    for pattern in (_ALONE, _LEADING):
-        m = pattern.match(t)
-        if m and m.group(1).isupper():
-            return _letter(m.group(1), k)
-    named = [m.group(1) for m in _PHRASE.finditer(t) if m.group(1).isupper()]
+    lines = [line.strip() for line in t.splitlines()]
+    found = [_ALONE.match(line) or _LEADING.match(line) for line in lines]
+    leading = [m.group(1) for m in found if m and m.group(1).isupper()]
+    named = leading + [m.group(1) for m in _PHRASE.finditer(t) if m.group(1).isupper()]
     if named:
         distinct = sorted(set(named))
         if len(distinct) > 1:
