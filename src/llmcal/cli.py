@@ -496,6 +496,49 @@ def report_cmd(
         out_console.print(f"{k}: [bold]{p}[/]")
 
 
+@app.command("compare-confidence")
+@handle_errors
+def compare_confidence_cmd(
+    runs: List[Path] = typer.Argument(..., help="Finished runs of one model on the same questions, one per "
+                                      "confidence source (eval --confidence logprobs|verbalized|ptrue|consistency)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for comparison.json, report.md, report.html and "
+                             "the figures."),
+    methods: str = typer.Option(",".join(("ts", "platt", "isotonic", "histogram")), "--methods",
+                                help="Post-hoc calibrators applied to each source (comma-separated; see `llmcal "
+                                "calibrate --method`; not contextual)."),
+    calib_fraction: float = typer.Option(0.2, "--calib-fraction", help="Share of the questions the calibrators are "
+                                         "fitted on (llmcal's held-out rule, the same questions for every source)."),
+    n_bootstrap: Optional[int] = typer.Option(None, "--n-bootstrap", help="Bootstrap resamples (default: the first "
+                                              "run's)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Bootstrap and calibration-split seed (default: the "
+                                       "first run's)."),
+):
+    """Compare confidence sources of one model side by side: calibration, ranking, parse rate, cost, post-hoc.
+
+    Refuses runs of different models or questions. Writes comparison.json (every number), report.md and a
+    self-contained report.html that opens with the verdict.
+    """
+    from .confidence_compare import compare_confidence
+
+    comp = compare_confidence(list(runs), out, methods=methods, calib_fraction=calib_fraction,
+                              n_bootstrap=n_bootstrap, seed=seed)
+    t = Table(title=f"{comp.model}: {len(comp.ids)} questions")
+    for col in ("source", "accuracy", "conf-ECE", "AUROC", "parsed", "s / question"):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    for s in comp.sources:
+        cost = (s.get("cost") or {}).get("per_question", {}).get("seconds")
+        parse = s.get("parse")
+        t.add_row(s["label"], f"{s['accuracy']:.3f}", f"{s['conf_ece']:.3f}",
+                  "—" if s["auroc"] is None else f"{s['auroc']:.3f}",
+                  "—" if not parse or parse.get("parse_rate") is None else f"{parse['parse_rate']:.1%}",
+                  "—" if cost is None else f"{cost:.2f}")
+    out_console.print(t)
+    for line in comp.verdict["lines"][:2]:
+        out_console.print(line.replace("**", ""), highlight=False, markup=False)
+    for k in ("json", "md", "html"):
+        out_console.print(f"{k}: [bold]{comp.files[k]}[/]")
+
+
 @data_app.command("list")
 @handle_errors
 def data_list():

@@ -1,0 +1,286 @@
+"""llmcal compare-confidence: confidence sources of one model side by side (llmcal.confidence_compare).
+
+The fixtures are run directories written with llmcal's own writers (RunDir, the atomic JSON/JSONL writers) in
+the shape ``eval --confidence`` writes them: config.json with ``confidence``, predictions.jsonl whose ``probs``
+may hold exact zeros, metrics.json with a top-level ``confidence`` block.  Every number of the comparison is
+checked against an independent computation here (loops over bins, pair counts, our own bootstrap draws).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from llmcal.cli import app
+from llmcal.confidence_compare import compare_confidence
+from llmcal.errors import LlmcalError
+from llmcal.io import atomic_write_json, atomic_write_jsonl
+from llmcal.metrics import compute_metrics
+from llmcal.runs import METRICS, RunDir, RunResult
+
+N = 120
+K = 4
+
+
+def _questions(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"q{i:03d}" for i in range(n)], rng.integers(0, K, size=n)
+
+
+def logprob_probs(answers, seed=1):
+    """Overconfident softmax distributions, right about 60% of the time."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(len(answers), K)) * 2.0
+    right = rng.random(len(answers)) < 0.6
+    z[np.arange(len(answers)), answers] += np.where(right, 4.0, -1.0)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def verbalized_probs(answers, seed=2):
+    """A stated confidence in steps of 5% on the chosen letter, the rest shared equally: exact zeros at 100%."""
+    rng = np.random.default_rng(seed)
+    n = len(answers)
+    pred = np.where(rng.random(n) < 0.55, answers, (answers + 1) % K)
+    conf = rng.choice([0.7, 0.8, 0.9, 0.95, 1.0], size=n)
+    p = np.tile(((1 - conf) / (K - 1))[:, None], (1, K))
+    p[np.arange(n), pred] = conf
+    return p
+
+
+def consistency_probs(answers, seed=3, samples=10):
+    """Vote shares of ``samples`` draws: exact zeros for letters never drawn."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((len(answers), K))
+    for i, a in enumerate(answers):
+        w = np.full(K, 0.1)
+        w[a] = 0.7 if rng.random() < 0.6 else 0.1
+        w[(a + 1) % K] += 0.3
+        votes = rng.choice(K, size=samples, p=w / w.sum())
+        out[i] = np.bincount(votes, minlength=K) / samples
+    return out
+
+
+def write_run(path: Path, probs, answers, ids, *, source: str | None, model="served-model", block=None,
+              extra_cfg=None, seed=0, n_bootstrap=200) -> Path:
+    """A finished run directory as eval writes it (``source`` None: an old logprobs run without the field)."""
+    cfg = {"model": model, "data": "mmlu", "backend": "openai", "seed": seed, "n_bins": 10,
+           "n_bootstrap": n_bootstrap, **(extra_cfg or {})}
+    if source is not None:
+        cfg["confidence"] = source
+    rd = RunDir(path)
+    rd.start(cfg)
+    records = []
+    for qid, a, p in zip(ids, answers, probs):
+        p = [float(x) for x in p]
+        records.append({"id": qid, "subject": "s", "answer": int(a), "probs": p, "pred": int(np.argmax(p)),
+                        "conf": float(max(p)), "logits": [math.log(max(x, 1e-300)) for x in p],
+                        "responses": ["B, 90%"], "parse": "ok"})
+    atomic_write_jsonl(path / "predictions.jsonl", records)
+    m = compute_metrics(np.asarray(probs), np.asarray(answers), n_bootstrap=n_bootstrap, seed=seed)
+    rd.finish(kind="eval", model=model, results=[RunResult(label="none", method="none", dataset="mmlu", split="all",
+                                                           predictions="predictions.jsonl", metrics=m)])
+    if block is not None:
+        doc = json.loads((path / METRICS).read_text())
+        doc["confidence"] = block
+        atomic_write_json(path / METRICS, doc)
+    return path
+
+
+def block(source, n=N, **kw):
+    return {"source": source, "template": kw.pop("template", None), "n": n, "unparseable": kw.pop("unparseable", 0),
+            "retries": kw.pop("retries", 0), "requests": kw.pop("requests", n), "prompt_tokens": 150 * n,
+            "completion_tokens": kw.pop("completion_tokens", 8 * n), "seconds": kw.pop("seconds", 0.5 * n)}
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    ids, answers = _questions()
+    lp = write_run(tmp_path / "logprobs", logprob_probs(answers), answers, ids, source=None)
+    vb = write_run(tmp_path / "verbalized", verbalized_probs(answers), answers, ids, source="verbalized",
+                   extra_cfg={"verbalized_template": "1stage-percent"},
+                   block=block("verbalized", template="1stage-percent", unparseable=7, retries=11, requests=131))
+    cs = write_run(tmp_path / "consistency", consistency_probs(answers), answers, ids, source="consistency",
+                   extra_cfg={"samples": 10, "sample_temperature": 1.0},
+                   block={**block("consistency", requests=10 * N, completion_tokens=30 * N, seconds=4.0 * N),
+                          "questions_costed": N // 2})  # a resumed run's counters cover the last attempt only
+    return [lp, vb, cs], ids, answers
+
+
+# ---- independent computations --------------------------------------------------------------------------
+def ece_by_loop(probs, answers, m=10):
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == answers
+    total = 0.0
+    for b in range(m):
+        lo, hi = b / m, (b + 1) / m
+        members = (conf >= lo) & ((conf < hi) if b < m - 1 else (conf <= 1.0))
+        if members.any():
+            total += members.mean() * abs(right[members].mean() - conf[members].mean())
+    return total
+
+
+def auroc_by_pairs(probs, answers):
+    conf = probs.max(axis=1)
+    right = probs.argmax(axis=1) == answers
+    pos, neg = conf[right], conf[~right]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def bootstrap_by_hand(fn, probs, answers, b, seed):
+    idx = np.random.default_rng(seed).integers(0, len(answers), size=(b, len(answers)))
+    vals = np.array([fn(probs[r], answers[r]) for r in idx])
+    vals = vals[~np.isnan(vals)]
+    return np.percentile(vals, [2.5, 97.5])
+
+
+# ---- tests ------------------------------------------------------------------------------------------------
+def test_every_number_matches_an_independent_computation(three_runs, tmp_path):
+    runs, ids, answers = three_runs
+    comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=200)
+    labels = [s["label"] for s in comp.sources]
+    assert labels == ["logprobs", "verbalized (1stage-percent)", "consistency"]
+    probs = {"logprobs": logprob_probs(answers), "verbalized (1stage-percent)": verbalized_probs(answers),
+             "consistency": consistency_probs(answers)}
+    for s in comp.sources:
+        p = probs[s["label"]]
+        assert s["n"] == N
+        assert s["accuracy"] == pytest.approx(np.mean(p.argmax(1) == answers), abs=1e-12)
+        assert s["conf_ece"] == pytest.approx(ece_by_loop(p, answers), abs=1e-12)
+        assert s["auroc"] == pytest.approx(auroc_by_pairs(p, answers), abs=1e-12)
+        lo, hi = bootstrap_by_hand(auroc_by_pairs, p, answers, 200, 0)
+        assert s["auroc_ci"] == pytest.approx([lo, hi], abs=1e-12)
+        lo, hi = bootstrap_by_hand(ece_by_loop, p, answers, 200, 0)
+        assert s["conf_ece_ci"] == pytest.approx([lo, hi], abs=1e-12)
+    # a paired difference: the same resamples for both sources
+    d = next(x for x in comp.differences if (x["a"], x["b"]) == ("logprobs", "consistency"))
+    pa, pb = probs["logprobs"], probs["consistency"]
+    assert d["conf_ece"]["diff"] == pytest.approx(ece_by_loop(pb, answers) - ece_by_loop(pa, answers), abs=1e-12)
+    idx = np.random.default_rng(0).integers(0, N, size=(200, N))
+    diffs = [ece_by_loop(pb[r], answers[r]) - ece_by_loop(pa[r], answers[r]) for r in idx]
+    assert d["conf_ece"]["ci"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
+    # parse rate and cost from the confidence blocks; none recorded for the old logprobs run
+    vb = comp.source("verbalized (1stage-percent)")
+    assert vb["parse"] == {"n": N, "unparseable": 7, "retries": 11, "parse_rate": (N - 7) / N}
+    assert vb["cost"]["requests"] == 131 and vb["cost"]["per_question"]["requests"] == pytest.approx(131 / N)
+    assert comp.source("consistency")["cost"]["per_question"]["seconds"] == pytest.approx(4.0 * N / (N // 2))
+    assert comp.source("logprobs")["parse"] is None and comp.source("logprobs")["cost"] is None
+
+
+def test_posthoc_uses_the_held_out_rule_and_refits_independently(three_runs, tmp_path):
+    from llmcal.data.splits import hash_unit
+    from llmcal.posthoc import IsotonicCalibrator
+
+    runs, ids, answers = three_runs
+    comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=100, calib_fraction=0.25)
+    calib = [q for q in ids if hash_unit(q, 0) >= 0.75]
+    assert comp.split["calib_ids"] == calib and comp.split["n_test"] == N - len(calib)
+    test = np.array([hash_unit(q, 0) < 0.75 for q in ids])
+    p = logprob_probs(answers)
+    iso = IsotonicCalibrator().fit(np.log(p[~test]), answers[~test])
+    after = iso.predict_proba(np.log(p[test]))
+    row = next(r for r in comp.source("logprobs")["posthoc"] if r["method"] == "isotonic")
+    assert row["applied"] and row["conf_ece"] == pytest.approx(ece_by_loop(after, answers[test]), abs=1e-9)
+    assert row["accuracy"] == pytest.approx(np.mean(p[test].argmax(1) == answers[test]))
+    none = comp.source("logprobs")["posthoc"][0]
+    assert none["method"] == "none" and none["conf_ece"] == pytest.approx(ece_by_loop(p[test], answers[test]))
+
+
+def test_temperature_scaling_is_not_applied_to_probabilities_with_zeros(three_runs, tmp_path):
+    runs, _, answers = three_runs
+    comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=50)
+    cons = {r["method"]: r for r in comp.source("consistency")["posthoc"]}
+    zeros = int(np.sum(np.any(consistency_probs(answers) == 0, axis=1)))
+    assert zeros > 0 and comp.source("consistency")["zero_rows"] == zeros
+    assert not cons["ts"]["applied"] and f"{zeros} of {N} questions" in cons["ts"]["reason"]
+    assert "log 0" in cons["ts"]["reason"]
+    for name in ("platt", "isotonic", "histogram"):  # they change only the top confidence: defined for zeros
+        assert cons[name]["applied"] and cons[name]["conf_ece"] is not None
+    assert {r["method"]: r["applied"] for r in comp.source("logprobs")["posthoc"]}["ts"]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "consistency · ts: not applied" in report
+
+
+def test_report_json_and_figures_are_written_without_machine_paths(three_runs, tmp_path):
+    runs, _, _ = three_runs
+    out = tmp_path / "cmp"
+    comp = compare_confidence(runs, out, n_bootstrap=50)
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [s["label"] for s in doc["sources"]] == [s["label"] for s in comp.sources]
+    assert doc["sources"][1]["conf_ece"] == comp.sources[1]["conf_ece"]
+    assert doc["sources"][0]["run"] == "../logprobs"
+    for f in doc["files"].values():
+        png = out / f
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("comparison.json", "report.md", "report.html"):
+        assert str(tmp_path) not in (out / name).read_text()
+    md = (out / "report.md").read_text()
+    assert md.index("Which confidence to trust") < md.index("## Sources")
+    assert "Best calibrated:" in md and "Best at ranking" in md
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="reliability' not in html
+    assert comp.verdict["best_calibrated"]["label"] == min(comp.sources, key=lambda s: s["conf_ece"])["label"]
+
+
+def test_verdict_says_when_the_best_is_not_ahead(tmp_path):
+    """Two runs with the same probabilities but one: no paired interval can exclude 0 on all the others."""
+    ids, answers = _questions()
+    p = logprob_probs(answers)
+    a = write_run(tmp_path / "a", p, answers, ids, source="logprobs")
+    b = write_run(tmp_path / "b", p, answers, ids, source="ptrue", block=block("ptrue"))
+    comp = compare_confidence([a, b], tmp_path / "cmp", n_bootstrap=50)
+    assert "not distinguishable on these questions" in comp.verdict["lines"][0]
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(x) for x in args], catch_exceptions=False)
+
+
+def test_cli_compares_and_prints_the_table(three_runs, tmp_path):
+    runs, _, _ = three_runs
+    r = _cli("compare-confidence", *runs, "--out", tmp_path / "cmp", "--n-bootstrap", 30)
+    assert r.exit_code == 0, r.output
+    assert "verbalized (1stage-percent)" in r.output and "94.2%" in r.output  # 113/120 parsed
+    assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+def test_cli_refuses_another_model_naming_the_run(three_runs, tmp_path):
+    runs, ids, answers = three_runs
+    other = write_run(tmp_path / "other-model", logprob_probs(answers), answers, ids, source="ptrue",
+                      model="another-model")
+    r = _cli("compare-confidence", runs[0], other, "--out", tmp_path / "cmp")
+    assert r.exit_code == 2
+    assert "other-model" in r.output and "'another-model' differs" in r.output
+    assert not (tmp_path / "cmp").exists()  # refused before any work
+
+
+def test_cli_refuses_other_questions_naming_the_run(three_runs, tmp_path):
+    runs, ids, answers = three_runs
+    fewer = write_run(tmp_path / "fewer", logprob_probs(answers)[:-2], answers[:-2], ids[:-2], source="ptrue")
+    r = _cli("compare-confidence", runs[0], fewer, "--out", tmp_path / "cmp")
+    assert r.exit_code == 2 and "fewer" in r.output and "lacks 2 of" in r.output and "q119" in r.output
+    moved = answers.copy()
+    moved[5] = (moved[5] + 1) % K
+    changed = write_run(tmp_path / "changed", logprob_probs(answers), moved, ids, source="ptrue")
+    r = _cli("compare-confidence", runs[0], changed, "--out", tmp_path / "cmp")
+    assert r.exit_code == 2 and "changed" in r.output and "'q005'" in r.output and "not the same questions" in r.output
+
+
+def test_refuses_incomplete_runs_and_bad_options(three_runs, tmp_path):
+    runs, _, _ = three_runs
+    (runs[1] / "INCOMPLETE").write_text("x")
+    with pytest.raises(LlmcalError, match="verbalized: the run is not complete"):
+        compare_confidence(runs, tmp_path / "cmp")
+    (runs[1] / "INCOMPLETE").unlink()
+    with pytest.raises(LlmcalError, match="contextual"):
+        compare_confidence(runs, tmp_path / "cmp", methods="ts,contextual")
+    with pytest.raises(LlmcalError, match="calib-fraction"):
+        compare_confidence(runs, tmp_path / "cmp", calib_fraction=1.5)
+    with pytest.raises(LlmcalError, match="is one of the runs"):
+        compare_confidence(runs, runs[0])
