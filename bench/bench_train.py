@@ -25,8 +25,11 @@ What it does (bench/README.md, "Training", has the details):
 processes of one thread each (gloo, started by torch's launcher as ``llmcal calibrate --processes``
 does), each with batch/N of the same global batches, against ``llmcal`` in one process on all the
 cores (``--threads``, default torch's own: one per core).  Its time is rank 0's (DDP synchronises
-every step), its memory the sum of the ranks' RSS; ``speedup_{N}proc_vs_1proc`` is llmcal's time
-over it, measured in the same run.
+every step), its memory the sum of the ranks' RSS, and of their PSS (shared pages, such as the memory-mapped
+weights, divided among the processes that map them: what the ranks take together); ``speedup_{N}proc_vs_1proc``
+is llmcal's time over it, measured in the same run; ``--only-processes`` runs that side alone (its memory).
+Every side records its RSS and PSS after loading, after adding LoRA and at each step's end (``memory_mb``);
+``bench/memory_watch.py`` samples them from outside, every second, with a breakdown by mapping.
 
 FLOPs counted per example with an n-token prompt (real tokens only; padding is not credited):
 forward 2 P n (P = parameters of the decoder's linear layers) + causal attention 4 h d n(n+1)/2 per
@@ -81,6 +84,7 @@ class StepTimer:
                 timer.steps.append(now - timer.last)
                 timer.last = now
                 timer.rss_mb = max(timer.rss_mb, _rss_mb())
+                timer.memory.append(_memory_mb())
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
@@ -92,6 +96,7 @@ class StepTimer:
         self.steps: list[float] = []
         self.losses: list[float] = []
         self.rss_mb = 0.0
+        self.memory: list[dict] = []  # _memory_mb() at each step's end
 
 
 def _rss_mb() -> float:
@@ -99,6 +104,22 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _memory_mb() -> dict:
+    """This process's resident memory in MB: RSS with its anonymous and file-backed parts (/proc/self/status),
+    and PSS (/proc/self/smaps_rollup: shared pages divided among the processes that map them)."""
+    out = {}
+    for path, keys in (("/proc/self/status", ("VmRSS", "RssAnon", "RssFile")),
+                       ("/proc/self/smaps_rollup", ("Pss", "Pss_Anon", "Pss_File"))):
+        try:
+            for line in open(path):
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    out[key] = round(int(rest.split()[0]) / 1024, 1)
+        except OSError:  # not Linux
+            pass
+    return out
 
 
 def _common_args(out: str, steps: int, batch: int) -> dict:
@@ -140,6 +161,7 @@ def child_llmcal(args, loaded, warm, measured) -> tuple[StepTimer, StepTimer]:
                          lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                          target_modules=LORA["target_modules"], lr=LR, batch_size=per, seed=0)
     model = add_lora(loaded, cfg)
+    args.memory["lora"] = _memory_mb()
     tok = loaded.tokenizer
     collator = (McqCollator(tok.pad_token_id, packed=packs_questions(model)) if packs_questions
                 else McqCollator(tok.pad_token_id))
@@ -191,8 +213,10 @@ def child(args) -> int:
     args.world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     t0 = time.perf_counter()
+    args.memory = {"start": _memory_mb()}
     loaded = load_model(resolve_model(args.model), dtype="bfloat16", device="cpu", trainable=True)
     load_s = time.perf_counter() - t0
+    args.memory["loaded"] = _memory_mb()
     warm, measured = _encoded(args, loaded.tokenizer)
     run = child_llmcal if args.child == "llmcal" else child_trl
     w, m = run(args, loaded, warm, measured)
@@ -204,6 +228,8 @@ def child(args) -> int:
            "train_rss_mb": max(w.rss_mb, m.rss_mb), "lengths": [len(e.input_ids) for e in measured],
            "warm_lengths": [len(e.input_ids) for e in warm]}
     rec["world_size"] = args.world
+    rec["memory_mb"] = {**args.memory, "warmup_steps": w.memory, "steps": m.memory}
+    rec["train_pss_mb"] = max((r.get("Pss", 0.0) for r in w.memory + m.memory), default=0.0)
     Path(args.child_out + (f".rank{rank}" if rank else "")).write_text(json.dumps(rec))
     return 0
 
@@ -295,13 +321,16 @@ def run_side(side: str, rnd: int, args, src: str | None) -> dict:
         ranks = [rec] + [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(1, procs)]
         rec["train_rss_mb_per_rank"] = [r["train_rss_mb"] for r in ranks]
         rec["train_rss_mb"] = sum(rec["train_rss_mb_per_rank"])
+        rec["train_pss_mb_per_rank"] = [r.get("train_pss_mb") for r in ranks]
+        rec["train_pss_mb"] = sum(p or 0.0 for p in rec["train_pss_mb_per_rank"])
     rec.update({"side": side, "round": rnd, "wall_s": wall,
                 "peak_rss_mb": usage.ru_maxrss / 1024 if procs == 1 else rec["train_rss_mb"],
                 "other_cores": max(0.0, (busy - own) / wall), "quiet_before": quiet,
                 "measured_s": sum(rec["steps_s"])})
     print(f"  {side:10s} round {rnd}: {args.steps} steps {rec['measured_s']:7.1f}s "
           f"(median step {statistics.median(rec['steps_s']):5.1f}s)  first loss {rec['first_loss']:.4f}  "
-          f"peak rss {rec['peak_rss_mb']:6.0f} MB  other processes {rec['other_cores']:.2f} cores", flush=True)
+          f"peak rss {rec['peak_rss_mb']:6.0f} MB (pss at step ends {rec.get('train_pss_mb', 0):6.0f})  "
+          f"other processes {rec['other_cores']:.2f} cores", flush=True)
     return rec
 
 
@@ -322,6 +351,7 @@ def summarise(runs: list[dict], sides: list[str], flops_fn, peak: float, batch: 
                       "tflop": flops / 1e12, "gflops": flops / t / 1e9, "peak_fraction": flops / t / 1e9 / peak,
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                       "train_rss_mb": max(r["train_rss_mb"] for r in rs),
+                      "train_pss_mb": max(r.get("train_pss_mb", 0.0) for r in rs),
                       "first_loss": rs[0]["first_loss"], "other_cores_max": max(r["other_cores"] for r in rs)}
     for peer, key in (("trl", "speedup_vs_trl"), (TRL_PADDING_FREE, "speedup_vs_trl_padding_free")):
         ref = rows.get(peer)
@@ -344,7 +374,7 @@ def summarise(runs: list[dict], sides: list[str], flops_fn, peak: float, batch: 
 
 def table(rows: dict, peak: float) -> str:
     out = ["| side | s per epoch | examples/s | GFLOP/s | % of bf16 peak | peak RSS MB | RSS in training MB | "
-           "vs TRL |", "|---|---:|---:|---:|---|---:|---:|---|"]
+           "PSS in training MB | vs TRL |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for side, r in rows.items():
         vs = ("1.00x" if side == "trl" else
               f"{r['speedup_vs_trl']:.2f}x (paired {r['speedup_vs_trl_paired']:.2f}x)" if "speedup_vs_trl" in r
@@ -355,7 +385,7 @@ def table(rows: dict, peak: float) -> str:
             vs += f"; {r['speedup_vs_trl_padding_free']:.2f}x {TRL_PADDING_FREE}"
         out.append(f"| {side} | {r['measured_s']:.1f} | {r['examples_per_s']:.3f} | {r['gflops']:.1f} | "
                    f"{100 * r['peak_fraction']:.0f}% of {peak:.0f} | {r['peak_rss_mb']:.0f} | "
-                   f"{r['train_rss_mb']:.0f} | {vs} |")
+                   f"{r['train_rss_mb']:.0f} | {r['train_pss_mb']:.0f} | {vs} |")
     return "\n".join(out)
 
 
@@ -375,6 +405,8 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=1,
                     help="N > 1: also run llmcal in N data-parallel processes of 1 thread (side llmcal-Nproc) and "
                          "report speedup_Nproc_vs_1proc against llmcal in one process")
+    ap.add_argument("--only-processes", action="store_true",
+                    help="with --processes N: run the llmcal-Nproc side alone (its memory, no speedup measured)")
     ap.add_argument("--trl-padding-free", action="store_true",
                     help=f"also run TRL with padding_free=True ({TRL_PADDING_FREE}): its packed batches, not its "
                          "default; the targets stay measured against the default")
@@ -435,7 +467,10 @@ def main() -> int:
         variants[name] = src
     if args.processes > 1 and args.batch % args.processes:
         raise SystemExit(f"--batch {args.batch} does not split between --processes {args.processes}")
-    sides = (["llmcal"] + ([f"llmcal-{args.processes}proc"] if args.processes > 1 else []) + list(variants)
+    if args.only_processes and args.processes < 2:
+        raise SystemExit("--only-processes needs --processes 2 or more")
+    sides = (([] if args.only_processes else ["llmcal"])
+             + ([f"llmcal-{args.processes}proc"] if args.processes > 1 else []) + list(variants)
              + ([] if args.no_trl else ["trl"])
              + ([TRL_PADDING_FREE] if args.trl_padding_free and not args.no_trl else []))
     if args.quiet_cores > 0:
@@ -466,7 +501,7 @@ def main() -> int:
         if side.startswith("trl"):
             continue
         n = _processes_of(side)
-        if n > 1:
+        if n > 1 and f"speedup_{n}proc_vs_1proc" in r:  # not with --only-processes
             got = r[f"speedup_{n}proc_vs_1proc"]
             print(f"target speedup_{n}proc_vs_1proc >= {PROCESS_TARGET}: {got:.2f} -> "
                   f"{'met' if got >= PROCESS_TARGET else 'MISSED'}")
