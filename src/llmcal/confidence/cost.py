@@ -51,20 +51,22 @@ def block_from_counters(n: int, counters: dict, seconds: float, costed: int) -> 
 
 
 def section(block: dict) -> str:
-    """The report's "Confidence source" section (Markdown)."""
-    rows = [("source", block["source"] + (f" ({block['template']})" if block.get("template") else "")),
-            ("questions", block["n"]), ("unparseable (uniform, flagged)", block["unparseable"]),
-            ("parse retries", block["retries"])]
+    """The report's "Confidence source" section (Markdown, through the report engine's table)."""
+    from ..report.tables import markdown_table
+
+    row = {"source": block["source"] + (f" ({block['template']})" if block.get("template") else ""),
+           "questions": block["n"], "unparseable": block["unparseable"], "parse retries": block["retries"]}
     for key in ("unparseable_samples", "below_chance"):
         if key in block:
-            rows.append((key.replace("_", " "), block[key]))
-    rows += [("requests", block["requests"]), ("prompt tokens", block["prompt_tokens"]),
-             ("completion tokens", block["completion_tokens"]), ("scoring seconds", block["seconds"])]
+            row[key.replace("_", " ")] = block[key]
+    row.update({"requests": block["requests"], "prompt tokens": block["prompt_tokens"],
+                "completion tokens": block["completion_tokens"], "seconds": round(block["seconds"], 1)})
     if block.get("questions_costed") != block["n"]:
-        rows.append(("questions in the cost", block.get("questions_costed")))
-    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n\nEach question's raw replies and parse outcome are in predictions.jsonl " \
-                              "(`responses`, `parse`); docs/reference.md, \"Confidence without logprobs\".\n"
+        row["questions in the cost"] = "not known (resumed)" if block.get("questions_costed") is None \
+            else block["questions_costed"]
+    return (markdown_table([row], list(row), sig=3) + "\n\nAn unparseable question has the uniform distribution and is flagged in "
+            "predictions.jsonl, where every question keeps its raw replies and parse outcome (`responses`, `parse`); "
+            "docs/reference.md, \"Confidence without logprobs\".\n")
 
 
 class Counted:
