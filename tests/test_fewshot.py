@@ -52,5 +52,5 @@ def test_zero_shots_and_too_small_pool():
     assert choose_shots(qs, qs, 0) == {}
     with pytest.raises(LlmcalError, match=r"train split has 3 question\(s\) of subject 'alg'.*itself"):
         choose_shots(qs, qs, 3)
-    with pytest.raises(LlmcalError, match="--num-fewshot must be"):
+    with pytest.raises(LlmcalError, match=r"choose_shots: n must be an integer from 0 to 64 \(got -1\)"):
         choose_shots(qs, qs, -1)

@@ -262,5 +262,5 @@ def test_run_from_lm_eval_writes_the_usual_run(tmp_path):
     assert "## lm-evaluation-harness" in report and f"| {ARC} | 80 | {lm[ARC]['acc_norm,none']:.4f} |" in report
     with pytest.raises(LlmcalError, match="already holds a complete run"):
         run_from_lm_eval(DATA, out, norm="acc_norm", n_bootstrap=50, progress=False)
-    with pytest.raises(LlmcalError, match="--n-bins must be a positive integer"):
+    with pytest.raises(LlmcalError, match=r"run_from_lm_eval: n_bins must be a positive integer \(got 0\)"):
         run_from_lm_eval(DATA, tmp_path / "x", n_bins=0)

@@ -80,9 +80,8 @@ def test_validation_errors_name_real_flags():
     cases = [dict(rcft_lambda=-1.0), dict(train_limit=0), dict(lora_dropout=2.0), dict(target_modules=""),
              dict(n_bootstrap=0), dict(estep_every="sometimes"), dict(nonmax_rule="x")]
     for kw in cases:
-        cfg = FinetuneConfig(model="m", train="t", evals=["e"], **kw)
-        with pytest.raises(LlmcalError) as e:
-            validate(cfg)
+        with pytest.raises(LlmcalError) as e:  # refused when the config is built
+            validate(FinetuneConfig(model="m", train="t", evals=["e"], **kw))
         named = re.findall(r"--[a-z][a-z0-9-]*", str(e.value))
         assert named and all(f in flags for f in named), (kw, str(e.value))
 

@@ -43,7 +43,7 @@ def test_the_conformal_key(tmp_path, value, expected):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("{alpha: 1.5}", "strictly between 0 and 1"), ("{score: thr}", "unknown conformity score 'thr'"),
+    ("{alpha: 1.5}", "strictly between 0 and 1"), ("{score: thr}", "unknown score 'thr': choose one of lac, aps, raps"),
     ("{alpha: 0.1, colour: red}", "colour"),
 ])
 def test_bad_conformal_values_are_refused_with_the_key(tmp_path, value, message):

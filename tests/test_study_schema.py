@@ -47,7 +47,7 @@ def test_wrong_types_are_named(tmp_path):
     assert "seed (line 1): input should be a valid integer, got 'abc'" in lines[0]
     assert "regime (line 6): must be false or a mapping with from / tolerance, got int" in lines[1]
     msg = load_error(tmp_path, "models: {m: x}\ndata:\n  test: {spec: mmlu, limit: many}\nmethods: [none]\n")
-    assert "data.test.limit (line 3): input should be a valid integer, got 'many'" in msg, msg
+    assert "data.test.limit (line 3): must be a positive integer, got 'many'" in msg, msg
     msg = load_error(tmp_path, "models: {m: x}\ndata:\n  test: {spec: mmlu, limit: true}\nmethods: [none]\n")
     assert "data.test.limit (line 3)" in msg, msg  # a boolean is not a count
     msg = load_error(tmp_path, "models: {m: 3}\ndata: {test: mmlu}\nmethods: [none]\n")
@@ -84,7 +84,7 @@ def test_bad_names_and_values(tmp_path):
     msg = load_error(tmp_path, "models: {'a b': x}\ndata: {test: mmlu}\nmethods: [none]\n")
     assert "models.a b (line 1): 'a b' is not a usable name" in msg, msg
     msg = load_error(tmp_path, HEAD + "methods: [none]\nregime: {tolerance: -1}\n")
-    assert "regime.tolerance (line 5): must be a number >= 0, got -1" in msg, msg
+    assert "regime.tolerance (line 5): must be a finite number >= 0, got -1" in msg, msg
     msg = load_error(tmp_path, "models: {m: x}\ndata:\n  test: {spec: mmlu, fractions: {a: 0.5, b: 0.6}}\n"
                                "methods: [none]\n")
     assert "data.test.fractions (line 3): split fractions must sum to 1" in msg, msg

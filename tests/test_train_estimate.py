@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from llmcal.errors import LlmcalError
 from llmcal.metrics import BinStats, bin_statistics
 from llmcal.train.estimate import DEFAULT_PRIOR_STRENGTH, estimate_bin_accuracy, too_few
 
@@ -90,7 +91,7 @@ def test_formula_empty_bins_and_record():
     assert est.n == 3 and est.to_dict()["count"] == est.count
     clipped = estimate_bin_accuracy(bin_statistics([0.05, 0.95], [0, 1], M), 4.0)
     assert all(0.0 <= p <= 1.0 for p in clipped.prior if p is not None)
-    with pytest.raises(ValueError):
+    with pytest.raises(LlmcalError, match=r"prior_strength must be a finite number >= 0 \(got -1.0\)"):
         estimate_bin_accuracy(stats, -1.0)
 
 

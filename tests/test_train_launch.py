@@ -1,6 +1,8 @@
 """train/launch.py: run_finetune in the processes llmcal starts itself (--processes)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -37,9 +39,8 @@ def test_a_users_launcher_decides(monkeypatch):
     (2, 3, "does not split evenly"),
 ])
 def test_bad_processes_are_refused_before_anything_loads(processes, batch, message):
-    cfg = FinetuneConfig(model="m", train="t", evals=["e"], processes=processes, batch_size=batch)
-    with pytest.raises(LlmcalError, match=message):
-        validate(cfg)
+    with pytest.raises(LlmcalError, match=message):  # a bad value when the config is built, a bad pair by validate
+        validate(FinetuneConfig(model="m", train="t", evals=["e"], processes=processes, batch_size=batch))
 
 
 def _config(model_dir, processes: int) -> FinetuneConfig:
@@ -71,8 +72,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, tiny_model_dir):
 
 
 def test_an_error_in_a_training_process_is_one_llmcal_error(tmp_path, tiny_model_dir):
-    cfg = _config(tiny_model_dir, 2)
-    cfg.training_args = {"optim": "no_such_optimizer"}
+    cfg = dataclasses.replace(_config(tiny_model_dir, 2), training_args={"optim": "no_such_optimizer"})
     with pytest.raises(LlmcalError):
         run_finetune(cfg, tmp_path / "bad", progress=False)
 

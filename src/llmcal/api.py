@@ -13,8 +13,9 @@
 
 Options are the fields of the config classes (``EvalConfig``, ``FinetuneConfig``,
 ``RegimeConfig``): the same names as the command-line flags with underscores,
-validated by the same code (``llmcal.options.from_mapping``, then each run's own
-checks), so a value the CLI refuses is refused here with the same message.
+checked by pydantic against the same field types when the config is built
+(``llmcal.options.config``), then by each run's check of the rules between
+options, so a value the CLI refuses is refused here with the same message.
 Every function writes a run directory (``out``) and returns its
 :class:`~llmcal.runs.RunRecord`; the post-hoc comparison returns a
 :class:`~llmcal.posthoc.compare.PosthocReport`.  Problems a user can fix raise
@@ -25,20 +26,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from .errors import LlmcalError
+from .lmeval import NORMS as LM_EVAL_NORMS
+from .lmeval import Norm as LmEvalNorm
+from .train.config import METHODS as FINETUNE_METHODS
+from .validation import check_value
 
 __all__ = ["evaluate", "calibrate", "diagnose", "FINETUNE_METHODS", "LM_EVAL_NORMS", "POSTHOC_FROM_OPTIONS"]
 
-FINETUNE_METHODS = ("cft", "rcft", "auto")
-LM_EVAL_NORMS = ("none", "acc_norm", "acc_bytes")
+CalibrateMethod = Literal[("ts", *FINETUNE_METHODS)]
 # What a run read from lm-eval samples keeps of the eval options (the rest describe a model to score).
 _LM_EVAL_KEEPS = {"n_bins", "n_bootstrap", "seed"}
 # The options of a post-hoc comparison on a finished run (the rest describe a model to score or train).
 POSTHOC_FROM_OPTIONS = ("calib_fraction", "n_bins", "n_bootstrap", "seed", "batch_tokens", "dtype", "device")
-
-_ARGS = "arguments"  # how a validation error names where a value came from (the CLI says "command line")
 
 
 def _given(model: Any, data: Any, options: dict, data_key: str = "data") -> dict:
@@ -51,26 +53,26 @@ def _given(model: Any, data: Any, options: dict, data_key: str = "data") -> dict
     return out
 
 
-def _config(cls: type, values: dict, *, where: str, refuse: Sequence[str] = (), what: str) -> Any:
+def _config(cls: type, values: dict, *, refuse: Sequence[str] = (), what: str) -> Any:
     from .options import fields_of, flag_of, from_mapping
 
     fields = fields_of(cls)
     for k in values:
         if k in refuse or (k in fields and not fields[k].metadata.get("cli", True)):
             raise LlmcalError(f"{flag_of(cls, k)} does not apply to {what}")
-    return from_mapping(cls, values, where)
+    return from_mapping(cls, {}, options=values)
 
 
-def eval_config(where: str = _ARGS, **options: Any):
+def eval_config(**options: Any):
     """The ``EvalConfig`` of ``llmcal eval`` from its options (validated; defaults from the class)."""
     from .evaluate import EvalConfig
 
-    return _config(EvalConfig, options, where=where, refuse=("calib_fraction",), what="eval")
+    return _config(EvalConfig, options, refuse=("calib_fraction",), what="eval")
 
 
 def evaluate(model: str | None = None, data: str | None = None, *, out: str | Path, overwrite: bool = False,
              progress: bool = True, from_lm_eval: str | Path | None = None, lm_eval_norm: str | None = None,
-             lm_eval_task: str | Sequence[str] | None = None, _where: str = _ARGS, **options: Any):
+             lm_eval_task: str | Sequence[str] | None = None, **options: Any):
     """Score ``model`` on ``data`` and measure accuracy and calibration (``llmcal eval``).
 
     ``options``: any other ``EvalConfig`` field (``limit``, ``split``, ``template``,
@@ -90,10 +92,8 @@ def evaluate(model: str | None = None, data: str | None = None, *, out: str | Pa
         if extra:
             raise LlmcalError(f"{', '.join(flag_of(EvalConfig, k) for k in extra)}: not used with --from-lm-eval, "
                               f"which reads the scores of an lm-eval run already made")
-        norm = "none" if lm_eval_norm is None else lm_eval_norm
-        if norm not in LM_EVAL_NORMS:
-            raise LlmcalError(f"--lm-eval-norm {norm!r}: choose one of {', '.join(LM_EVAL_NORMS)}")
-        cfg = eval_config(_where, **{k: v for k, v in values.items()}, model="lm-eval", data="lm-eval")
+        norm = check_value(LmEvalNorm, "none" if lm_eval_norm is None else lm_eval_norm, "--lm-eval-norm")
+        cfg = eval_config(**values, model="lm-eval", data="lm-eval")
         task = [lm_eval_task] if isinstance(lm_eval_task, str) else list(lm_eval_task or []) or None
         return run_from_lm_eval(from_lm_eval, out, norm=norm, task=task, n_bins=cfg.n_bins,
                                 n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, overwrite=overwrite, progress=progress)
@@ -103,11 +103,10 @@ def evaluate(model: str | None = None, data: str | None = None, *, out: str | Pa
     missing = [flag_of(EvalConfig, k) for k in ("model", "data") if values.get(k) is None]
     if missing:
         raise LlmcalError(f"eval needs {' and '.join(missing)} (or --from-lm-eval PATH to read an lm-eval run)")
-    return run_eval(eval_config(_where, **values), out, overwrite=overwrite, progress=progress)
+    return run_eval(eval_config(**values), out, overwrite=overwrite, progress=progress)
 
 
-def calibration_config(method: str = "ts", config: str | Path | None = None, *, where: str = _ARGS,
-                       **options: Any):
+def calibration_config(method: str | None = "ts", config: str | Path | None = None, **options: Any):
     """The config of ``llmcal calibrate --method METHOD``: ``EvalConfig`` for ts, ``FinetuneConfig`` otherwise.
 
     ``config``: a YAML file of options (keys: the options' names; for fine-tuning
@@ -115,18 +114,13 @@ def calibration_config(method: str = "ts", config: str | Path | None = None, *, 
     a ``method`` key in the file is used when ``method`` is None.
     """
     from .evaluate import EvalConfig
-    from .options import fields_of, flag_of, from_mapping, read_yaml_mapping
+    from .options import fields_of, flag_of, from_mapping, read_yaml_options
     from .train.config import FinetuneConfig, check_training_args
 
-    from_file = read_yaml_mapping(config) if config else {}
+    from_file, lines = read_yaml_options(config) if config else ({}, {})
     file_method = from_file.pop("method", None)
-    method = method or file_method or "ts"
-    if method == "ts":
-        cls, other = EvalConfig, FinetuneConfig
-    elif method in FINETUNE_METHODS:
-        cls, other = FinetuneConfig, EvalConfig
-    else:
-        raise LlmcalError(f"unknown --method {method!r}; choose ts, cft, rcft or auto")
+    method = check_value(CalibrateMethod, method or file_method or "ts", "--method")
+    cls, other = (EvalConfig, FinetuneConfig) if method == "ts" else (FinetuneConfig, EvalConfig)
     mine = fields_of(cls)
     training_args = dict(options.pop("training_args", None) or {})
     wrong = [k for k in options if k not in mine and k in fields_of(other)]
@@ -140,16 +134,16 @@ def calibration_config(method: str = "ts", config: str | Path | None = None, *, 
         from_file["training_args"] = {**from_file.get("training_args", {}), **extra}
     elif training_args:
         raise LlmcalError(f"training arguments ({', '.join(training_args)}) apply to --method cft, rcft, auto")
-    values = {**from_file, **options, "method": method}
+    given = {**options, "method": method}
     for need in ("model", "data", "train"):
-        if need in mine and not values.get(need):
+        if need in mine and not {**from_file, **given}.get(need):
             raise LlmcalError(f"--method {method} needs {flag_of(cls, need)}")
-    return from_mapping(cls, values, str(config) if config else where)
+    return from_mapping(cls, from_file, str(config) if config else None, lines=lines, options=given)
 
 
 def calibrate(model: str | None = None, data: str | None = None, *, method: str | None = None,
               out: str | Path | None = None, from_run: str | Path | None = None, config: str | Path | None = None,
-              overwrite: bool = False, progress: bool = True, _where: str = _ARGS, **options: Any):
+              overwrite: bool = False, progress: bool = True, **options: Any):
     """Calibrate a model (``llmcal calibrate``); returns the finished run.
 
     - ``method="ts"`` (the default): temperature fitted on a held-out slice of
@@ -172,7 +166,7 @@ def calibrate(model: str | None = None, data: str | None = None, *, method: str 
         return _posthoc(from_run, method or "ts", out, options)
     if out is None:
         raise LlmcalError("missing option --out (the run directory to write)")
-    cfg = calibration_config(method, config, where=_where, **_given(model, data, options))
+    cfg = calibration_config(method, config, **_given(model, data, options))
     return run_calibration(cfg, out, overwrite=overwrite, progress=progress)
 
 
@@ -227,18 +221,18 @@ def _posthoc(run_dir: str | Path, method: str | Sequence[str], out: str | Path |
                        n_bins=options.get("n_bins"), n_bootstrap=options.get("n_bootstrap"), seed=options.get("seed"))
 
 
-def regime_config(where: str = _ARGS, **options: Any):
+def regime_config(**options: Any):
     """The ``RegimeConfig`` of ``llmcal regime`` from its options (validated; defaults from the class)."""
     from .regime import RegimeConfig
 
     for need in ("model", "train"):
         if options.get(need) is None:
             raise LlmcalError(f"the regime diagnosis needs --{need}")
-    return _config(RegimeConfig, options, where=where, what="regime")
+    return _config(RegimeConfig, options, what="regime")
 
 
 def diagnose(model: str | None = None, train: str | None = None, *, out: str | Path, overwrite: bool = False,
-             progress: bool = True, _where: str = _ARGS, **options: Any):
+             progress: bool = True, **options: Any):
     """The regime diagnosis (``llmcal regime``): can CFT calibrate ``model`` on ``train``'s domain, or does it need
     RCFT?  ``options``: any other ``RegimeConfig`` field (``heldout``, ``tolerance``, ``train_limit``, ...).
 
@@ -247,6 +241,6 @@ def diagnose(model: str | None = None, train: str | None = None, *, out: str | P
     """
     from .regime import run_regime
 
-    cfg = regime_config(_where, **_given(model, train, options, data_key="train"))
+    cfg = regime_config(**_given(model, train, options, data_key="train"))
     rec, _ = run_regime(cfg, out, overwrite=overwrite, progress=progress)
     return rec

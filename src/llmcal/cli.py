@@ -163,7 +163,7 @@ def eval_cmd(ctx, out: Path, overwrite: bool, from_lm_eval: Optional[Path], lm_e
     from .options import given, to_field_values
 
     lm = given(ctx, {"lm_eval_norm": lm_eval_norm, "lm_eval_task": lm_eval_task})
-    rec = evaluate(out=out, overwrite=overwrite, from_lm_eval=from_lm_eval, _where="command line",
+    rec = evaluate(out=out, overwrite=overwrite, from_lm_eval=from_lm_eval,
                    **{k: v for k, v in lm.items() if v not in (None, [])},
                    **to_field_values(EvalConfig, given(ctx, values)))
     if from_lm_eval is not None:
@@ -306,7 +306,7 @@ def calibrate_cmd(ctx, method: str, from_run: Optional[Path], config: Optional[P
             raise LlmcalError(f"no such option: {ctx.args[0]} (training arguments apply to --method cft, rcft, "
                               f"auto)")
         options["training_args"] = _training_args_from(list(ctx.args))
-    cfg = calibration_config(method if method_given else None, config, where="command line", **options)
+    cfg = calibration_config(method if method_given else None, config, **options)
     if dry_run:
         import yaml
 
@@ -352,8 +352,7 @@ def regime_cmd(ctx, out: Path, overwrite: bool, **values):
     from .options import given, to_field_values
     from .regime import RegimeConfig, format_diagnosis
 
-    rec = diagnose(out=out, overwrite=overwrite, _where="command line",
-                   **to_field_values(RegimeConfig, given(ctx, values)))
+    rec = diagnose(out=out, overwrite=overwrite, **to_field_values(RegimeConfig, given(ctx, values)))
     out_console.print(format_diagnosis(rec.diagnosis), highlight=False)
     out_console.print(f"run written to [bold]{out}[/] (diagnosis: {out / 'diagnosis.json'})")
 

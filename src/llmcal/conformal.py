@@ -41,31 +41,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import numpy as np
 
 from .errors import LlmcalError
+from .validation import NonNegativeInt, NonNegativeNumber, OpenFraction, check_value
 
 __all__ = ["SCORES", "SplitConformal", "option_scores", "conformal_quantile", "coverage_summary",
            "clopper_pearson", "coverage_range", "alpha_sweep", "ConformalResult", "conformal_predictions",
            "conformal_run", "conformal_section", "DEFAULT_ALPHAS"]
 
-SCORES = ("lac", "aps", "raps")
+Score = Literal["lac", "aps", "raps"]
+SCORES = typing.get_args(Score)
 DEFAULT_ALPHAS = tuple(round(0.02 * i, 2) for i in range(1, 26))  # 0.02 .. 0.50
 
 
 def _check_alpha(alpha) -> float:
-    a = alpha
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0.0 < a < 1.0:
-        raise LlmcalError(f"alpha must be a number strictly between 0 and 1, got {alpha!r}")
-    return float(a)
-
-
-def _check_score(score: str) -> str:
-    if score not in SCORES:
-        raise LlmcalError(f"unknown conformity score {score!r}; choose one of {', '.join(SCORES)}")
-    return score
+    return float(check_value(OpenFraction, alpha, "alpha"))
 
 
 def _as_probs(probs, n_options=None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +88,7 @@ def _as_probs(probs, n_options=None) -> tuple[np.ndarray, np.ndarray]:
 
 def option_scores(probs, score: str = "lac", *, n_options=None, lam: float = 0.1, k_reg: int = 1) -> np.ndarray:
     """s(x, k) for every question and option (N x K); padded options get +inf. Scores: module docstring."""
-    _check_score(score)
+    check_value(Score, score, "conformity score")
     p, mask = _as_probs(probs, n_options)
     if score == "lac":
         s = 1.0 - p
@@ -103,8 +97,8 @@ def option_scores(probs, score: str = "lac", *, n_options=None, lam: float = 0.1
         above = (p[:, None, :] > p[:, :, None]) & mask[:, None, :]
         s = (p[:, None, :] * above).sum(axis=2) + p
         if score == "raps":
-            if not (math.isfinite(lam) and lam >= 0) or int(k_reg) != k_reg or k_reg < 0:
-                raise LlmcalError(f"RAPS needs lambda >= 0 and an integer k_reg >= 0, got {lam!r}, {k_reg!r}")
+            lam = check_value(NonNegativeNumber, lam, "RAPS lambda")
+            k_reg = check_value(NonNegativeInt, k_reg, "RAPS k_reg")
             rank = above.sum(axis=2) + 1  # 1 = most probable
             s = s + lam * np.maximum(0, rank - int(k_reg))
     return np.where(mask, s, np.inf)

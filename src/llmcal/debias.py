@@ -54,31 +54,25 @@ An unbiased model has 1/K at every letter.
 """
 from __future__ import annotations
 
-import math
+import typing
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from .data.schema import LETTERS, Question
 from .errors import LlmcalError
 from .predictions import Prediction
+from .validation import PositiveFraction, validated
 
 __all__ = ["MODES", "SHIFT_SEP", "cyclic_shift", "shift_id", "permuted_questions", "unshift", "cyclic_average",
            "sample_prior", "estimate_prior", "divide_prior", "pride_subset", "letter_prior", "Debiased",
            "debias_predictions", "forward_passes", "debias_section"]
 
-MODES = ("none", "cyclic", "pride")
+Mode = Literal["none", "cyclic", "pride"]  # EvalConfig.permutations
+MODES = typing.get_args(Mode)
 SHIFT_SEP = "#shift"
 _LOG_FLOOR = 1e-300  # log of an averaged probability that underflowed to 0
-
-
-def check_mode(mode: str, fraction: float) -> None:
-    if mode not in MODES:
-        raise LlmcalError(f"--permutations {mode!r}: choose one of {', '.join(MODES)}")
-    f = fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.0 < f <= 1.0:
-        raise LlmcalError(f"--pride-fraction must be a number in (0, 1] (got {fraction!r})")
 
 
 # ---------------------------------------------------------------------------- the permutations
@@ -150,7 +144,8 @@ def divide_prior(logits, prior) -> np.ndarray:
     return np.exp(_log_softmax(z))
 
 
-def pride_subset(questions: Sequence[Question], fraction: float, seed: int) -> list[Question]:
+@validated
+def pride_subset(questions: Sequence[Question], fraction: PositiveFraction, seed: int) -> list[Question]:
     """Per option count K, the max(1, round(fraction * n_K)) questions with the smallest H(pride:seed, id)."""
     from .data.splits import hash_unit
 
@@ -222,16 +217,16 @@ class Debiased:
     subset_ids: list[str]                        # questions scored under every shift
 
 
+@validated
 def debias_predictions(plain: Sequence[Prediction], permuted: Sequence[Prediction],
-                       origin: dict[str, tuple[Question, int]], mode: str, *, n_bootstrap: int = 1000,
+                       origin: dict[str, tuple[Question, int]], mode: Literal["cyclic", "pride"], *,
+                       n_bootstrap: int = 1000,
                        seed: int = 0) -> Debiased:
     """Debiased predictions of ``plain`` (shift 0, question order) from the shifted scorings ``permuted``.
 
     ``origin`` maps a shifted prediction's id to (original question, shift) (:func:`permuted_questions`);
     ``mode`` is ``cyclic`` (every question has its shifts) or ``pride`` (some do).
     """
-    if mode not in ("cyclic", "pride"):
-        raise LlmcalError(f"debias_predictions: mode {mode!r} is not cyclic or pride")
     shifted: dict[str, dict[int, Prediction]] = {}
     for p in permuted:
         q, s = origin[p.id]

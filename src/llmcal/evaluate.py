@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import Field
 
 from . import distributed
 from .backends import DEFAULT_BACKEND, backend_of, check_backend, check_options, get_backend
@@ -22,71 +24,79 @@ from .confidence import FIELDS as CONFIDENCE_OPTIONS
 from .confidence import check_confidence
 from .confidence import cost as confidence_cost
 from .data import load_dataset
-from .data.fewshot import check_num_fewshot, choose_shots
+from .data.fewshot import NumFewshot, choose_shots
 from .data.schema import Question
+from .debias import Mode
 from .errors import LlmcalError
 from .models import LoadedModel, ModelSpec
-from .options import option, shared
+from .options import Dtype, Template, config, option, shared
 from .pipeline import Run
 from .runs import RunRecord
+from .validation import Int, NonNegativeInt, Number, OpenFraction, PositiveFraction, PositiveInt, PositiveNumber, says
 
 log = logging.getLogger(__name__)
 
-SPLIT_CHOICES = ("all", "train", "calib", "test")
+SampleTemperature = Annotated[Number, Field(ge=0, le=2), says("a number from 0 to 2")]
 
 
-@dataclass
+@config
 class EvalConfig:
-    """Everything that decides an evaluation's numbers (stored as the run's config.json)."""
+    """Everything that decides an evaluation's numbers (stored as the run's config.json).
 
-    # pydantic validates YAML and study options against these fields: unknown keys are errors.
-    __pydantic_config__ = {"extra": "forbid"}
-
+    Frozen, and checked against its field types when built (``llmcal.options.config``); the rules between
+    fields are :func:`_check`'s.
+    """
 
     model: str = shared("model")
     data: str = option(help="mmlu, arc-challenge, arc-easy, openbookqa, medmcqa, a .jsonl/.json/.csv/.parquet "
                             "file, or synthetic:<task>?difficulty=N&n=N.", short="-d")
     gguf_file: str | None = shared("gguf_file")
     base: str | None = shared("base")
-    split: str = option("all", help="Named split of --data: all, train (60%), calib (20%) or test (20%), by a "
-                                    "hash of each question id and the seed.")
-    subjects: list[str] | None = option(None, flag="--subject", help="Keep only this subject of --data "
-                                                                     "(repeatable).")
-    limit: int | None = option(None, help="Use a fixed, seeded subset of this many questions of --data.")
-    seed: int = shared("seed")
-    template: str = shared("template")
-    num_fewshot: int = option(0, help="Worked examples before each question (lm-eval's few-shot MMLU format with "
-                                      "--template plain): N questions of the same subject from the train split "
-                                      "of --data, the same N for every question of a subject (a seeded choice; "
-                                      "use --split test so that they are never evaluated).")
-    dtype: str = shared("dtype")
+    split: Literal["all", "train", "calib", "test"] = option(
+        "all", help="Named split of --data: all, train (60%), calib (20%) or test (20%), by a "
+                    "hash of each question id and the seed.")
+    subjects: Optional[list[str]] = option(None, flag="--subject", help="Keep only this subject of --data "
+                                                                        "(repeatable).")
+    limit: Optional[PositiveInt] = option(None, help="Use a fixed, seeded subset of this many questions of --data.")
+    seed: Int = shared("seed")
+    template: Template = shared("template")
+    num_fewshot: NumFewshot = option(
+        0, help="Worked examples before each question (lm-eval's few-shot MMLU format with "
+                "--template plain): N questions of the same subject from the train split "
+                "of --data, the same N for every question of a subject (a seeded choice; "
+                "use --split test so that they are never evaluated).")
+    dtype: Dtype = shared("dtype")
     device: str = shared("device")
-    batch_tokens: int = shared("batch_tokens")
-    n_bins: int = shared("n_bins")
-    n_bootstrap: int = shared("n_bootstrap")
-    mapping: dict | None = shared("mapping")
-    calib_fraction: float = option(0.2, help="ts: share of --data held out to fit the temperature (a hash of "
-                                             "each id and the seed); the rest is the test part.")
-    method: str = option("none", cli=False, help="none (eval) or ts (calibrate --method ts).")
+    batch_tokens: PositiveInt = shared("batch_tokens")
+    n_bins: PositiveInt = shared("n_bins")
+    n_bootstrap: PositiveInt = shared("n_bootstrap")
+    mapping: Optional[dict] = shared("mapping")
+    calib_fraction: OpenFraction = option(0.2, help="ts: share of --data held out to fit the temperature (a hash "
+                                                    "of each id and the seed); the rest is the test part.")
+    method: Literal["none", "ts"] = option(
+        "none", cli=False, flag="--method", help="none (eval) or ts (calibrate --method ts).")
     backend: str = option("hf", help="Scoring backend: hf (transformers), vllm (GPU, needs vllm installed) or "
                                      "openai (a model served behind an OpenAI-compatible endpoint, named by "
                                      "--base-url; --model is then the name the server knows it by).")
     # ---- served models (--backend openai; docs/reference.md, "Served models") ----
-    base_url: str | None = option(None, help="--backend openai: the endpoint's base URL, e.g. "
-                                             "http://127.0.0.1:8000/v1.")
+    base_url: Optional[str] = option(None, help="--backend openai: the endpoint's base URL, e.g. "
+                                                "http://127.0.0.1:8000/v1.")
     api_key_env: str = option("OPENAI_API_KEY", help="--backend openai: the environment variable that holds the "
                                                      "API key (sent as a bearer token; unset is fine for a local "
                                                      "server; the key is never recorded).")
-    api_mode: str = option("auto", help="--backend openai: completions (the plain prompt), chat (the chat message, "
-                                        "in the server's chat template) or auto (the mode --template names; with "
-                                        "--template auto too, completions when the server returns logprobs for "
-                                        "it, else chat).")
-    top_logprobs: int = option(20, help="--backend openai: log-probabilities asked for the first generated token; "
-                                        "option letters outside them are missing (see the letter coverage).")
-    concurrency: int = option(4, help="--backend openai: requests in flight at once.")
-    request_timeout: float = option(60.0, help="--backend openai: seconds to wait for one response.")
-    max_retries: int = option(5, help="--backend openai: retries of a request after HTTP 429 or 5xx, a timeout or "
-                                      "a connection error (backoff from 1 s, doubling).")
+    api_mode: Literal["completions", "chat", "auto"] = option(
+        "auto", help="--backend openai: completions (the plain prompt), chat (the chat message, "
+                     "in the server's chat template) or auto (the mode --template names; with "
+                     "--template auto too, completions when the server returns logprobs for "
+                     "it, else chat).")
+    top_logprobs: PositiveInt = option(
+        20, help="--backend openai: log-probabilities asked for the first generated token; "
+                 "option letters outside them are missing (see the letter coverage).")
+    concurrency: PositiveInt = option(4, help="--backend openai: requests in flight at once.")
+    request_timeout: PositiveNumber = option(60.0, help="--backend openai: seconds to wait for one response.")
+    max_retries: NonNegativeInt = option(
+        5, help="--backend openai: retries of a request after HTTP 429 or 5xx, a timeout or "
+                "a connection error (backoff from 1 s, doubling).")
     # ---- confidence without logprobs (--backend openai; docs/reference.md, "Confidence without logprobs") ----
     confidence: Literal["logprobs", "verbalized", "ptrue", "consistency"] = option(
         "logprobs", help="Where confidence comes from: logprobs (the option letters' probabilities of the first "
@@ -97,53 +107,41 @@ class EvalConfig:
         "1stage-percent", help="--confidence verbalized: 1stage-percent (answer and a 0-100% confidence in one "
                                "reply), 1stage-prob (answer and a 0.0-1.0 probability) or 2stage (the answer, then "
                                "'how confident are you?' in a second turn).")
-    samples: int = option(10, help="--confidence consistency: answers sampled per question.")
-    sample_temperature: float = option(1.0, help="--confidence consistency: sampling temperature (0 to 2).")
+    samples: PositiveInt = option(10, help="--confidence consistency: answers sampled per question.")
+    sample_temperature: SampleTemperature = option(1.0, help="--confidence consistency: sampling temperature (0 to "
+                                                             "2).")
     reasoning: bool = option(False, help="--confidence consistency, ptrue or verbalized 2stage: let the model think "
                                          "step by step, then read the letter of its last 'Answer: X' line.")
-    max_parse_retries: int = option(2, help="--confidence verbalized, ptrue, consistency: times an unreadable reply "
-                                            "is asked again (with the reason) before the question is recorded as "
-                                            "unparseable (uniform distribution, flagged and counted).")
-    max_new_tokens: Optional[int] = option(None, help="--confidence verbalized, ptrue, consistency: tokens a reply "
-                                                      "may have (default 32; 512 for a reasoned answer).")
+    max_parse_retries: NonNegativeInt = option(
+        2, help="--confidence verbalized, ptrue, consistency: times an unreadable reply "
+                "is asked again (with the reason) before the question is recorded as "
+                "unparseable (uniform distribution, flagged and counted).")
+    max_new_tokens: Optional[PositiveInt] = option(
+        None, help="--confidence verbalized, ptrue, consistency: tokens a reply "
+                   "may have (default 32; 512 for a reasoned answer).")
     # ---- option-order debiasing (docs/reference.md, "Option-order debiasing") ----
-    permutations: str = option("none", help="llmcal eval only: option-order debiasing: none, cyclic (score every question under the K "
-                                            "cyclic shifts of its options and average them in the original order: K "
-                                            "forward passes per question) or pride (estimate the letter prior from "
-                                            "the K shifts of a seeded --pride-fraction of the questions and divide "
-                                            "it out of every question). Reports the letter prior and the results "
-                                            "none and debiased side by side.")
-    pride_fraction: float = option(0.05, help="llmcal eval --permutations pride: share of the questions (per option count, at "
-                                              "least one) scored under every shift to estimate the letter prior.")
+    permutations: Mode = option(
+        "none", help="llmcal eval only: option-order debiasing: none, cyclic (score every question under the K "
+                     "cyclic shifts of its options and average them in the original order: K "
+                     "forward passes per question) or pride (estimate the letter prior from "
+                     "the K shifts of a seeded --pride-fraction of the questions and divide "
+                     "it out of every question). Reports the letter prior and the results "
+                     "none and debiased side by side.")
+    pride_fraction: PositiveFraction = option(
+        0.05, help="llmcal eval --permutations pride: share of the questions (per option count, at "
+                   "least one) scored under every shift to estimate the letter prior.")
 
 
 def _check(cfg: EvalConfig) -> None:
-    if cfg.split not in SPLIT_CHOICES:
-        raise LlmcalError(f"--split {cfg.split!r}: choose one of {', '.join(SPLIT_CHOICES)}")
-    for name in ("batch_tokens", "n_bins", "n_bootstrap"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
-    if cfg.limit is not None and (isinstance(cfg.limit, bool) or not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise LlmcalError(f"--limit must be a positive integer (got {cfg.limit!r})")
-    if not 0 < cfg.calib_fraction < 1:
-        raise LlmcalError(f"--calib-fraction must be between 0 and 1 (got {cfg.calib_fraction})")
-    check_num_fewshot(cfg.num_fewshot)
-    _check_debias(cfg)
+    """The rules between fields (each field's own type was checked when ``cfg`` was built)."""
+    if cfg.permutations != "pride" and cfg.pride_fraction != EvalConfig.__dataclass_fields__["pride_fraction"].default:
+        raise LlmcalError(f"--pride-fraction goes with --permutations pride (not {cfg.permutations})")
     check_confidence(cfg)  # --confidence and its options (llmcal.confidence): the backend, the api mode
     check_options(cfg)  # each backend's own options, and what it cannot do (--num-fewshot)
 
 
 DEBIAS_FIELDS = ("permutations", "pride_fraction")
 CONFIDENCE_FIELDS = ("confidence", *CONFIDENCE_OPTIONS)
-
-
-def _check_debias(cfg: EvalConfig) -> None:
-    from .debias import check_mode
-
-    check_mode(cfg.permutations, cfg.pride_fraction)
-    if cfg.permutations != "pride" and cfg.pride_fraction != EvalConfig.__dataclass_fields__["pride_fraction"].default:
-        raise LlmcalError(f"--pride-fraction goes with --permutations pride (not {cfg.permutations})")
 
 
 def config_fields(cfg: Any) -> dict:

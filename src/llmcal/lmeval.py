@@ -32,16 +32,19 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+import typing
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from .errors import LlmcalError
 from .predictions import Prediction
+from .validation import PositiveInt, validated
 
 log = logging.getLogger(__name__)
 
-NORMS = ("none", "acc_norm", "acc_bytes")
+Norm = Literal["none", "acc_norm", "acc_bytes"]
+NORMS = typing.get_args(Norm)
 # The metric whose per-document argmax each norm reproduces.
 NORM_METRIC = {"none": "acc", "acc_norm": "acc_norm", "acc_bytes": "acc_bytes"}
 ACC_METRICS = ("acc", "acc_norm", "acc_bytes")
@@ -392,13 +395,12 @@ def _logits(d: _Doc, norm: str, where: str) -> np.ndarray:
     return d.lls / n  # lm-eval's own expression (lls / completion_len), so ties break the same way
 
 
-def read_samples(sf: SamplesFile, norm: str = "none", results: dict | None = None) -> TaskSamples:
+@validated
+def read_samples(sf: SamplesFile, norm: Norm = "none", results: dict | None = None) -> TaskSamples:
     """One samples file as a :class:`TaskSamples` (every line checked; errors name the file and line).
 
     ``results``: the parsed ``sf.results`` when the caller has it (every task of a run shares one file).
     """
-    if norm not in NORMS:
-        raise LlmcalError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
     if results is None:
         results = _read_results(sf.results) if sf.results else {}
     cfg = (results.get("configs") or {}).get(sf.task) or {}
@@ -457,15 +459,14 @@ def read_samples(sf: SamplesFile, norm: str = "none", results: dict | None = Non
     return ts
 
 
-def read_lm_eval(path: str | Path, *, norm: str = "none", task: str | Sequence[str] | None = None) -> LmEvalSamples:
+@validated
+def read_lm_eval(path: str | Path, *, norm: Norm = "none", task: str | Sequence[str] | None = None) -> LmEvalSamples:
     """Read an lm-eval samples file, or the samples of an output folder, as llmcal predictions.
 
     From a folder without ``task``, tasks llmcal cannot read (generation tasks,
     ...) are left out and named in ``skipped``; a file or a task asked for by
     name must be readable.
     """
-    if norm not in NORMS:
-        raise LlmcalError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
     files = find_samples(path, task)
     lenient = Path(path).expanduser().is_dir() and task is None
     docs = {r: _read_results(r) for r in {sf.results for sf in files} if r is not None}
@@ -517,8 +518,9 @@ def agreement_markdown(data: LmEvalSamples, norm: str) -> str:
     return "\n".join(lines)
 
 
-def run_from_lm_eval(path: str | Path, out: str | Path, *, norm: str = "none", task: str | Sequence[str] | None = None,
-                     n_bins: int = 10, n_bootstrap: int = 1000, seed: int = 0, overwrite: bool = False,
+@validated
+def run_from_lm_eval(path: str | Path, out: str | Path, *, norm: Norm = "none", task: str | Sequence[str] | None = None,
+                     n_bins: PositiveInt = 10, n_bootstrap: PositiveInt = 1000, seed: int = 0, overwrite: bool = False,
                      progress: bool = True):
     """An lm-eval run's samples as an llmcal evaluation run: predictions, metrics, diagram, report.
 
@@ -530,9 +532,6 @@ def run_from_lm_eval(path: str | Path, out: str | Path, *, norm: str = "none", t
     from .pipeline import Run
     from .predictions import write_predictions
 
-    for name, v in (("n_bins", n_bins), ("n_bootstrap", n_bootstrap)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
     data = read_lm_eval(path, norm=norm, task=task)
     names = [t.task for t in data.tasks]
     model = data.model or "lm-eval samples"

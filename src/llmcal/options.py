@@ -9,21 +9,30 @@ field says otherwise) and how the command line spells its value.  From that:
   so a flag exists exactly when its field does and every flag has help;
 - error messages name flags through ``flag_of``, so they name flags that exist
   (a test checks every ``--flag`` written in the source);
-- YAML files (``calibrate --config``, study options) are validated against the
-  same fields by pydantic (``from_mapping``): an unknown key or a wrong type is
-  an error naming the file and the key.
+- every config class is a frozen pydantic dataclass (:func:`config`): its field
+  types (``Literal`` choices, the ranges of ``llmcal.validation``) are checked by
+  pydantic when it is built, whether by the Python API, the CLI or a YAML file
+  (``from_mapping``), and a bad value is an error naming the flag, or the file,
+  key and line it came from.  Rules between fields stay in each config's one
+  check function.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import typing
 from dataclasses import MISSING, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Literal, Optional
 
 from .errors import LlmcalError
+
+# The choices of the options more than one config has (the fields say ``template: Template``).
+Template = Literal["auto", "plain", "chat"]
+# resolve_dtype's names: the four of the help text and their short spellings
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
 
 def option(default: Any = MISSING, *, help: str, flag: str | None = None, short: str | None = None,
@@ -107,6 +116,48 @@ SHARED: dict[str, dict] = {
 }
 
 
+# ---- the config classes ----------------------------------------------------------------------
+def config(cls: type) -> type:
+    """``cls`` as a frozen pydantic dataclass whose fields pydantic checks against their types on every
+    construction (``EvalConfig(...)``, ``dataclasses.replace``); a bad value raises ``LlmcalError``
+    naming the flag.  Unknown keyword arguments are errors too."""
+    from pydantic import ConfigDict, ValidationError
+    from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+    cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+    build = cls.__init__
+
+    @functools.wraps(build)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            build(self, *args, **kwargs)
+        except ValidationError as e:
+            raise LlmcalError(describe(cls, e)) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def describe(cls: type, error: Any, *, where: str | None = None, lines: dict[str, int] | None = None,
+             from_file: set[str] = frozenset()) -> str:
+    """The message of a ``ValidationError`` of config ``cls``: each problem names the flag, or for a key in
+    ``from_file`` the file ``where``, the key and its line (``lines``)."""
+    from .validation import problems
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for name, message in problems(error.errors(), lambda n: label_of(cls, n), hints):
+        if name not in from_file:
+            out.append(message)
+            continue
+        line = (lines or {}).get(name)
+        if message.startswith("unknown key"):
+            out.append(f"{where}: {message}" + (f" (line {line})" if line else ""))
+        else:
+            out.append(f"{where}: {name}" + (f" (line {line})" if line else "") + f": {message}")
+    return "; ".join(out)
+
+
 # ---- reading the fields --------------------------------------------------------------------
 def fields_of(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -120,6 +171,14 @@ def flag_of(cls: type, name: str) -> str:
     return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
+def label_of(cls: type, name: str) -> str:
+    """How a message names field ``name``: its flag, or its key when no flag sets it (``training_args``)."""
+    f = fields_of(cls).get(name)
+    if f is None or not (f.metadata.get("cli", True) or f.metadata.get("flag")):
+        return name
+    return flag_of(cls, name)
+
+
 def cli_flags(*classes: type) -> set[str]:
     return {flag_of(c, f.name) for c in classes for f in dataclasses.fields(c) if f.metadata.get("cli", True)}
 
@@ -131,6 +190,7 @@ def _cli_annotation(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
         f.default if f.default is not MISSING else f.default_factory())
     if md.get("cli_type") is not None:
         return md["cli_type"], default
+    hint = _cli_type(hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)]
@@ -143,6 +203,24 @@ def _cli_annotation(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     if origin is list:
         return List[args[0]], list(default or [])
     return hint, default
+
+
+def _cli_type(hint: Any) -> Any:
+    """The type typer reads a field's flag as: a ``Literal`` is read as its values' type (the config's check
+    words the error, naming the choices), a constrained ``Annotated`` type as its base type, a number that may
+    be an int or a float as a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _cli_type(args[0])
+    if origin is Literal:
+        return type(args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [t for t in dict.fromkeys(_cli_type(a) for a in args) if t is not type(None)]
+        one = inner[0] if len(inner) == 1 else float if set(inner) == {int, float} else str  # a number, or text
+        return Optional[one] if type(None) in args else one
+    if origin is list:
+        return List[_cli_type(args[0])]
+    return hint
 
 
 def cli_parameters(*classes: type, exclude: set[str] = frozenset(), required: set[str] = frozenset(),
@@ -214,29 +292,29 @@ def to_field_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- YAML / mappings -----------------------------------------------------------------------
-def from_mapping(cls: type, data: dict, where: str, *, extra: dict[str, Any] | None = None) -> Any:
-    """``cls(**data)`` validated by pydantic: unknown keys and wrong types are errors naming ``where`` and the key."""
+def from_mapping(cls: type, data: dict, where: str | None = None, *, lines: dict[str, int] | None = None,
+                 options: dict[str, Any] | None = None) -> Any:
+    """``cls`` from the mapping ``data`` of file ``where`` and ``options`` given as flags or keyword arguments
+    (which win), validated by pydantic: a problem with a key of the file names the file, the key and its
+    line (``lines``), one with an option names its flag."""
     from pydantic import TypeAdapter, ValidationError
 
-    values = {**data, **(extra or {})}
+    values = {**data, **(options or {})}
     for k, f in fields_of(cls).items():
         parse = f.metadata.get("parse")
         if k in values and parse is not None and isinstance(values[k], str):
             values[k] = parse(values[k])
     try:
-        return TypeAdapter(cls).validate_python(values)  # the class's __pydantic_config__ forbids extra keys
+        return TypeAdapter(cls).validate_python(values)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"])
-            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-                problems.append(f"unknown key {key!r}")
-            else:
-                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-        raise LlmcalError(f"{where}: {'; '.join(problems)}") from None
+        raise LlmcalError(describe(cls, e, where=where, lines=lines,
+                                   from_file=set(data) - set(options or {}))) from None
 
 
-def read_yaml_mapping(path: str | Path) -> dict:
+def read_yaml_options(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """A YAML file of options: (the mapping, each top-level key's line)."""
+    import yaml
+
     from .yamlio import load_yaml
 
     p = Path(path)
@@ -248,7 +326,9 @@ def read_yaml_mapping(path: str | Path) -> dict:
         raise LlmcalError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     doc = load_yaml(text, p)  # refuses a key given twice, naming both lines
     if doc is None:
-        return {}
+        return {}, {}
     if not isinstance(doc, dict):
         raise LlmcalError(f"{p}: expected a mapping of option names to values at the top level")
-    return doc
+    root = yaml.compose(text)
+    lines = {str(k.value): k.start_mark.line + 1 for k, _ in root.value if isinstance(k, yaml.ScalarNode)}
+    return doc, lines

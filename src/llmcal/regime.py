@@ -35,12 +35,13 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import LlmcalError
-from .options import option, shared
+from .options import Dtype, Template, config, option, shared
+from .validation import Int, NonNegativeNumber, OpenFraction, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -269,34 +270,33 @@ def format_diagnosis(d: Diagnosis) -> str:
 
 
 # ---- the regime run (``llmcal regime``) ---------------------------------------------
-@dataclass
+@config
 class RegimeConfig:
-    """Everything that decides a regime run's numbers (stored as the run's config.json)."""
-
-    # pydantic validates YAML and study options against these fields: unknown keys are errors.
-    __pydantic_config__ = {"extra": "forbid"}
-
+    """Everything that decides a regime run's numbers (stored as the run's config.json); frozen, and checked
+    against its field types when built (``llmcal.options.config``)."""
 
     model: str = shared("model")
     train: str = option(help="Training data: the dataset fine-tuning would train on (any --data spec).")
-    heldout: str | None = option(None, help="Held-out data: unseen questions (default: a held-out slice of "
-                                            "--train, see --heldout-fraction).")
+    heldout: Optional[str] = option(None, help="Held-out data: unseen questions (default: a held-out slice of "
+                                               "--train, see --heldout-fraction).")
     gguf_file: str | None = shared("gguf_file")
     base: str | None = shared("base")
-    heldout_fraction: float = option(0.2, help="Share of --train held out when --heldout is not given (a hash "
-                                               "of each id and the seed).")
-    train_limit: int | None = option(None, help="Use a fixed, seeded subset of this many training questions.")
-    heldout_limit: int | None = option(None, help="Use a fixed, seeded subset of this many held-out questions.")
-    seed: int = shared("seed")
-    template: str = shared("template")
-    dtype: str = shared("dtype")
+    heldout_fraction: OpenFraction = option(0.2, help="Share of --train held out when --heldout is not given (a "
+                                                      "hash of each id and the seed).")
+    train_limit: Optional[PositiveInt] = option(None, help="Use a fixed, seeded subset of this many training "
+                                                           "questions.")
+    heldout_limit: Optional[PositiveInt] = option(None, help="Use a fixed, seeded subset of this many held-out "
+                                                             "questions.")
+    seed: Int = shared("seed")
+    template: Template = shared("template")
+    dtype: Dtype = shared("dtype")
     device: str = shared("device")
-    batch_tokens: int = shared("batch_tokens")
-    tolerance: float = option(DEFAULT_TOLERANCE, help="Largest train minus held-out accuracy that is still "
-                                                      "calibratable.")
-    n_bins: int = shared("n_bins")
-    n_bootstrap: int = shared("n_bootstrap")
-    mapping: dict | None = shared("mapping")
+    batch_tokens: PositiveInt = shared("batch_tokens")
+    tolerance: NonNegativeNumber = option(DEFAULT_TOLERANCE, help="Largest train minus held-out accuracy that is "
+                                                                  "still calibratable.")
+    n_bins: PositiveInt = shared("n_bins")
+    n_bootstrap: PositiveInt = shared("n_bootstrap")
+    mapping: Optional[dict] = shared("mapping")
 
 
 def regime_questions(cfg: RegimeConfig) -> tuple[tuple, tuple]:
@@ -307,8 +307,6 @@ def regime_questions(cfg: RegimeConfig) -> tuple[tuple, tuple]:
 
     if cfg.heldout is None:
         ds = load_dataset(cfg.train, seed=cfg.seed, mapping=cfg.mapping)
-        if not 0 < cfg.heldout_fraction < 1:
-            raise LlmcalError(f"--heldout-fraction must be between 0 and 1 (got {cfg.heldout_fraction!r})")
         train, held = split_heldout(ds.questions, cfg.heldout_fraction, cfg.seed)
         if cfg.train_limit is not None:
             train = take_limit(train, cfg.train_limit, cfg.seed)
@@ -329,12 +327,6 @@ def regime_questions(cfg: RegimeConfig) -> tuple[tuple, tuple]:
         raise LlmcalError(f"{where}: {len(train)} training and {len(held)} held-out questions; both must be "
                           f"non-empty (use more questions or change --heldout-fraction)")
     return tuple(train), tuple(held)
-
-
-def _check_config(cfg: RegimeConfig) -> None:
-    t = cfg.tolerance
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise LlmcalError(f"--tolerance must be a finite number >= 0, got {t!r}")
 
 
 def run_regime(cfg: RegimeConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -360,7 +352,6 @@ def run_regime(cfg: RegimeConfig, out: str | Path, *, overwrite: bool = False, p
     from .pipeline import Run
     from .prompts import resolve_template
 
-    _check_config(cfg)
     spec = loaded.spec if loaded else resolve_model(cfg.model, gguf_file=cfg.gguf_file, base=cfg.base)
     train, held = regime_questions(cfg)  # bad input fails before the run directory is touched
     run = Run.start(out, config_doc(cfg, spec, "regime"), device=cfg.device, overwrite=overwrite,

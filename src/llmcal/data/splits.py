@@ -31,6 +31,7 @@ import math
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from ..errors import LlmcalError
+from ..validation import Fraction, NonNegativeNumber, check_value, validated
 from .schema import Question
 
 T = TypeVar("T")
@@ -50,11 +51,10 @@ def hash_unit(qid: str, key: int | str) -> float:
 def check_fractions(fractions: Mapping[str, float]) -> None:
     if not fractions:
         raise LlmcalError("split fractions are empty; give e.g. {'train': 0.6, 'calib': 0.2, 'test': 0.2}")
-    for name, f in fractions.items():
+    for name in fractions:
         if not isinstance(name, str) or not name or name in NO_SPLIT:
             raise LlmcalError(f"split name {name!r} is not allowed")
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or f < 0:
-            raise LlmcalError(f"split fraction for {name!r} must be a number >= 0, got {f!r}")
+    check_value(dict[str, NonNegativeNumber], dict(fractions), "split fractions")
     total = sum(fractions.values())
     if abs(total - 1.0) > 1e-6:
         raise LlmcalError(f"split fractions must sum to 1, got {total:g} ({dict(fractions)})")
@@ -105,15 +105,14 @@ def apply_split(
     return tuple(q for q in questions if _lookup(hash_unit(q.id, seed + SPLIT_SALT), bounds) == split)
 
 
-def split_heldout(items: Sequence[T], fraction: float, seed: int = 0, *,
+@validated
+def split_heldout(items: Sequence[T], fraction: Fraction, seed: int = 0, *,
                   id_of: Callable[[T], str] = lambda q: q.id) -> tuple[tuple[T, ...], tuple[T, ...]]:
     """(kept, held out): ``items`` split by ``H(seed, id) >= 1 - fraction``, each side in the original order.
 
     ``fraction`` 0 holds nothing out.  ``id_of`` reads an item's id (questions and
     predictions both have ``.id``).
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-        raise LlmcalError(f"held-out fraction must be a number in [0, 1), got {fraction!r}")
     items = tuple(items)
     if fraction == 0:
         return items, ()

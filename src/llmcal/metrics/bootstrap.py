@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import OpenFraction, PositiveInt, check_value
 from .core import _check_inputs, _check_n_bins, _conf_correct, accuracy, bin_index, brier, classwise_ece, conf_ece, nll
 from .selective import aurc, aurc_from_group_stats, tie_groups
 
@@ -102,10 +103,8 @@ def _fast_reducer(metric_fn, p: np.ndarray, a: np.ndarray) -> Callable[[np.ndarr
 
 
 def _check_resampling(n_resamples, level) -> None:
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise LlmcalError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not 0.0 < float(level) < 1.0:
-        raise LlmcalError(f"level must be in (0, 1), got {level!r}")
+    check_value(PositiveInt, n_resamples, "n_resamples")
+    check_value(OpenFraction, level, "level")
 
 
 def bootstrap_values(metric_fn: Callable[[np.ndarray, np.ndarray], float], probs, answers,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import PositiveInt, check_value
 
 __all__ = [
     "BinStats",
@@ -45,9 +46,8 @@ _ROW_SUM_TOL = 1e-3
 # --------------------------------------------------------------------------- validation
 
 def _check_n_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise LlmcalError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    return int(n_bins)
+    # every metric checks its n_bins, bootstrap loops included: one cached TypeAdapter, no signature binding
+    return check_value(PositiveInt, n_bins, "n_bins")
 
 
 def _check_inputs(probs, answers) -> tuple[np.ndarray, np.ndarray]:

@@ -8,26 +8,27 @@ bin sweep shows the second.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import check_value
 from .core import _check_inputs, _check_n_bins, _conf_correct, bin_index, equal_mass_bins
 
 __all__ = ["debiased_l2_ce_squared", "debiased_l2_ce", "ece_bin_sweep", "DEFAULT_SWEEP_BINS"]
 
 DEFAULT_SWEEP_BINS = (5, 10, 15, 20, 30, 50)
-BINNINGS = ("equal_mass", "equal_width")
+Binning = Literal["equal_mass", "equal_width"]
+BINNINGS = typing.get_args(Binning)
 
 
 def _bins_of(conf: np.ndarray, correct: np.ndarray, n_bins: int, binning: str) -> list[np.ndarray]:
-    if binning == "equal_mass":
+    if check_value(Binning, binning, "binning") == "equal_mass":
         return equal_mass_bins(conf, correct, n_bins)
-    if binning == "equal_width":
-        b = bin_index(conf, n_bins)
-        return [np.flatnonzero(b == m) for m in range(n_bins) if np.any(b == m)]
-    raise LlmcalError(f"unknown binning {binning!r}; choose one of {', '.join(BINNINGS)}")
+    b = bin_index(conf, n_bins)
+    return [np.flatnonzero(b == m) for m in range(n_bins) if np.any(b == m)]
 
 
 def debiased_l2_ce_squared(probs, answers, n_bins: int = 15, binning: str = "equal_mass") -> float:

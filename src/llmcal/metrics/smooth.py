@@ -27,13 +27,19 @@ import math
 
 import numpy as np
 
+from typing import Annotated
+
+from pydantic import Field
+
 from ..errors import LlmcalError
+from ..validation import Int, PositiveNumber, check_value, says, validated
 from .core import _check_inputs, _conf_correct
 
 __all__ = ["SIGMA_MIN", "smooth_ece_at", "smooth_ece_fixed_point", "smooth_ece"]
 
 SIGMA_MIN = 1e-3  # below this the grid cannot resolve the kernel; the paper's code stops there too
 GRID_POINTS = 4097
+GridPoints = Annotated[Int, Field(ge=3), says("an integer >= 3")]
 
 
 def _grid_masses(conf: np.ndarray, weights: np.ndarray, g: int) -> np.ndarray:
@@ -81,17 +87,14 @@ def _prepare(conf, correct, g: int) -> np.ndarray:
         raise LlmcalError(f"smooth ECE needs equally many confidences and outcomes (got {f.size} and {y.size})")
     if not np.all(np.isfinite(f)) or f.min() < -1e-9 or f.max() > 1 + 1e-9:
         raise LlmcalError("smooth ECE: confidences must be finite and in [0, 1]")
-    if isinstance(g, bool) or not isinstance(g, int) or g < 3:
-        raise LlmcalError(f"smooth ECE: grid must be an integer >= 3, got {g!r}")
+    g = check_value(GridPoints, g, "smooth ECE: grid")
     return np.fft.rfft(_grid_masses(f, (y - f) / f.size, g))
 
 
-def smooth_ece_at(conf, correct, sigma: float, grid: int = GRID_POINTS) -> float:
+@validated
+def smooth_ece_at(conf, correct, sigma: PositiveNumber, grid: int = GRID_POINTS) -> float:
     """smECE_sigma at a fixed bandwidth ``sigma`` (the reflected-Gaussian formula of the module docstring)."""
-    s = float(sigma)
-    if not (math.isfinite(s) and s > 0):
-        raise LlmcalError(f"smooth ECE: sigma must be > 0, got {sigma!r}")
-    return _smece(_prepare(conf, correct, grid), s, grid)
+    return _smece(_prepare(conf, correct, grid), float(sigma), grid)
 
 
 def smooth_ece_fixed_point(conf, correct, grid: int = GRID_POINTS) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import NonNegativeInt, check_value
 from ..predictions import Prediction, stack_probs
 from .bootstrap import bootstrap_ci
 from .core import (_check_inputs, _check_n_bins, _conf_correct, accuracy, auroc, brier, classwise_ece, conf_ece,
@@ -62,8 +63,7 @@ def compute_metrics(probs, answers, n_bins: int = 10, n_bootstrap: int = 1000, s
     """
     m = _check_n_bins(n_bins)
     p, a = _check_inputs(probs, answers)
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise LlmcalError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+    n_bootstrap = check_value(NonNegativeInt, n_bootstrap, "n_bootstrap")
     conf, correct = _conf_correct(p, a)
 
     if n_bootstrap > 0:

@@ -19,6 +19,7 @@ import logging
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import NonNegativeNumber, check_value
 from ._common import Calibrator, _log_softmax, _require_fixed_k
 
 __all__ = ["VectorScaler", "MatrixScaler", "BiasCorrector"]
@@ -168,9 +169,7 @@ class MatrixScaler(Calibrator):
 
     def _fit(self, z, mask, answers):
         for name in ("off_diagonal", "bias"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
-                raise LlmcalError(f"matrix scaling: {name} must be a number >= 0, got {v!r}")
+            check_value(NonNegativeNumber, getattr(self, name), f"matrix scaling: {name}")
         k = _require_fixed_k(mask, "matrix scaling")
         x = _inputs(z, mask)
         off = ~np.eye(k, dtype=bool)

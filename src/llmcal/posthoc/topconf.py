@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LlmcalError
+from ..metrics.estimators import Binning
+from ..validation import PositiveInt, check_value
 from ._common import Calibrator, _masked_softmax, _option_counts
 
 __all__ = ["PlattScaler", "IsotonicCalibrator", "HistogramBinning"]
@@ -182,22 +184,18 @@ class HistogramBinning(_TopLabel):
     name = "histogram"
     _fitted_attr = "edges_"
 
-    def __init__(self, n_bins: int = 10, binning: str = "equal_width"):
+    def __init__(self, n_bins: int = 10, binning: Binning = "equal_width"):
         self.n_bins = n_bins
         self.binning = binning
 
     def _fit_map(self, conf, correct):
-        m = self.n_bins
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise LlmcalError(f"histogram binning: n_bins must be an integer >= 1, got {m!r}")
-        if self.binning == "equal_width":
+        m = check_value(PositiveInt, self.n_bins, "histogram binning: n_bins")
+        if check_value(Binning, self.binning, "histogram binning: binning") == "equal_width":
             edges = np.linspace(0.0, 1.0, m + 1)
-        elif self.binning == "equal_mass":
+        else:
             runs = [r for r in np.array_split(np.sort(conf), m) if len(r)]
             inner = [(a[-1] + b[0]) / 2.0 for a, b in zip(runs[:-1], runs[1:])]
             edges = np.unique(np.concatenate([[0.0], inner, [1.0]]))
-        else:
-            raise LlmcalError(f"histogram binning: binning must be equal_width or equal_mass, got {self.binning!r}")
         self.edges_ = edges
         b = self._bin(conf)
         nb = len(edges) - 1

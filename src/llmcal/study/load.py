@@ -63,6 +63,8 @@ def _message(err: dict, owner: Any, fld: Any, tp: Any) -> str:
         return str(ctx["error"])
     if kind in ("model_type", "model_attributes_type") and isinstance(tp, type) and issubclass(tp, ConfigModel):
         return f"must be {tp.what()}, got {type(value).__name__}"
+    if kind == "literal_error" and typing.get_origin(tp) is typing.Literal:
+        return f"unknown {err['loc'][-1]} {value!r}: choose one of {', '.join(map(str, typing.get_args(tp)))}"
     msg = err["msg"]
     return f"{msg[:1].lower()}{msg[1:]}, got {value!r}"
 
@@ -332,13 +334,15 @@ def _culprit(study: Study, cell: Any, message: str) -> tuple | None:
 
 
 def _check_cells(where: _Where, study: Study) -> None:
-    """Build and validate every cell's config once (no data, no model), so bad values fail now, naming the YAML
-    file, the key that set the value and its line."""
-    from ..evaluate import EvalConfig, _check
-    from ..options import from_mapping
+    """Build every cell's config once (pydantic checks each option's type then) and check the rules between its
+    options (no data, no model), so bad values fail now, naming the YAML file, the key that set the value and
+    its line."""
+    from ..evaluate import _check
 
     def fail(cell: Any, e: LlmcalError) -> LlmcalError:
         msg = str(e)
+        if msg.startswith(f"{study.path}: "):  # the study's own error (grid): it names its place
+            return e
         key = _culprit(study, cell, msg)
         place = _source(where, study, cell, key) if key else option_key(study, cell)
         return bad(study.path, place, f"{msg} (cell {cell.name})")
@@ -361,8 +365,7 @@ def _check_cells(where: _Where, study: Study) -> None:
                 except LlmcalError as e:
                     raise fail(cell, e) from None
             elif cell.kind in ("none", "ts"):
-                cfg = eval_config(study, cell, paths)
-                try:  # the values' types as the YAML gave them (n_bootstrap: "many"), then their ranges
-                    _check(from_mapping(EvalConfig, dataclasses.asdict(cfg), "the cell's options"))
+                try:
+                    _check(eval_config(study, cell, paths))
                 except LlmcalError as e:
                     raise fail(cell, e) from None

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 import typing
 from typing import Any, ClassVar, Optional
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
                       StrictStr, ValidationInfo, create_model, field_validator, model_validator)
 
+from ..conformal import Score
 from ..errors import LlmcalError
+from ..validation import NonNegativeNumber, OpenFraction, PositiveInt
 from .grid import DATA_KEYS, METHODS, NAME_RE, POINT_KEYS, ROLES, STUDY_SET, TOP_KEYS
 
 
@@ -71,7 +72,7 @@ class DataEntryModel(ConfigModel):
     spec: StrictStr = Field(description="name the dataset (e.g. mmlu, a .jsonl file, "
                                         "synthetic:arithmetic?difficulty=2)")
     subjects: typing.Annotated[Optional[list[StrictStr]], BeforeValidator(_as_list)] = None
-    limit: Optional[StrictInt] = None
+    limit: Optional[PositiveInt] = None
     mapping: Optional[dict] = None
     fractions: Optional[dict] = None
     split: Optional[StrictStr] = None  # after fractions: its names are the splits
@@ -101,13 +102,6 @@ class DataEntryModel(ConfigModel):
     def _subjects(cls, v: list | None) -> list | None:
         if v is not None and (not v or not all(v)):
             raise ValueError("must be a non-empty list of subject names")
-        return v
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be a positive integer, got {v!r}")
         return v
 
     @field_validator("mapping", mode="before")
@@ -246,36 +240,13 @@ class _PointBase(ConfigModel):
 class _Regime(ConfigModel):
     WHAT: ClassVar[str] = "false or a mapping with from / tolerance"
     from_: Optional[StrictStr] = Field(None, alias="from")
-    tolerance: Optional[StrictFloat] = None
-
-    @field_validator("tolerance")
-    @classmethod
-    def _tolerance(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise ValueError(f"must be a number >= 0, got {v!r}")
-        return v
+    tolerance: Optional[NonNegativeNumber] = None
 
 
 class _Conformal(ConfigModel):
     WHAT: ClassVar[str] = "false, true or a mapping with alpha / score"
-    alpha: StrictFloat = 0.1
-    score: StrictStr = "lac"
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 < v < 1.0):
-            raise ValueError(f"must be a number strictly between 0 and 1, got {v!r}")
-        return v
-
-    @field_validator("score")
-    @classmethod
-    def _score(cls, v: str) -> str:
-        from ..conformal import SCORES
-
-        if v not in SCORES:
-            raise ValueError(f"unknown conformity score {v!r}; choose one of {', '.join(SCORES)}")
-        return v
+    alpha: OpenFraction = 0.1
+    score: Score = "lac"
 
 
 def _conformal_in(v: Any) -> Any:

@@ -26,6 +26,7 @@ from .. import distributed
 from ..metrics import BinStats, bin_statistics, ece_from_statistics
 from ..prompts import EncodedQuestion
 from ..scoring import ScoreOptions, score
+from ..validation import NonNegativeNumber, validated
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def _listed(x: np.ndarray, keep: np.ndarray) -> list[float | None]:
     return [float(v) if k else None for v, k in zip(x, keep)]
 
 
-def estimate_bin_accuracy(bins: BinStats, prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> BinEstimate:
+@validated
+def estimate_bin_accuracy(bins: BinStats, prior_strength: NonNegativeNumber = DEFAULT_PRIOR_STRENGTH) -> BinEstimate:
     """Per-bin accuracy a_b, shrunk toward the bin's confidence corrected by the set's overall calibration gap.
 
     With n_b questions in bin b, S_b of them correct, mean confidence cbar_b in
@@ -148,8 +150,6 @@ def estimate_bin_accuracy(bins: BinStats, prior_strength: float = DEFAULT_PRIOR_
     estimation sets give the unshrunk E-step; ``prior_strength=0`` gives it
     exactly.  Empty bins stay without an estimate, as before.
     """
-    if prior_strength < 0 or not math.isfinite(prior_strength):
-        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength}")
     count = np.asarray(bins.count, dtype=np.float64)
     n = float(count.sum())
     keep = count > 0
