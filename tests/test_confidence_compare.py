@@ -284,3 +284,20 @@ def test_refuses_incomplete_runs_and_bad_options(three_runs, tmp_path):
         compare_confidence(runs, tmp_path / "cmp", calib_fraction=1.5)
     with pytest.raises(LlmcalError, match="is one of the runs"):
         compare_confidence(runs, runs[0])
+
+
+def test_report_in_headless_chromium(three_runs, tmp_path):
+    """Every image of report.html loads and the verdict box, with the sources' diagrams beside it, opens the page."""
+    from test_report_browser import HEIGHT, probe
+
+    runs, _, _ = three_runs
+    compare_confidence(runs, tmp_path / "cmp", n_bootstrap=30)
+    found = probe(tmp_path / "cmp" / "report.html", tmp_path)
+    # a diagram per source, all sources in one, the risk-coverage curves, the calibrators per source
+    assert len(found["images"]) == 3 + 1 + 1 + 3
+    for im in found["images"]:
+        assert im["complete"] and im["width"] > 0 and im["height"] > 0, im
+    v, side = found["verdict"], found["side"]
+    assert 0 <= v["top"] < HEIGHT / 3 and v["visibility"] == "visible"
+    assert "Best calibrated:" in v["text"] and "Cost per question" in v["text"]
+    assert side["alt"] == "reliability diagram per confidence source" and side["left"] >= v["right"]

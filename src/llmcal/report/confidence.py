@@ -135,7 +135,7 @@ def decide(comp) -> dict:
         post["spread_before"], post["spread_after"] = max(b.values()) - min(b.values()), max(a.values()) - min(a.values())
         lines.append(
             f"Post-hoc, on the {post['n_test']} held-out questions (calibrators fitted on {post['n_calib']}): conf-ECE "
-            + "; ".join(f"{md_text(k)} {_n(b[k])} → {_n(v['conf_ece'], v['conf_ece_ci'])} ({v['method']})"
+            + "; ".join(f"{md_text(k)} {_n(b[k])} → {_n(v['conf_ece'], v['conf_ece_ci'])} ({_after(v['method'])})"
                         for k, v in post["after"].items())
             + f". The spread across sources goes from {_n(post['spread_before'])} to {_n(post['spread_after'])}"
             + (": calibration closes most of the gap." if post["spread_after"] <= post["spread_before"] / 2 else
@@ -143,8 +143,12 @@ def decide(comp) -> dict:
     else:
         (k, v), = post["after"].items()
         lines.append(f"Post-hoc, on the {post['n_test']} held-out questions: conf-ECE {_n(post['before'][k])} → "
-                     f"{_n(v['conf_ece'], v['conf_ece_ci'])} ({v['method']}).")
+                     f"{_n(v['conf_ece'], v['conf_ece_ci'])} ({_after(v['method'])}).")
     return {"best_calibrated": cal, "best_ranking": rank, "posthoc": post, "lines": lines}
+
+
+def _after(method: str) -> str:
+    return "no calibrator lowered it" if method == "none" else method
 
 
 def _rate(p: dict) -> str:
