@@ -228,6 +228,19 @@ def test_report_json_and_figures_are_written_without_machine_paths(three_runs, t
     assert comp.verdict["best_calibrated"]["label"] == min(comp.sources, key=lambda s: s["conf_ece"])["label"]
 
 
+def test_verdict_warns_when_the_best_source_holds_unparseable_questions(tmp_path):
+    """Uniform (unparseable) questions are calibrated at chance accuracy by construction: the verdict says so."""
+    ids, answers = _questions()
+    a = write_run(tmp_path / "a", logprob_probs(answers), answers, ids, source="logprobs")
+    uniform = np.full((N, K), 1.0 / K)
+    b = write_run(tmp_path / "b", uniform, answers, ids, source="verbalized", extra_cfg={"verbalized_template": "2stage"},
+                  block=block("verbalized", template="2stage", unparseable=N))
+    comp = compare_confidence([a, b], tmp_path / "cmp", n_bootstrap=30)
+    line = comp.verdict["lines"][0]
+    assert line.startswith("**Best calibrated: verbalized (2stage)**")
+    assert f"{N} of its {N} questions were unparseable" in line
+
+
 def test_verdict_says_when_the_best_is_not_ahead(tmp_path):
     """Two runs with the same probabilities but one: no paired interval can exclude 0 on all the others."""
     ids, answers = _questions()

@@ -112,10 +112,10 @@ def decide(comp) -> dict:
 
     if cal:
         lines.append(f"**Best calibrated: {md_text(cal['label'])}**, conf-ECE {_n(cal['value'], cal['ci'])} on {n} "
-                     f"questions{against(cal, 'higher')}.")
+                     f"questions{_unparsed(comp, cal['label'])}{against(cal, 'higher')}.")
     if rank:
         lines.append(f"**Best at ranking right above wrong: {md_text(rank['label'])}**, AUROC "
-                     f"{_n(rank['value'], rank['ci'])}{against(rank, 'lower')}.")
+                     f"{_n(rank['value'], rank['ci'])}{_unparsed(comp, rank['label'])}{against(rank, 'lower')}.")
     else:
         lines.append("AUROC is undefined for every source (all answers right, or all wrong).")
     lines.append("Cost per question: " + "; ".join(_cost_text(s) for s in comp.sources) + ".")
@@ -145,6 +145,16 @@ def decide(comp) -> dict:
         lines.append(f"Post-hoc, on the {post['n_test']} held-out questions: conf-ECE {_n(post['before'][k])} → "
                      f"{_n(v['conf_ece'], v['conf_ece_ci'])} ({_after(v['method'])}).")
     return {"best_calibrated": cal, "best_ranking": rank, "posthoc": post, "lines": lines}
+
+
+def _unparsed(comp, label: str) -> str:
+    """A warning when some of the source's questions were unparseable: those hold the uniform distribution (the
+    run's rule), which is calibrated by construction at chance accuracy, so they flatter its conf-ECE."""
+    p = comp.source(label).get("parse") or {}
+    if p.get("unparseable"):
+        return (f" (but {p['unparseable']} of its {p['n']} questions were unparseable and hold the uniform "
+                f"distribution, which flatters its conf-ECE)")
+    return ""
 
 
 def _after(method: str) -> str:
