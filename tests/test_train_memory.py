@@ -151,3 +151,106 @@ def test_gradient_checkpointing_argument_trains_the_same_model(examples, tiny_mo
     (loss_a, w_a), (loss_b, w_b) = runs[False], runs[True]
     assert len(loss_a) == 2 and loss_b == pytest.approx(loss_a, rel=1e-6)
     assert torch.allclose(w_b, w_a, rtol=1e-5, atol=1e-6)
+
+
+DDP_SCRIPT = r'''
+import hashlib, json, os, sys
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, TrainingArguments
+
+from llmcal.data import load_dataset
+from llmcal.models import load_model, resolve_model
+from llmcal.prompts import encode_questions
+from llmcal.train.collator import ExampleDataset, McqCollator, build_examples
+from llmcal.train.losses import RcftLoss
+from llmcal.train.state import TrainState
+from llmcal.train.trainer import CalibrationTrainer
+
+out, kept_dir, broadcast_dir = sys.argv[1:4]
+rank = int(os.environ["RANK"])
+tok = AutoTokenizer.from_pretrained(kept_dir)
+examples = build_examples(encode_questions(load_dataset("synthetic:facts?n=8&k=4").questions, tok, "plain"), tok)
+
+
+def train(model_dir, frozen_broadcast):
+    args = TrainingArguments(output_dir=os.path.join(out, f"tmp{rank}"), per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                             remove_unused_columns=False, seed=0, disable_tqdm=True, ddp_find_unused_parameters=False)
+    assert str(args.device) == "cpu:0"  # what transformers gives a CPU process group, and run_finetune loads on
+    torch.manual_seed(0)
+    # as run_finetune loads it; the file's dtype, so the weights are the file's mapped pages
+    model = load_model(resolve_model(model_dir), dtype="float32", device=str(args.device), trainable=True).model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = CalibrationTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                                 data_collator=McqCollator(tok.pad_token_id), train_state=TrainState.initial("cft", 1.0, 10),
+                                 rcft_loss=RcftLoss(10))
+    if frozen_broadcast:  # DDP's default: every parameter broadcast from rank 0 and copied back in place
+        model._ddp_params_and_buffers_to_ignore = []
+    trainer.train()
+    trained = sorted((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)
+    lora = torch.cat([p.reshape(-1) for _, p in trained])
+    lora_b = max(float(p.abs().max()) for n, p in trained if "lora_B" in n)  # zero before training
+    return model, hashlib.sha256(lora.numpy().tobytes()).hexdigest(), lora_b
+
+
+def weights_mapping_kb(model_dir):
+    """Rss and Anonymous (copied-on-write) kB of this process's mappings of the model's weights file."""
+    path, rss, anon, current = os.path.realpath(os.path.join(model_dir, "model.safetensors")), 0, 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            current = len(head) > 5 and os.path.realpath(head[5]) == path
+        elif current and head[0] == "Rss:":
+            rss += int(head[1])
+        elif current and head[0] == "Anonymous:":
+            anon += int(head[1])
+    return {"rss_kb": rss, "anon_kb": anon}
+
+
+kept = train(kept_dir, frozen_broadcast=False)
+broadcast = train(broadcast_dir, frozen_broadcast=True)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"kept": {**weights_mapping_kb(kept_dir), "lora": kept[1], "lora_b_max": kept[2]},
+               "broadcast": {**weights_mapping_kb(broadcast_dir), "lora": broadcast[1]},
+               "file_kb": os.path.getsize(os.path.join(kept_dir, "model.safetensors")) // 1024}, f)
+'''
+
+
+def test_two_processes_share_the_mapped_base_weights_instead_of_copying_them(tmp_path, tiny_tokenizer):
+    """Each training process reads the base weights from the file's shared pages to the end of training.
+
+    Copies used to replace them (bench/RESULTS.md, Memory): the loader, the Trainer and accelerate's prepare each
+    placed the model on ``cpu:0``, the device of a CPU process group (torch copies every CPU tensor for that),
+    and DDP's broadcast of every parameter wrote each frozen weight in place, making the copy-on-write mapping
+    of the file a private copy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_llama
+
+    kept_dir = build_tiny_llama(tmp_path / "kept", tiny_tokenizer, hidden=128)
+    broadcast_dir = build_tiny_llama(tmp_path / "broadcast", tiny_tokenizer, hidden=128)
+    script = tmp_path / "ddp_weights.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "LLMCAL_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(kept_dir), str(broadcast_dir)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is a failure, with its output
+        pytest.fail(f"torchrun timed out\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        # the weights are read from the file's pages (resident), and none of them was copied
+        assert r["kept"]["rss_kb"] > 0.5 * r["file_kb"] and r["kept"]["anon_kb"] == 0, r
+        # the check can fail: with the frozen weights broadcast, nearly every page is a private copy
+        assert r["broadcast"]["anon_kb"] > 0.9 * r["file_kb"], r
+    # the adapters are still kept equal across the ranks (broadcast at the start, gradients averaged) and trained
+    assert ranks[0]["kept"]["lora"] == ranks[1]["kept"]["lora"] == ranks[0]["broadcast"]["lora"]
+    assert ranks[0]["kept"]["lora_b_max"] > 0

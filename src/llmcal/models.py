@@ -699,7 +699,13 @@ def load_weights(spec: ModelSpec, dtype, device: str, *, trainable: bool = False
             model = PeftModel.from_pretrained(model, spec.path, is_trainable=trainable)
         except Exception as e:
             raise LlmcalError(f"{spec.path}: could not load the LoRA adapter on {base_spec.name} ({e})") from e
-    model.to(device)
+    import torch
+
+    # Loaded on the CPU, its weights memory-mapped from the files.  A training process under a CPU process
+    # group is given the device "cpu:0", and torch's .to("cpu:0") copies every CPU tensor: a private copy
+    # of the whole model per process (bench/RESULTS.md, "Memory").  On a CPU the model stays where it is.
+    if torch.device(device).type != "cpu":
+        model.to(device)
     if not trainable:
         model.eval()
     return model

@@ -44,7 +44,9 @@ What makes the step fast (bench/RESULTS.md, "Training", measures each):
   gradients and the optimizer state stay float32 (bfloat16 mixed precision, as
   ``bf16=True`` does on a GPU).
 
-Memory (bench/RESULTS.md, "Memory", ``bench/bench_memory.py``): at batch 2 the weights are three
+Memory (bench/RESULTS.md, "Memory", ``bench/bench_memory.py``): in several CPU processes the base
+weights stay the weights file's shared pages (``keep_frozen_weights_out_of_ddp`` and the CPU placement
+below); at batch 2 the weights are three
 quarters of a step; the rest is mostly what autograd keeps for the backward pass, 159 KB per token
 and decoder layer on Qwen2.5-1.5B.  ``--gradient_checkpointing true`` (``checkpoint_layers``) keeps
 one hidden state per token and layer instead and computes each layer again in the backward pass.
@@ -54,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -193,6 +196,29 @@ def checkpoint_layers(model, every_n_layers: int = 1) -> None:
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def keep_frozen_weights_out_of_ddp(model) -> list[str]:
+    """Tell DDP not to broadcast the frozen parameters (the base weights) when it wraps ``model``; their names.
+
+    DDP makes the ranks agree by broadcasting every parameter and buffer from rank 0 when it wraps a
+    model, and every rank, rank 0 included, copies the result back into its own tensors.  The base
+    weights are memory-mapped from the weights file, copy-on-write (``load_model``), so that copy
+    turned each of their pages into a private one: each process held the whole model in anonymous
+    memory instead of sharing the file's pages in the page cache (bench/RESULTS.md, "Memory").
+    Frozen weights need no broadcast: every rank reads them from the same file and no step changes them.  The LoRA weights, which each rank initialises from the same seed, are still
+    broadcast, and their gradients averaged, as before (``tests/test_train_memory.py``).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return frozen
+
+
+def _on_cpu(model) -> bool:
+    return all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _checkpointing_requested(args) -> bool:
     return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None))
 
@@ -209,6 +235,7 @@ class CalibrationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.train_state = train_state
         self.rcft_loss = rcft_loss
+        keep_frozen_weights_out_of_ddp(self.model)  # read when train() wraps the model in DDP, if it does
         if _checkpointing_requested(self.args):
             # --gradient_checkpointing (TrainingArguments): llmcal's checkpointing, whose recomputation runs in the
             # training precision; the Trainer's own would recompute with peft's float32 casts on a CPU bf16 model.
@@ -218,6 +245,24 @@ class CalibrationTrainer(Trainer):
             for name in ("activation_checkpointing", "gradient_checkpointing"):
                 if hasattr(self.args, name):
                     setattr(self.args, name, False)  # on already: the Trainer must not enable its own over it
+
+    # Under a CPU process group the device that transformers and accelerate place the model on is ``cpu:0``,
+    # and torch's ``.to("cpu:0")`` copies every CPU tensor (whose device then reads ``cpu``, so the next such
+    # ``.to`` copies again): the Trainer's placement and accelerate's ``prepare`` at every ``train()`` each
+    # gave every process a private copy of the whole base model in its heap, instead of the weights file's
+    # shared, memory-mapped pages (bench/RESULTS.md, "Memory"; tests/test_train_memory.py).  On a CPU the
+    # model is already where it should be, so neither places it.
+
+    def _move_model_to_device(self, model, device):
+        if torch.device(device).type == "cpu" and _on_cpu(model):
+            return
+        super()._move_model_to_device(model, device)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.accelerator.device.type == "cpu" and self.model is not None and _on_cpu(self.model):
+            # prepare() places no model (nor optimizer state, nor batches: _prepare_inputs moves those)
+            self.accelerator.device_placement = False
 
     def _get_train_sampler(self, train_dataset=None):
         """``group_by_length``: llmcal's length-bucketed batches (module docstring); anything else as the Trainer."""
