@@ -222,6 +222,22 @@ def test_after_the_retries_the_question_is_uniform_and_flagged_never_dropped():
                                 "reason": "no option letter", "stage": "verbalized"}
 
 
+def test_a_reply_cut_off_by_the_token_limit_says_so_in_its_reason_but_not_to_the_model():
+    fake = FakeChat(garble=1)
+    answer = fake.reply
+
+    def cut(body):
+        r = answer(body)
+        if "could not be read" not in body["messages"][-1]["content"]:
+            r["choices"][0]["finish_reason"] = "length"
+        return r
+
+    fake.reply = cut
+    p = ask(fake, template="1stage-percent", max_new_tokens=7)
+    assert p.extra["parse"]["reasons"] == ["no option letter; cut off at 7 tokens (--max-new-tokens)"]
+    assert fake.bodies[1]["messages"][2]["content"].startswith("Your reply could not be read (no option letter). ")
+
+
 def test_consistency_leaves_an_unreadable_sample_out_of_the_votes_after_its_retries():
     fake = FakeChat(garble=99)  # every sample names no option
     p = ask(fake, source="consistency", samples=2, max_parse_retries=1)

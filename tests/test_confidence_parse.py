@@ -43,8 +43,8 @@ def _read(entry: dict) -> dict:
 
 def test_the_corpus_covers_both_models_every_kind_and_both_outcomes():
     corpus = _corpus()
-    assert {e["model"] for e in corpus} >= {"smollm2-135m-instruct"}
-    assert {e["kind"] for e in corpus} >= {"answer", "final", "confidence", "1stage-percent"}
+    assert {e["model"] for e in corpus} == {"smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"}
+    assert {e["kind"] for e in corpus} == {"answer", "final", "confidence", "1stage-percent", "1stage-prob"}
     assert any("unparseable" in e["expected"] for e in corpus)
     assert any("confidence" in e["expected"] for e in corpus) and any("letter" in e["expected"] for e in corpus)
 

@@ -67,6 +67,15 @@ def reply_text(response: Any, where: str) -> str:
     return content if isinstance(content, str) else ""
 
 
+def with_cut_off(reason: str, response: Any, max_tokens: int) -> str:
+    """``reason``, plus that the reply hit the token limit when the server says so (``finish_reason`` "length")."""
+    try:
+        cut = response["choices"][0].get("finish_reason") == "length"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        cut = False
+    return f"{reason}; cut off at {max_tokens} tokens (--max-new-tokens)" if cut else reason
+
+
 def chat_body(model: str, messages: list[dict], *, max_tokens: int, temperature: float, seed: int,
               top_logprobs: int | None = None) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": int(max_tokens), "temperature": float(temperature),
@@ -90,7 +99,7 @@ def ask_until_read(client: Any, tally: Tally, messages: list[dict], read: Callab
                    retries: int, where: str) -> tuple[Any, list[dict], str | None]:
     """(value, the conversation with the reply that was read, None) or (None, the conversation, last reason)."""
     model = client.settings.model
-    reason = None
+    recorded = None
     for attempt in range(retries + 1):
         response = post_chat(client, chat_body(model, messages, max_tokens=max_tokens, temperature=temperature,
                                                seed=seed_of(attempt)), tally)
@@ -100,8 +109,9 @@ def ask_until_read(client: Any, tally: Tally, messages: list[dict], read: Callab
         messages = messages + [{"role": "assistant", "content": text}]
         if value is not None:
             return value, messages, None
-        tally.reasons.append(reason)
+        recorded = with_cut_off(reason, response, max_tokens)  # the model is told the reason alone
+        tally.reasons.append(recorded)
         if attempt < retries:
             tally.retries += 1
             messages = messages + [{"role": "user", "content": parse_retry_message(reason, expected)}]
-    return None, messages, reason
+    return None, messages, recorded

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..data.schema import Question
 from ..predictions import Prediction
-from .ask import Tally, chat_body, derive_seed, post_chat, reply_text
+from .ask import Tally, chat_body, derive_seed, post_chat, reply_text, with_cut_off
 from .parse import parse_final_letter, parse_letter
 from .prompts import answer_message
 from .record import letter, make_prediction, parse_doc, uniform, vote_distribution
@@ -34,11 +34,13 @@ def score(client: Any, s: Any, q: Question, where: str) -> Prediction:
         for attempt in range(s.max_parse_retries + 1):
             body = chat_body(client.settings.model, messages, max_tokens=s.answer_tokens,
                              temperature=s.temperature, seed=derive_seed(s.seed, q.id, "sample", i, attempt))
-            text = reply_text(post_chat(client, body, tally), f"{where}: question {q.id}")
+            response = post_chat(client, body, tally)
+            text = reply_text(response, f"{where}: question {q.id}")
             tally.responses.append(text)
             j, why = read(text)
             if j is not None:
                 break
+            why = with_cut_off(why, response, s.answer_tokens)
             tally.reasons.append(why)
             if attempt < s.max_parse_retries:
                 tally.retries += 1
