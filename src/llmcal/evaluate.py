@@ -145,7 +145,8 @@ CONFIDENCE_FIELDS = ("confidence", *CONFIDENCE_OPTIONS)
 
 
 def config_fields(cfg: Any) -> dict:
-    """``asdict(cfg)``, without the debiasing keys of a run that does not debias.
+    """``asdict(cfg)``, without the debiasing keys of a run that does not debias, nor the confidence-source keys of a
+    ``--confidence logprobs`` run (the default: its config.json is what it was before ``--confidence`` existed).
 
     So a plain run's config.json is what it was before ``--permutations`` existed, and runs interrupted
     then (study cells included) still resume; pride_fraction is recorded only with ``--permutations pride``.
