@@ -504,7 +504,7 @@ def test_a_key_given_twice_in_a_calibrate_config_is_refused_with_both_lines(tmp_
 
 @pytest.mark.parametrize("defaults, where, words", [
     ("{n_bins: 0}", "defaults.n_bins (line 4)", "--n-bins must be a positive integer (got 0)"),
-    ('{n_bootstrap: "many"}', "defaults.n_bootstrap (line 4)", "valid integer"),
+    ('{n_bootstrap: "many"}', "defaults.n_bootstrap (line 4)", "--n-bootstrap must be a positive integer (got 'many')"),
     ("{batch_tokens: 0}", "defaults.batch_tokens (line 4)", "--batch-tokens must be a positive integer"),
     ("{backend: openai}", "defaults.backend (line 4)", "--backend openai needs --base-url"),
 ])
