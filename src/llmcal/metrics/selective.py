@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LlmcalError
+from ..validation import PositiveFraction, check_value
 from .core import _check_inputs, _conf_correct
 
 __all__ = [
@@ -105,9 +106,7 @@ class RiskCoverage:
 
 def _top_k(coverage: float, n: int) -> int:
     """Number of questions answered at ``coverage``: ceil(coverage * N), at least 1."""
-    c = float(coverage)
-    if not (math.isfinite(c) and 0.0 < c <= 1.0):
-        raise LlmcalError(f"coverage must be in (0, 1], got {coverage!r}")
+    c = float(check_value(PositiveFraction, coverage, "coverage"))
     return max(1, min(n, math.ceil(c * n - 1e-9)))
 
 

@@ -19,7 +19,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from ..conformal import Score
 from ..errors import LlmcalError
-from ..validation import NonNegativeNumber, OpenFraction, PositiveInt
+from ..validation import NonNegativeNumber, OpenFraction, PositiveInt, says
 from .grid import DATA_KEYS, METHODS, NAME_RE, POINT_KEYS, ROLES, STUDY_SET, TOP_KEYS
 
 
@@ -43,6 +43,8 @@ def _one_or_many(v: Any) -> Any:
 
 
 Name = typing.Annotated[StrictStr, AfterValidator(_name)]
+Subjects = typing.Annotated[list[typing.Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1),
+                            says("a non-empty list of subject names")]
 
 
 class ConfigModel(BaseModel):
@@ -71,7 +73,7 @@ class DataEntryModel(ConfigModel):
 
     spec: StrictStr = Field(description="name the dataset (e.g. mmlu, a .jsonl file, "
                                         "synthetic:arithmetic?difficulty=2)")
-    subjects: typing.Annotated[Optional[list[StrictStr]], BeforeValidator(_as_list)] = None
+    subjects: typing.Annotated[Optional[Subjects], BeforeValidator(_as_list)] = None
     limit: Optional[PositiveInt] = None
     mapping: Optional[dict] = None
     fractions: Optional[dict] = None
@@ -95,13 +97,6 @@ class DataEntryModel(ConfigModel):
     def _spec(cls, v: str) -> str:
         if v is not None and not v.strip():
             raise ValueError(f"missing or empty: {cls.model_fields['spec'].description}")
-        return v
-
-    @field_validator("subjects")
-    @classmethod
-    def _subjects(cls, v: list | None) -> list | None:
-        if v is not None and (not v or not all(v)):
-            raise ValueError("must be a non-empty list of subject names")
         return v
 
     @field_validator("mapping", mode="before")
