@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 from .cache import Store
 from .errors import LlmcalError
 from .progress import bar
+from .validation import PositiveInt, check_value
 
 log = logging.getLogger(__name__)
 
@@ -334,10 +335,8 @@ def alignment_drift(original_model: Any | None, tuned_model: Any, tokenizer: Any
     """
     import torch
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise LlmcalError(f"alignment drift: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LlmcalError(f"alignment drift: batch_size must be a positive integer, got {batch_size!r}")
+    max_new_tokens = check_value(PositiveInt, max_new_tokens, "alignment drift: max_new_tokens")
+    batch_size = check_value(PositiveInt, batch_size, "alignment drift: batch_size")
     disable = original_model is None
     if disable and not hasattr(tuned_model, "disable_adapter"):
         raise LlmcalError("alignment drift: original_model=None needs a peft tuned model (one with disable_adapter)")
