@@ -26,7 +26,6 @@ recomputed from ``logits``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ class SourceRun:
     probs: np.ndarray = field(repr=False)  # (N, Kmax), zero-padded past each question's options
     n_options: np.ndarray = field(repr=False)
     block: dict | None = field(default=None, repr=False)  # metrics.json's ``confidence`` block
+    config: dict = field(default_factory=dict, repr=False)  # the run's config.json
 
     @property
     def name(self) -> str:
@@ -85,34 +85,21 @@ def _settings(cfg: dict, source: str) -> dict:
     return out
 
 
-def _read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise LlmcalError(f"{path}: no predictions file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                qid, answer, probs = rec["id"], rec["answer"], rec["probs"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise LlmcalError(f"{path}:{lineno}: bad prediction record ({type(e).__name__}: {e})") from e
-            if (not isinstance(probs, list) or not probs or isinstance(answer, bool) or not isinstance(answer, int)
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in probs)):
-                raise LlmcalError(f"{path}:{lineno}: bad prediction record (probs must be a list of numbers and "
-                                  f"answer an integer)")
-            if not 0 <= answer < len(probs):
-                raise LlmcalError(f"{path}:{lineno}: answer {answer} is out of range for {len(probs)} options")
-            out.append({"id": str(qid), "subject": rec.get("subject"), "answer": answer, "probs": probs})
-    if not out:
-        raise LlmcalError(f"{path}: no predictions")
-    return out
+def _record(rec: dict) -> dict:
+    """One predictions record's fields the comparison reads (``probs`` as written); a bad one raises TypeError."""
+    qid, answer, probs = rec["id"], rec["answer"], rec["probs"]
+    if (not isinstance(probs, list) or not probs or isinstance(answer, bool) or not isinstance(answer, int)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in probs)):
+        raise TypeError("probs must be a list of numbers and answer an integer")
+    if not 0 <= answer < len(probs):
+        raise TypeError(f"answer {answer} is out of range for {len(probs)} options")
+    return {"id": str(qid), "subject": rec.get("subject"), "answer": answer, "probs": probs}
 
 
 def load_source(run_dir: str | Path) -> SourceRun:
     """A finished run as a :class:`SourceRun` (its main result's predictions; ``confidence`` absent = logprobs)."""
-    from .runs import METRICS, load_run, recorded_path
+    from .predictions import read_records
+    from .runs import load_run, recorded_path
 
     path = Path(run_dir)
     if not path.exists():
@@ -122,7 +109,9 @@ def load_source(run_dir: str | Path) -> SourceRun:
     source = str(cfg.get("confidence") or "logprobs")
     template = cfg.get("verbalized_template") if source == "verbalized" else None
     res = rec.main
-    records = _read_records(recorded_path(res.predictions, path))
+    records = read_records(recorded_path(res.predictions, path), _record)
+    if not records:
+        raise LlmcalError(f"{recorded_path(res.predictions, path)}: no predictions")
     ids = [r["id"] for r in records]
     seen: set[str] = set()
     for r in records:
@@ -133,15 +122,12 @@ def load_source(run_dir: str | Path) -> SourceRun:
     probs = np.zeros((len(records), kmax))
     for i, r in enumerate(records):
         probs[i, :len(r["probs"])] = r["probs"]
-    doc = json.loads((path / METRICS).read_text(encoding="utf-8"))
-    block = doc.get("confidence")
-    if not isinstance(block, dict):
-        block = rec.meta.get("confidence") if isinstance(rec.meta.get("confidence"), dict) else None
     return SourceRun(path=path, source=source, template=None if template is None else str(template),
                      settings=_settings(cfg, source), model=str(cfg.get("model") or rec.model), ids=tuple(ids),
                      subjects=tuple(r["subject"] for r in records),
                      answers=np.array([r["answer"] for r in records], dtype=np.int64), probs=probs,
-                     n_options=np.array([len(r["probs"]) for r in records], dtype=np.int64), block=block)
+                     n_options=np.array([len(r["probs"]) for r in records], dtype=np.int64), block=rec.confidence,
+                     config=cfg)
 
 
 def check_same_questions(runs: Sequence[SourceRun]) -> None:
@@ -157,7 +143,8 @@ def check_same_questions(runs: Sequence[SourceRun]) -> None:
             raise LlmcalError(f"{r.path}: model {r.model!r} differs from {first.path}'s {first.model!r}; "
                               f"compare-confidence compares confidence sources of one model")
         extra = [q for q in r.ids if q not in where]
-        missing = [q for q in first.ids if q not in set(r.ids)]
+        have = set(r.ids)
+        missing = [q for q in first.ids if q not in have]
         if extra or missing:
             parts = []
             if missing:
@@ -367,7 +354,7 @@ def compare_confidence(runs: Sequence[str | Path], out: str | Path | None = None
     """
     from .data.splits import split_heldout
     from .posthoc.methods import resolve_methods
-    from .runs import read_config
+    from .validation import OpenFraction, check_value
 
     if not runs:
         raise LlmcalError("compare-confidence: no run directories given")
@@ -376,9 +363,7 @@ def compare_confidence(runs: Sequence[str | Path], out: str | Path | None = None
     if "contextual" in names:
         raise LlmcalError("compare-confidence: contextual calibration needs the model's content-free prior, which "
                           "stored runs do not hold; leave it out of --methods")
-    f = calib_fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) < 1.0):
-        raise LlmcalError(f"--calib-fraction must be a number between 0 and 1 (exclusive), got {f!r}")
+    calib_fraction = check_value(OpenFraction, calib_fraction, "--calib-fraction")
     if out is not None:
         outp = Path(out).resolve()
         for r in runs:
@@ -387,7 +372,7 @@ def compare_confidence(runs: Sequence[str | Path], out: str | Path | None = None
     loaded = [load_source(r) for r in runs]
     check_same_questions(loaded)
 
-    cfg = read_config(loaded[0].path, overwrite_hint=False)
+    cfg = loaded[0].config
     try:
         n_bins = int(n_bins if n_bins is not None else cfg.get("n_bins") or 10)
         n_bootstrap = int(n_bootstrap if n_bootstrap is not None else cfg.get("n_bootstrap", 1000))

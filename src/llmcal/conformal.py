@@ -404,10 +404,6 @@ def conformal_run(run_dir: str | Path, *, alpha: float = 0.1, score: str = "lac"
     return res, files
 
 
-def _f(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def conformal_section(rows: Sequence[tuple[str, ConformalResult]], *, plot: str | None = None,
                       heading: str = "## Conformal prediction sets") -> list[str]:
     """Markdown lines: one row per (label, result): coverage with interval, expected range, set sizes (the report

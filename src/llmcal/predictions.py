@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -110,7 +110,9 @@ def stack_probs(preds: Sequence[Prediction]) -> tuple[np.ndarray, np.ndarray]:
     return probs, answers
 
 
-def load_predictions(path: str | Path) -> list[Prediction]:
+def read_records(path: str | Path, read: Callable[[dict], Any]) -> list:
+    """``read(record)`` for each record of a predictions file (blank lines skipped); a line that is no JSON, or that
+    ``read`` refuses with a KeyError or TypeError, raises ``LlmcalError`` naming the file and the line."""
     import json
 
     path = Path(path)
@@ -122,10 +124,14 @@ def load_predictions(path: str | Path) -> list[Prediction]:
             if not line.strip():
                 continue
             try:
-                out.append(Prediction.from_dict(json.loads(line)))
+                out.append(read(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise LlmcalError(f"{path}:{lineno}: bad prediction record ({e})") from e
     return out
+
+
+def load_predictions(path: str | Path) -> list[Prediction]:
+    return read_records(path, Prediction.from_dict)
 
 
 def write_predictions(path: str | Path, preds: Iterable[Prediction]) -> None:

@@ -56,9 +56,10 @@ def plain_prompt(q: Question, shots: Sequence[Question] = ()) -> str:
     return f"{head}{worked}{plain_body(q)}"
 
 
-def chat_user_message(q: Question) -> str:
+def chat_user_message(q: Question, instruction: str = CHAT_INSTRUCTION) -> str:
+    """The ``chat`` template's question text (``instruction``: llmcal.confidence puts its own in)."""
     head = f"The following is a multiple choice question about {q.subject}. " if q.subject else ""
-    return f"{head}{CHAT_INSTRUCTION}\n\n{q.question.strip()}{options_block(q)}"
+    return f"{head}{instruction}\n\n{q.question.strip()}{options_block(q)}"
 
 
 def resolve_template(template: str, tokenizer: Any) -> str:

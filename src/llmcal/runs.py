@@ -147,6 +147,7 @@ class RunRecord:
     model: str
     results: list[RunResult]
     meta: dict
+    confidence: dict | None = None  # metrics.json's ``confidence`` block (a served model's parse counts and cost)
 
     @property
     def main(self) -> RunResult:
@@ -325,7 +326,8 @@ def load_run(path: str | Path) -> RunRecord:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LlmcalError(f"{path / METRICS}: not an llmcal metrics file ({e})") from e
     return RunRecord(path=path, config=config, kind=doc.get("kind", "?"), model=doc.get("model", "?"),
-                     results=results, meta=doc.get("meta", {}))
+                     results=results, meta=doc.get("meta", {}),
+                     confidence=doc["confidence"] if isinstance(doc.get("confidence"), dict) else None)
 
 
 def refresh_metrics(path: str | Path) -> dict:

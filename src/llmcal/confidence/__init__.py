@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LlmcalError
-from .prompts import VERBALIZED_TEMPLATES
 
-SOURCES = ("logprobs", "verbalized", "ptrue", "consistency")
 # EvalConfig's fields for these sources, with the source each belongs to (None: every source but logprobs).
 FIELDS = {"verbalized_template": ("verbalized",), "samples": ("consistency",), "sample_temperature": ("consistency",),
           "reasoning": ("ptrue", "consistency", "verbalized"), "max_parse_retries": None, "max_new_tokens": None}
@@ -74,9 +72,7 @@ def check_confidence(cfg: Any) -> None:
     """Refuse a confidence source or option that cannot apply, naming the flag, before any run is started."""
     from ..backends import find_backend
 
-    source = cfg.confidence
-    if source not in SOURCES:
-        raise LlmcalError(f"--confidence {source!r}: choose one of {', '.join(SOURCES)}")
+    source = cfg.confidence  # each field's own type (a source, a range) was checked when cfg was built
     defaults = type(cfg).__dataclass_fields__
     for name, sources in FIELDS.items():
         if getattr(cfg, name) == defaults[name].default:
@@ -95,22 +91,9 @@ def check_confidence(cfg: Any) -> None:
     if getattr(cfg, "permutations", "none") != "none":
         raise LlmcalError(f"--permutations {cfg.permutations} goes with --confidence logprobs (option-order "
                           f"debiasing re-reads the letter logprobs), not with --confidence {source}")
-    if cfg.verbalized_template not in VERBALIZED_TEMPLATES:
-        raise LlmcalError(f"--verbalized-template {cfg.verbalized_template!r}: choose one of "
-                          f"{', '.join(VERBALIZED_TEMPLATES)}")
     if source == "verbalized" and cfg.reasoning and cfg.verbalized_template != "2stage":
         raise LlmcalError(f"--reasoning with --confidence verbalized goes with --verbalized-template 2stage (the "
                           f"answer is reasoned, then the confidence asked), not {cfg.verbalized_template}")
-    for name, low in (("samples", 1), ("max_parse_retries", 0)):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise LlmcalError(f"{_flag(name)} must be an integer >= {low} (got {v!r})")
-    if cfg.max_new_tokens is not None and (isinstance(cfg.max_new_tokens, bool)
-                                           or not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1):
-        raise LlmcalError(f"--max-new-tokens must be a positive integer (got {cfg.max_new_tokens!r})")
-    t = cfg.sample_temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 2.0:
-        raise LlmcalError(f"--sample-temperature must be a number from 0 to 2 (got {t!r})")
     if cfg.template == "plain" or getattr(cfg, "api_mode", "auto") == "completions":
         raise LlmcalError(f"--confidence {source} talks to the chat endpoint (the server applies the model's chat "
                           f"template to the conversation): use --api-mode chat or auto and --template chat or auto")

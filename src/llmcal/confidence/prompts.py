@@ -19,9 +19,7 @@ options) with the instruction replaced by the mode's own:
 from __future__ import annotations
 
 from ..data.schema import LETTERS, Question
-from ..prompts import options_block
-
-VERBALIZED_TEMPLATES = ("1stage-percent", "1stage-prob", "2stage")
+from ..prompts import chat_user_message, options_block
 
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option only."
 REASONING_INSTRUCTION = ("Think step by step, then give your final answer on the last line in the form "
@@ -48,18 +46,12 @@ FORMATS = {
 }
 
 
-def question_text(q: Question, instruction: str) -> str:
-    """The ``chat`` template's question text with ``instruction`` in place of its own."""
-    head = f"The following is a multiple choice question about {q.subject}. " if q.subject else ""
-    return f"{head}{instruction}\n\n{q.question.strip()}{options_block(q)}"
-
-
 def answer_message(q: Question, *, reasoning: bool = False) -> str:
-    return question_text(q, REASONING_INSTRUCTION if reasoning else ANSWER_INSTRUCTION)
+    return chat_user_message(q, REASONING_INSTRUCTION if reasoning else ANSWER_INSTRUCTION)
 
 
 def verbalized_message(q: Question, template: str) -> str:
-    return question_text(q, VERBALIZED_INSTRUCTION[template])
+    return chat_user_message(q, VERBALIZED_INSTRUCTION[template])
 
 
 def ptrue_message(q: Question, letter: str) -> str:
