@@ -113,3 +113,23 @@ def mcq_file(tmp_path) -> Path:
                      "choices": [str(i + i % 7 + d) for d in range(k)], "answer": i % k,
                      "subject": "math" if i % 2 else "sums"})
     return write_jsonl(tmp_path / "mcq.jsonl", recs)
+
+
+def run_two_processes(tmp_path: Path, name: str, source: str, *args: object, timeout: int) -> None:
+    """Run the Python ``source`` (written to ``tmp_path/name``) in two processes under torch's launcher
+    (``torchrun --standalone``: gloo, one thread each, offline), with ``tmp_path`` and ``args`` as its arguments.
+    The test fails on a hang or a non-zero exit, with the processes' output."""
+    import subprocess
+    import sys
+
+    script = tmp_path / name
+    script.write_text(source)
+    env = {**os.environ, "LLMCAL_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is a failure, with its output
+        pytest.fail(f"torchrun timed out\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

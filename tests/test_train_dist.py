@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_two_processes
 
 SCRIPT = r'''
 import json, os, sys
@@ -38,17 +37,7 @@ with open(os.path.join(out, f"done-rank{rank}.json"), "w") as f:
 
 @pytest.mark.heavy
 def test_two_processes_train_with_identical_estep_statistics(tmp_path, tiny_model_dir):
-    script = tmp_path / "finetune_dist.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "LLMCAL_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path), str(tiny_model_dir)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is a failure, with its output
-        pytest.fail(f"torchrun timed out\n{e.stdout}\n{e.stderr}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_processes(tmp_path, "finetune_dist.py", SCRIPT, tiny_model_dir, timeout=600)
 
     done = [json.loads((tmp_path / f"done-rank{r}.json").read_text()) for r in (0, 1)]
     assert done[0] == done[1]

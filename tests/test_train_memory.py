@@ -226,25 +226,12 @@ def test_two_processes_share_the_mapped_base_weights_instead_of_copying_them(tmp
     and DDP's broadcast of every parameter wrote each frozen weight in place, making the copy-on-write mapping
     of the file a private copy."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from conftest import build_tiny_llama
+    from conftest import build_tiny_llama, run_two_processes
 
     kept_dir = build_tiny_llama(tmp_path / "kept", tiny_tokenizer, hidden=128)
     broadcast_dir = build_tiny_llama(tmp_path / "broadcast", tiny_tokenizer, hidden=128)
-    script = tmp_path / "ddp_weights.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "LLMCAL_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), str(kept_dir), str(broadcast_dir)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is a failure, with its output
-        pytest.fail(f"torchrun timed out\n{e.stdout}\n{e.stderr}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_processes(tmp_path, "ddp_weights.py", DDP_SCRIPT, kept_dir, broadcast_dir, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         # the weights are read from the file's pages (resident), and none of them was copied

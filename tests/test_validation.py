@@ -53,16 +53,25 @@ def study_error(tmp_path, methods: str, extra: str = "") -> tuple[str, str]:
     return str(path), one_line(str(e.value))
 
 
+def assert_yaml_names_the_key(tmp_path, words: str, key: str, value: str, *, before: str, line: int, method: str,
+                              study: bool = True) -> None:
+    """``key: value`` refused in ``words`` from a ``calibrate --config`` file (``before`` its other lines, the key at
+    ``line``) and, with ``study``, from a study's ``method`` entry (line 5): each names the file, the key and its
+    line."""
+    path, msg = config_file_error(tmp_path, f"{before}{key}: {value}\n", "--method", method)
+    assert f"{path}: {key} (line {line}): {words}" in msg, msg
+    if study:
+        path, msg = study_error(tmp_path, f"  {method}:\n    {key}: {value}\n")
+        assert f"{path}: methods.{method}.{key} (line 5): {words}" in msg, msg
+
+
 # ---- EvalConfig ---------------------------------------------------------------------------------
 def test_a_bad_eval_range_reads_the_same_through_the_api_the_cli_and_yaml(tmp_path):
     words = "--n-bins must be a positive integer (got 0)"
     assert api_error(lambda: EvalConfig(**EVAL, n_bins=0)) == words
     assert api_error(lambda: llmcal.evaluate("m", "d", out=tmp_path / "run", n_bins=0)) == words
     assert words in cli_error(tmp_path, "eval", "-m", "m", "-d", "d", "--n-bins", "0")
-    path, msg = config_file_error(tmp_path, "model: m\ndata: d\nn_bins: 0\n", "--method", "ts")
-    assert f"{path}: n_bins (line 3): {words}" in msg, msg
-    path, msg = study_error(tmp_path, "  ts:\n    n_bins: 0\n")
-    assert f"{path}: methods.ts.n_bins (line 5): {words}" in msg, msg
+    assert_yaml_names_the_key(tmp_path, words, "n_bins", "0", before="model: m\ndata: d\n", line=3, method="ts")
 
 
 def test_a_bad_eval_choice_names_the_flag_and_lists_the_choices_everywhere(tmp_path):
@@ -70,8 +79,8 @@ def test_a_bad_eval_choice_names_the_flag_and_lists_the_choices_everywhere(tmp_p
     assert api_error(lambda: EvalConfig(**EVAL, split="validation")) == words
     assert api_error(lambda: llmcal.calibrate("m", "d", method="ts", out=tmp_path / "run", split="validation")) == words
     assert words in cli_error(tmp_path, "eval", "-m", "m", "-d", "d", "--split", "validation")
-    path, msg = config_file_error(tmp_path, "model: m\ndata: d\nsplit: validation\n", "--method", "ts")
-    assert f"{path}: split (line 3): {words}" in msg, msg
+    assert_yaml_names_the_key(tmp_path, words, "split", "validation", before="model: m\ndata: d\n", line=3,
+                              method="ts", study=False)
 
 
 # ---- FinetuneConfig -----------------------------------------------------------------------------
@@ -82,10 +91,8 @@ def test_a_bad_training_range_reads_the_same_through_the_api_the_cli_and_yaml(tm
                                               lora_dropout=2.0)) == words
     assert words in cli_error(tmp_path, "calibrate", "--method", "cft", "-m", "m", "--train", "t", "--eval", "e",
                               "--lora-dropout", "2")
-    path, msg = config_file_error(tmp_path, "model: m\ntrain: t\nevals: [e]\nlora_dropout: 2.0\n", "--method", "cft")
-    assert f"{path}: lora_dropout (line 4): {words}" in msg, msg
-    path, msg = study_error(tmp_path, "  cft:\n    lora_dropout: 2.0\n")
-    assert f"{path}: methods.cft.lora_dropout (line 5): {words}" in msg, msg
+    assert_yaml_names_the_key(tmp_path, words, "lora_dropout", "2.0", before="model: m\ntrain: t\nevals: [e]\n",
+                              line=4, method="cft")
 
 
 def test_a_bad_training_choice_names_the_flag_and_lists_the_choices_everywhere(tmp_path):
@@ -93,11 +100,8 @@ def test_a_bad_training_choice_names_the_flag_and_lists_the_choices_everywhere(t
     assert api_error(lambda: FinetuneConfig(**TRAIN, nonmax_rule="linear")) == words
     assert words in cli_error(tmp_path, "calibrate", "--method", "rcft", "-m", "m", "--train", "t", "--eval", "e",
                               "--nonmax-rule", "linear")
-    path, msg = config_file_error(tmp_path, "model: m\ntrain: t\nevals: [e]\nnonmax_rule: linear\n",
-                                  "--method", "rcft")
-    assert f"{path}: nonmax_rule (line 4): {words}" in msg, msg
-    path, msg = study_error(tmp_path, "  rcft:\n    nonmax_rule: linear\n")
-    assert f"{path}: methods.rcft.nonmax_rule (line 5): {words}" in msg, msg
+    assert_yaml_names_the_key(tmp_path, words, "nonmax_rule", "linear", before="model: m\ntrain: t\nevals: [e]\n",
+                              line=4, method="rcft")
 
 
 def test_a_flag_overrides_the_file_and_a_problem_names_where_the_value_came_from(tmp_path):
