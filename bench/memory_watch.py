@@ -19,9 +19,9 @@ Whenever a process's RSS passes its previous detailed snapshot by ``--detail-ste
 ``*.safetensors`` files, ``libraries`` for ``*.so``, ``other files``, ``[heap]``, glibc's main malloc
 arena, and the anonymous rest: the arenas of other threads, whose heaps are mappings of at most
 64 MiB that start 64 MiB-aligned, and the others: blocks above malloc's mmap threshold, which get a
-mapping each, and thread stacks);
-the last snapshot is kept, so it is within ``--detail-step`` MB of the process's largest RSS.  File names are reduced to their base names,
-so the JSON holds no path of this machine.
+mapping each, and thread stacks); the last snapshot is kept, so it is within ``--detail-step`` MB of
+the process's largest RSS.  File names are reduced to their base names, so the JSON holds no path of
+this machine.
 
 The command's own output goes to this terminal; the exit status is the command's.
 """

@@ -23,7 +23,6 @@ Every function writes a run directory (``out``) and returns its
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -180,7 +179,7 @@ def run_calibration(cfg: Any, out: str | Path, *, overwrite: bool = False, progr
 
     if not cfg.evals:
         raise LlmcalError(f"--method {cfg.method} needs at least one --eval dataset")
-    return run_finetune(dataclasses.replace(cfg), out, overwrite=overwrite, progress=progress)
+    return run_finetune(cfg, out, overwrite=overwrite, progress=progress)  # frozen: no copy needed
 
 
 def _posthoc(run_dir: str | Path, method: str | Sequence[str], out: str | Path | None, options: dict):

@@ -26,6 +26,7 @@ from .confidence import cost as confidence_cost
 from .data import load_dataset
 from .data.fewshot import NumFewshot, choose_shots
 from .data.schema import Question
+from .data.splits import SplitOrAll
 from .debias import Mode
 from .errors import LlmcalError
 from .models import LoadedModel, ModelSpec
@@ -52,7 +53,7 @@ class EvalConfig:
                             "file, or synthetic:<task>?difficulty=N&n=N.", short="-d")
     gguf_file: str | None = shared("gguf_file")
     base: str | None = shared("base")
-    split: Literal["all", "train", "calib", "test"] = option(
+    split: SplitOrAll = option(
         "all", help="Named split of --data: all, train (60%), calib (20%) or test (20%), by a "
                     "hash of each question id and the seed.")
     subjects: Optional[list[str]] = option(None, flag="--subject", help="Keep only this subject of --data "

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Literal, Mapping, Sequence, TypeVar
 
 from ..errors import LlmcalError
 from ..validation import Fraction, NonNegativeNumber, check_value, validated
@@ -40,6 +40,9 @@ SPLITS: dict[str, float] = {"train": 0.6, "calib": 0.2, "test": 0.2}
 # Added to the seed for named splits, so that they are independent of held-out slices (keyed by the seed).
 SPLIT_SALT = 7919
 NO_SPLIT = ("all",)
+# The split names as the configs' types (--train-split and --eval-split; --split, which may also be all)
+Split = Literal[tuple(SPLITS)]
+SplitOrAll = Literal[(*NO_SPLIT, *SPLITS)]
 
 
 def hash_unit(qid: str, key: int | str) -> float:

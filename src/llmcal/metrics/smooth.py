@@ -24,11 +24,9 @@ the same quantity with its own discretisation; tests compare the two.
 from __future__ import annotations
 
 import math
-
-import numpy as np
-
 from typing import Annotated
 
+import numpy as np
 from pydantic import Field
 
 from ..errors import LlmcalError

@@ -176,7 +176,7 @@ def content_free_distribution(loaded, template: str, ks: int | Iterable[int], *,
     even loaded when every K is cached. ``cache=True`` uses the llmcal cache, a
     path a store rooted there, ``False`` computes without caching.
     """
-    from ..cache import Store, store_key
+    from ..cache import Store
     from ..data.schema import MAX_CHOICES, MIN_CHOICES, Question
     from ..prompts import encode_questions, resolve_template
     from ..scoring import ScoreOptions, score
@@ -201,7 +201,7 @@ def content_free_distribution(loaded, template: str, ks: int | Iterable[int], *,
                      for j, s in enumerate(strings)]
         encoded = encode_questions(questions, tok, template)
         doc = _prior_key_doc(loaded, encoded, template, opts.batch_tokens, strings) if store is not None else None
-        key = store_key("priors", doc) if doc is not None else None
+        key = store.key(doc) if doc is not None else None
         hit = store.get(key) if key is not None else None
         if hit is not None:
             try:

@@ -191,10 +191,8 @@ def eval_config(study: Study, cell: Cell, paths: dict):
         if k in opts:
             raise bad(study.path, option_key(study, cell), f"{k}: option-order debiasing is a llmcal eval option "
                                                            f"(--permutations), not one of a study's {cell.kind} cell")
-    try:
-        return EvalConfig(model=cell.model.model, data=str(paths["test"]), method=cell.kind, **opts)
-    except TypeError as e:
-        raise bad(study.path, option_key(study, cell), str(e)) from None
+    # opts holds EvalConfig's fields only, none the study sets (STUDY_SET); a bad value is EvalConfig's LlmcalError
+    return EvalConfig(model=cell.model.model, data=str(paths["test"]), method=cell.kind, **opts)
 
 
 def finetune_config(study: Study, cell: Cell, paths: dict, *, resume: bool):

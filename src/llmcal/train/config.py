@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field
 
+from ..data.splits import Split
 from ..errors import LlmcalError
 from ..options import Dtype, Template, config, flag_of, option, parse_every, parse_modules, shared
 from ..regime import DEFAULT_TOLERANCE
@@ -25,7 +26,6 @@ from ..validation import (Fraction, Int, NonEmptyStr, NonNegativeNumber, Positiv
 
 Method = Literal["cft", "rcft", "auto"]
 METHODS = typing.get_args(Method)
-Split = Literal["train", "calib", "test"]  # the named splits of data.splits.SPLITS
 MaxSteps = Annotated[Union[Literal[-1], PositiveInt], says("a positive integer or -1")]
 Processes = Annotated[Union[Literal["auto"], PositiveInt], says("auto or a positive integer")]
 EstepEvery = Annotated[Union[Literal["epoch"], PositiveInt], says("'epoch' or a positive number of steps")]
@@ -200,14 +200,15 @@ def _construct_training_args(extra: dict) -> None:
 
 
 def apply_preset(cfg: FinetuneConfig) -> FinetuneConfig:
-    """A copy of ``cfg`` with the preset's values for every field still at its default.
+    """``cfg`` with the preset's values for every field still at its default (``cfg`` itself for ``default``:
+    configs are frozen).
 
     Options set explicitly (to a non-default value) win over the preset, so
     ``--preset paper --epochs 1`` trains one epoch with the paper's other settings.
     ``dtype`` becomes ``bf16-if-supported`` (resolved when the device is known).
     """
     if cfg.preset == "default":
-        return dataclasses.replace(cfg)
+        return cfg
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     changes = {k: v for k, v in PAPER.items() if getattr(cfg, k) == defaults.get(k, object())}
     if cfg.dtype == "auto":

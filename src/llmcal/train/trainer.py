@@ -46,10 +46,10 @@ What makes the step fast (bench/RESULTS.md, "Training", measures each):
 
 Memory (bench/RESULTS.md, "Memory", ``bench/bench_memory.py``): in several CPU processes the base
 weights stay the weights file's shared pages (``keep_frozen_weights_out_of_ddp`` and the CPU placement
-below); at batch 2 the weights are three
-quarters of a step; the rest is mostly what autograd keeps for the backward pass, 159 KB per token
-and decoder layer on Qwen2.5-1.5B.  ``--gradient_checkpointing true`` (``checkpoint_layers``) keeps
-one hidden state per token and layer instead and computes each layer again in the backward pass.
+below); at batch 2 the weights are three quarters of a step; the rest is mostly what autograd keeps
+for the backward pass, 159 KB per token and decoder layer on Qwen2.5-1.5B.  ``--gradient_checkpointing
+true`` (``checkpoint_layers``) keeps one hidden state per token and layer instead and computes each layer
+again in the backward pass.
 """
 from __future__ import annotations
 
@@ -204,8 +204,9 @@ def keep_frozen_weights_out_of_ddp(model) -> list[str]:
     weights are memory-mapped from the weights file, copy-on-write (``load_model``), so that copy
     turned each of their pages into a private one: each process held the whole model in anonymous
     memory instead of sharing the file's pages in the page cache (bench/RESULTS.md, "Memory").
-    Frozen weights need no broadcast: every rank reads them from the same file and no step changes them.  The LoRA weights, which each rank initialises from the same seed, are still
-    broadcast, and their gradients averaged, as before (``tests/test_train_memory.py``).
+    Frozen weights need no broadcast: every rank reads them from the same file and no step changes
+    them.  The LoRA weights, which each rank initialises from the same seed, are still broadcast, and
+    their gradients averaged, as before (``tests/test_train_memory.py``).
     """
     from torch.nn.parallel import DistributedDataParallel
 
