@@ -192,6 +192,35 @@ def test_posthoc_uses_the_held_out_rule_and_refits_independently(three_runs, tmp
     assert none["method"] == "none" and none["conf_ece"] == pytest.approx(ece_by_loop(p[test], answers[test]))
 
 
+def test_the_verdict_chooses_each_calibrator_by_cross_validation_on_the_calibration_part(three_runs, tmp_path):
+    """cv_conf_ece: each of 5 folds of the calibration questions (a seeded permutation dealt round) is calibrated
+    by a fit on the other four, the pooled out-of-fold probabilities scored; the verdict's "after" is the row
+    with the lowest of these, never a pick by the held-out questions' own conf-ECE."""
+    from llmcal.data.splits import hash_unit
+    from llmcal.posthoc import IsotonicCalibrator
+
+    runs, ids, answers = three_runs
+    comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=50, calib_fraction=0.5)
+    calib = np.array([hash_unit(q, 0) >= 0.5 for q in ids])
+    p, a = logprob_probs(answers)[calib], answers[calib]
+    fold = np.random.default_rng(0).permutation(len(a)) % 5
+    pooled = np.zeros_like(p)
+    for f in range(5):
+        iso = IsotonicCalibrator().fit(np.log(p[fold != f]), a[fold != f])
+        pooled[fold == f] = iso.predict_proba(np.log(p[fold == f]))
+    rows = {r["method"]: r for r in comp.source("logprobs")["posthoc"]}
+    assert rows["isotonic"]["cv_conf_ece"] == pytest.approx(ece_by_loop(pooled, a), abs=1e-9)
+    assert rows["none"]["cv_conf_ece"] == pytest.approx(ece_by_loop(p, a), abs=1e-9)
+    for s in comp.sources:
+        after = comp.verdict["posthoc"]["after"][s["label"]]
+        cv = {r["method"]: r["cv_conf_ece"] for r in s["posthoc"] if r["applied"] and r["cv_conf_ece"] is not None}
+        assert after["method"] == min(cv, key=cv.get) and after["cv_conf_ece"] == min(cv.values())
+        chosen = next(r for r in s["posthoc"] if r["method"] == after["method"])
+        assert after["conf_ece"] == chosen["conf_ece"]  # measured on the held-out part
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "CV conf-ECE" in report and "optimistic" not in report
+
+
 def test_temperature_scaling_is_not_applied_to_probabilities_with_zeros(three_runs, tmp_path):
     runs, _, answers = three_runs
     comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=50)

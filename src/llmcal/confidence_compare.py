@@ -15,7 +15,9 @@ source. :func:`compare_confidence` reads such runs and puts them next to each ot
   cost: it is reported as not recorded, never estimated.
 - **Post-hoc calibrators per source** (``llmcal.posthoc``), fitted on the calibration slice of llmcal's
   held-out rule (``data/splits.py``: ``hash_unit(id, seed) >= 1 - calib_fraction``, so every source is fitted
-  on the same questions) and measured on the rest. A calibrator that cannot serve a source is listed with the
+  on the same questions) and measured on the rest. Each also gets its 5-fold cross-validated conf-ECE on the
+  calibration slice (``cv_conf_ece``), by which the verdict picks a source's calibrator without looking at
+  the questions that then measure it. A calibrator that cannot serve a source is listed with the
   reason instead: temperature scaling and the other log-probability methods do not apply to a source whose
   probabilities contain exact zeros (consistency's vote shares, a stated confidence of 100%), because log 0
   has no finite value and the fitted parameter would be decided by whatever floor replaced it.
@@ -291,8 +293,47 @@ def _posthoc(probs: np.ndarray, ids: Sequence[str], answers: np.ndarray, n_optio
             row["params"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}
         m = _measure(after, test_answers, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed)
         row.update(_headline(m), metrics=m)
+        row["cv_conf_ece"], row["cv_reason"] = _cv_conf_ece(name, calib, probs.shape[1], n_bins=n_bins, seed=seed)
         rows.append(row)
     return rows
+
+
+CV_FOLDS = 5
+
+
+def _cv_folds(n: int, seed: int) -> np.ndarray:
+    """Fold of each calibration question: a seeded permutation dealt into ``min(CV_FOLDS, n)`` folds."""
+    k = min(CV_FOLDS, n)
+    return np.random.default_rng(seed).permutation(n) % k
+
+
+def _cv_conf_ece(name: str, calib: Sequence, width: int, *, n_bins: int, seed: int) -> tuple[float | None, str | None]:
+    """conf-ECE of ``name`` on the calibration part by k-fold cross-validation: each fold is calibrated by a fit
+    on the other folds and the out-of-fold probabilities are pooled ("none": the calibration part as it is).
+
+    This is what picks each source's calibrator in the verdict, so that the held-out questions that measure
+    the chosen calibrator played no part in choosing it.  A fit that fails on some fold (too few questions
+    in it) gives None and the reason.
+    """
+    from .metrics import conf_ece
+    from .posthoc.compare import calibrate_predictions
+    from .predictions import stack_probs
+
+    probs, answers = stack_probs(calib)
+    if name == "none":
+        return float(conf_ece(probs, answers, n_bins)), None
+    fold = _cv_folds(len(calib), seed)
+    pooled = np.zeros((len(calib), width))
+    for f in np.unique(fold):
+        fit = [p for p, g in zip(calib, fold) if g != f]
+        held = [p for p, g in zip(calib, fold) if g == f]
+        try:
+            out, _ = calibrate_predictions(name, fit, held)
+        except LlmcalError as e:
+            return None, f"fold {int(f) + 1} of {int(fold.max()) + 1}: {e}"
+        fold_probs, _ = stack_probs(out)
+        pooled[fold == f, :fold_probs.shape[1]] = fold_probs
+    return float(conf_ece(pooled, answers, n_bins)), None
 
 
 # ---- the comparison -----------------------------------------------------------------------------------
