@@ -14,7 +14,8 @@
    ``--data mmlu --limit N --seed 0``). Each is an ordinary llmcal run: a killed script
    rerun with the same arguments resumes every unfinished run where it stopped and skips the
    finished ones;
-3. ``llmcal compare-confidence OUT/runs/* --out OUT/comparison``: the side-by-side report.
+3. ``llmcal compare-confidence OUT/runs/* --out OUT/comparison --calib-fraction 0.5``: the side-by-side
+   report, its post-hoc calibrators fitted on half of the questions and measured on the other half.
 
 One request at a time (``--concurrency 1``): the server evaluates one request at a time anyway, and
 consecutive requests of one question (the samples of ``consistency``, the two stages) then share
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--calib-fraction", type=float, default=0.5,
+                    help="compare-confidence: share of the questions the post-hoc calibrators are fitted on (of 200, "
+                         "100: llmcal's default 0.2 would leave 40, 8 per cross-validation fold)")
     args = ap.parse_args(argv)
 
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         log.unlink(missing_ok=True)  # the server's log names this machine's paths: not a committed output
 
     done = [runs / s for s in sources if finished(runs / s)]
-    cmd = [llmcal(), "compare-confidence", *map(str, done), "--out", str(args.out / "comparison")]
+    cmd = [llmcal(), "compare-confidence", *map(str, done), "--out", str(args.out / "comparison"),
+           "--calib-fraction", str(args.calib_fraction)]
     print("$", " ".join(cmd[1:]), flush=True)
     rc = subprocess.call(cmd)
     if rc == 0:
