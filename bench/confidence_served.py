@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--alias", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--n", type=int, default=200, help="MMLU questions (a fixed, seeded subset)")
-    ap.add_argument("--samples", type=int, default=10, help="consistency: samples per question")
+    ap.add_argument("--samples", type=int, default=5,
+                    help="consistency: samples per question (5, not llmcal's 10: each sample is up to 32 generated "
+                         "tokens, and on 2 CPU cores 10 would take the 200 questions past a working session)")
     ap.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "studies" / "qwen-confidence")
     ap.add_argument("--port", type=int, default=8765)
