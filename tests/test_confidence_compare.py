@@ -103,7 +103,8 @@ def three_runs(tmp_path):
     lp = write_run(tmp_path / "logprobs", logprob_probs(answers), answers, ids, source=None)
     vb = write_run(tmp_path / "verbalized", verbalized_probs(answers), answers, ids, source="verbalized",
                    extra_cfg={"verbalized_template": "1stage-percent"},
-                   block=block("verbalized", template="1stage-percent", unparseable=7, retries=11, requests=131))
+                   block={**block("verbalized", template="1stage-percent", unparseable=7, retries=11, requests=131),
+                          "questions_timed": 40})  # resumed: the last process scored (and timed) 40 questions
     cs = write_run(tmp_path / "consistency", consistency_probs(answers), answers, ids, source="consistency",
                    extra_cfg={"samples": 10, "sample_temperature": 1.0},
                    block={**block("consistency", requests=10 * N, completion_tokens=30 * N, seconds=4.0 * N),
@@ -170,6 +171,7 @@ def test_every_number_matches_an_independent_computation(three_runs, tmp_path):
     assert vb["parse"] == {"n": N, "unparseable": 7, "retries": 11, "parse_rate": (N - 7) / N}
     assert vb["cost"]["requests"] == 131 and vb["cost"]["per_question"]["requests"] == pytest.approx(131 / N)
     assert comp.source("consistency")["cost"]["per_question"]["seconds"] == pytest.approx(4.0 * N / (N // 2))
+    assert vb["cost"]["per_question"]["seconds"] == pytest.approx(vb["cost"]["seconds"] / 40)  # questions_timed
     assert comp.source("logprobs")["parse"] is None and comp.source("logprobs")["cost"] is None
 
 

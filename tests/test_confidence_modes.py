@@ -373,7 +373,7 @@ def test_a_logprobs_run_keeps_its_config_and_counts_its_requests(tmp_path):
         sent = srv.count
     block = json.loads((tmp_path / "run" / "metrics.json").read_text())["confidence"]
     assert block["source"] == "logprobs" and block["requests"] == sent - 1  # the api-mode probe is not scoring
-    assert block["questions_costed"] == 12 and block["unparseable"] == 0
+    assert block["questions_costed"] == block["questions_timed"] == 12 and block["unparseable"] == 0
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -451,3 +451,5 @@ def test_a_killed_consistency_run_resumes_to_the_same_predictions_file(tmp_path)
     assert rec.results[0].metrics["n"] == 12
     block = json.loads((out / "metrics.json").read_text())["confidence"]
     assert block["requests"] == 12 * samples  # summed from the records: the killed attempt's requests count too
+    # the seconds are this process's: they cover the questions it scored, and the block says how many
+    assert block["questions_timed"] == 12 - len(partial) and block["questions_costed"] == 12

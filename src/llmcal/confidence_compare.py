@@ -230,8 +230,12 @@ def _cost(run: SourceRun, n: int) -> dict | None:
     # the questions the counters cover: questions_costed (fewer than n in a logprobs run that was resumed), else n
     costed = next((v for v in (b.get("questions_costed"), b.get("n"), n)
                    if isinstance(v, int) and not isinstance(v, bool) and v > 0), n)
-    return {**total, "questions_costed": costed,
-            "per_question": {k: (v / costed if v is not None else None) for k, v in total.items()}}
+    # seconds cover the questions the last process scored (questions_timed; older blocks: as the counters)
+    timed = b.get("questions_timed", costed)
+    timed = timed if isinstance(timed, int) and not isinstance(timed, bool) and timed > 0 else None
+    per = {k: (v / costed if v is not None else None) for k, v in total.items()}
+    per["seconds"] = total["seconds"] / timed if total["seconds"] is not None and timed else None
+    return {**total, "questions_costed": costed, "questions_timed": timed, "per_question": per}
 
 
 def _parse(run: SourceRun, n: int) -> dict | None:

@@ -244,7 +244,9 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
     if cfg.permutations != "none":
         return _run_debiased(cfg, run, spec, loaded, questions)
     template, encoded, cache = _prepared(cfg, loaded, questions)
-    counted = confidence_cost.Counted(loaded, resumed=run.resumed)
+    # the questions an earlier, killed attempt scored: this process's clock and counters do not cover them
+    done_before = run.count_scored("predictions.jsonl", questions) if run.resumed else 0
+    counted = confidence_cost.Counted(loaded, done_before=done_before)
     preds = run.score("predictions.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
                       description=f"eval {cfg.data}")
     block = counted.block(cfg, preds)  # the confidence source's parse counts and cost (None for a local model)

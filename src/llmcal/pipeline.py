@@ -98,6 +98,11 @@ class Run:
     def file(self, name: str) -> Path:
         return self.dir.file(name)
 
+    def count_scored(self, filename: str, questions: Sequence[Question]) -> int:
+        """How many of ``questions`` RUN/filename already holds a valid prediction of (what a resume keeps)."""
+        path = self.file(filename)
+        return len(_read_scored([path], {q.id for q in questions})) if path.exists() else 0
+
     def section(self, title: str, body: str) -> None:
         self.sections.append(Section(title, body))
 

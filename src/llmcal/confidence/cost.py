@@ -4,14 +4,15 @@
 "seconds", ...}``: ``n`` questions; ``unparseable`` questions recorded as unparseable (``record``: uniform,
 flagged); ``retries`` parse retries; requests and tokens summed from the records' ``usage`` (tokens as the
 server's ``usage`` reports them: a server that reports none adds 0); ``seconds`` the wall time of the
-scoring pass in the process that finished the run (a resumed run's earlier attempts are not in it: the
-records hold no times, so that a resumed predictions file equals an uninterrupted one).  Also
+scoring pass in the process that finished the run, and ``questions_timed`` the questions that process
+scored (fewer than ``n`` after a resume: the records hold no times, so that a resumed predictions file
+equals an uninterrupted one; seconds per question is ``seconds / questions_timed``).  Also
 ``unparseable_samples`` (consistency), ``below_chance`` (verbalized, ptrue: stated confidences below 1/K)
 and ``parse_rate`` (share of questions parsed).
 
 For ``--confidence logprobs`` through ``--backend openai`` the same block is written from the client's
-counters (``OpenAIClient.usage``) of this process's scoring requests: ``questions_costed`` says how many
-questions those are (fewer than ``n`` after a resume).
+counters (``OpenAIClient.usage``) of this process's scoring requests: ``questions_costed`` (and
+``questions_timed``) say how many questions those are (fewer than ``n`` after a resume).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import time
 from typing import Any, Sequence
 
 
-def block_from_records(source: str, template: str | None, preds: Sequence[Any], seconds: float) -> dict:
+def block_from_records(source: str, template: str | None, preds: Sequence[Any], seconds: float,
+                       timed: int | None = None) -> dict:
     """The block of a verbalized, ptrue or consistency run, summed over its predictions' records."""
     n = len(preds)
     extras = [p.extra or {} for p in preds]
@@ -33,7 +35,7 @@ def block_from_records(source: str, template: str | None, preds: Sequence[Any], 
              "retries": sum((e.get("parse") or {}).get("retries", 0) for e in extras),
              "requests": total("requests"), "prompt_tokens": total("prompt_tokens"),
              "completion_tokens": total("completion_tokens"), "seconds": round(seconds, 3),
-             "questions_costed": n,
+             "questions_costed": n, "questions_timed": n if timed is None else timed,
              "parse_rate": (n - bad) / n if n else None}
     if source == "consistency":
         block["unparseable_samples"] = sum((e.get("parse") or {}).get("unparseable_samples", 0) for e in extras)
@@ -47,7 +49,7 @@ def block_from_counters(n: int, counters: dict, seconds: float, costed: int) -> 
     return {"source": "logprobs", "template": None, "n": n, "unparseable": 0, "retries": 0,
             "requests": counters["requests"], "prompt_tokens": counters["prompt_tokens"],
             "completion_tokens": counters["completion_tokens"], "seconds": round(seconds, 3),
-            "questions_costed": costed, "parse_rate": 1.0}
+            "questions_costed": costed, "questions_timed": costed, "parse_rate": 1.0}
 
 
 def section(block: dict) -> str:
@@ -64,6 +66,8 @@ def section(block: dict) -> str:
     if block.get("questions_costed") != block["n"]:
         row["questions in the cost"] = "not known (resumed)" if block.get("questions_costed") is None \
             else block["questions_costed"]
+    if block.get("questions_timed", block["n"]) != block["n"]:
+        row["questions in the seconds"] = block["questions_timed"]
     return (markdown_table([row], list(row), sig=3) + "\n\nAn unparseable question has the uniform distribution and is flagged in "
             "predictions.jsonl, where every question keeps its raw replies and parse outcome (`responses`, `parse`); "
             "docs/reference.md, \"Confidence without logprobs\".\n")
@@ -72,11 +76,11 @@ def section(block: dict) -> str:
 class Counted:
     """The clock and the served client's counters when scoring starts; ``block`` once it has finished."""
 
-    def __init__(self, loaded: Any, resumed: bool = False):
+    def __init__(self, loaded: Any, done_before: int = 0):
         engine = (getattr(loaded, "extra", None) or {}).get("engine")
         self.client = getattr(engine, "client", None)
         self.before = self.client.usage() if hasattr(self.client, "usage") else None
-        self.resumed = resumed
+        self.done_before = done_before  # questions a killed earlier attempt scored: not on this clock
         self.start = time.monotonic()
 
     def block(self, cfg: Any, preds: Sequence[Any]) -> dict | None:
@@ -85,7 +89,7 @@ class Counted:
         source = getattr(cfg, "confidence", "logprobs")
         if source != "logprobs":
             block = block_from_records(source, cfg.verbalized_template if source == "verbalized" else None, preds,
-                                       seconds)
+                                       seconds, timed=len(preds) - self.done_before)
             if source == "consistency":
                 block.update(samples=cfg.samples, sample_temperature=cfg.sample_temperature)
             if source != "verbalized" or cfg.verbalized_template == "2stage":
@@ -95,4 +99,4 @@ class Counted:
             return None
         after = self.client.usage()
         counters = {k: after[k] - self.before[k] for k in after}
-        return block_from_counters(len(preds), counters, seconds, None if self.resumed else len(preds))
+        return block_from_counters(len(preds), counters, seconds, len(preds) - self.done_before)
