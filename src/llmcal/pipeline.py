@@ -101,7 +101,12 @@ class Run:
     def count_scored(self, filename: str, questions: Sequence[Question]) -> int:
         """How many of ``questions`` RUN/filename already holds a valid prediction of (what a resume keeps)."""
         path = self.file(filename)
-        return len(_read_scored([path], {q.id for q in questions})) if path.exists() else 0
+        try:
+            return len(_read_scored([path], {q.id for q in questions})) if path.exists() else 0
+        except LlmcalError:
+            if self.overwrite:  # a damaged file that --overwrite discards: the scoring pass rewrites it
+                return 0
+            raise
 
     def section(self, title: str, body: str) -> None:
         self.sections.append(Section(title, body))
