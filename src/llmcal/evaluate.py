@@ -244,12 +244,12 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, overwrite: bool = False, progr
     if cfg.permutations != "none":
         return _run_debiased(cfg, run, spec, loaded, questions)
     template, encoded, cache = _prepared(cfg, loaded, questions)
-    # the questions an earlier, killed attempt scored: this process's clock and counters do not cover them
-    done_before = run.count_scored("predictions.jsonl", questions) if run.resumed else 0
-    counted = confidence_cost.Counted(loaded, done_before=done_before)
+    counted = confidence_cost.Counted(loaded)
     preds = run.score("predictions.jsonl", loaded, questions, template, cache=cache, encoded=encoded,
                       description=f"eval {cfg.data}")
-    block = counted.block(cfg, preds)  # the confidence source's parse counts and cost (None for a local model)
+    # the confidence source's parse counts and cost (None for a local model); the questions an earlier, killed
+    # attempt scored are not on this process's clock and counters
+    block = counted.block(cfg, preds, done_before=run.scored_before.get("predictions.jsonl", 0))
     res = run.result("none", preds, dataset=cfg.data, split=cfg.split, pred_file="predictions.jsonl",
                      png="reliability.png", title=f"{spec.name} on {cfg.data} ({cfg.split})")
     if block is not None:

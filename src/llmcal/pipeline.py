@@ -71,6 +71,7 @@ class Run:
         self.progress = progress
         self.sections: list[Section] = []
         self.resumed = False
+        self.scored_before: dict[str, int] = {}  # per predictions file: questions earlier attempts scored
         self.overwrite = False  # a damaged predictions file is then scored again instead of refused
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -97,16 +98,6 @@ class Run:
 
     def file(self, name: str) -> Path:
         return self.dir.file(name)
-
-    def count_scored(self, filename: str, questions: Sequence[Question]) -> int:
-        """How many of ``questions`` RUN/filename already holds a valid prediction of (what a resume keeps)."""
-        path = self.file(filename)
-        try:
-            return len(_read_scored([path], {q.id for q in questions})) if path.exists() else 0
-        except LlmcalError:
-            if self.overwrite:  # a damaged file that --overwrite discards: the scoring pass rewrites it
-                return 0
-            raise
 
     def section(self, title: str, body: str) -> None:
         self.sections.append(Section(title, body))
@@ -187,9 +178,9 @@ class Run:
                 distributed.on_main(write_hit, what=f"writing {filename}")
                 distributed.barrier()
                 return hit
-        preds = _score_into(self.dir, filename, loaded, questions, encoded, batch_tokens=batch_tokens,
-                            discard_damaged=self.overwrite,
-                            progress=self.progress, description=description)
+        preds, self.scored_before[filename] = _score_into(
+            self.dir, filename, loaded, questions, encoded, batch_tokens=batch_tokens,
+            discard_damaged=self.overwrite, progress=self.progress, description=description)
         if store is not None:
             distributed.on_main(lambda: store.put(key, preds), what="storing the scores in the cache")
         return preds
@@ -263,8 +254,9 @@ def score_loaded(loaded: Any, encoded, *, options, done=(), on_batch=None) -> li
 
 def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Question], encoded: Sequence[Any], *,
                 discard_damaged: bool = False,
-                batch_tokens: int, progress: bool, description: str) -> list[Prediction]:
-    """Score into RUN/filename, resuming from what any earlier attempt (with any process count) finished."""
+                batch_tokens: int, progress: bool, description: str) -> tuple[list[Prediction], int]:
+    """Score into RUN/filename, resuming from what any earlier attempt (with any process count) finished:
+    the predictions in question order, and how many of them earlier attempts had scored."""
     from .scoring import ScoreOptions
 
     world = distributed.current_world() if distributed.is_initialized() else distributed.World()
@@ -282,6 +274,7 @@ def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Que
                 p.unlink(missing_ok=True)
         distributed.barrier()
         have = {}
+    scored_before = len(have)
     if have and world.is_main:
         log.info("resuming %s: %d of %d questions already scored", path, len(have), len(questions))
     if world.distributed:
@@ -326,4 +319,4 @@ def _score_into(run: RunDir, filename: str, loaded: Any, questions: Sequence[Que
 
     distributed.barrier()  # nobody may still be reading the partial files
     distributed.on_main(merge, what=f"merging {filename}")
-    return preds
+    return preds, scored_before

@@ -76,20 +76,21 @@ def section(block: dict) -> str:
 class Counted:
     """The clock and the served client's counters when scoring starts; ``block`` once it has finished."""
 
-    def __init__(self, loaded: Any, done_before: int = 0):
+    def __init__(self, loaded: Any):
         engine = (getattr(loaded, "extra", None) or {}).get("engine")
         self.client = getattr(engine, "client", None)
         self.before = self.client.usage() if hasattr(self.client, "usage") else None
-        self.done_before = done_before  # questions a killed earlier attempt scored: not on this clock
         self.start = time.monotonic()
 
-    def block(self, cfg: Any, preds: Sequence[Any]) -> dict | None:
-        """The run's ``confidence`` block; None for a local model read from logprobs (nothing to count)."""
+    def block(self, cfg: Any, preds: Sequence[Any], done_before: int = 0) -> dict | None:
+        """The run's ``confidence`` block; None for a local model read from logprobs (nothing to count).
+        ``done_before``: the questions earlier, killed attempts scored (``Run.scored_before``), which this
+        process's clock and counters do not cover."""
         seconds = time.monotonic() - self.start
         source = getattr(cfg, "confidence", "logprobs")
         if source != "logprobs":
             block = block_from_records(source, cfg.verbalized_template if source == "verbalized" else None, preds,
-                                       seconds, timed=len(preds) - self.done_before)
+                                       seconds, timed=len(preds) - done_before)
             if source == "consistency":
                 block.update(samples=cfg.samples, sample_temperature=cfg.sample_temperature)
             if source != "verbalized" or cfg.verbalized_template == "2stage":
@@ -99,4 +100,4 @@ class Counted:
             return None
         after = self.client.usage()
         counters = {k: after[k] - self.before[k] for k in after}
-        return block_from_counters(len(preds), counters, seconds, len(preds) - self.done_before)
+        return block_from_counters(len(preds), counters, seconds, len(preds) - done_before)
