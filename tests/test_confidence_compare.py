@@ -259,6 +259,35 @@ def test_report_json_and_figures_are_written_without_machine_paths(three_runs, t
     assert comp.verdict["best_calibrated"]["label"] == min(comp.sources, key=lambda s: s["conf_ece"])["label"]
 
 
+def _cost_table(md: str) -> list[str]:
+    part = md[md.index("## Cost"):].split("\n## ")[0]
+    return [line for line in part.splitlines()[1:] if line.startswith("|") and not line.startswith("|--")]
+
+
+def test_the_cost_table_says_what_a_resumed_runs_numbers_cover(three_runs, tmp_path):
+    runs, _, _ = three_runs
+    compare_confidence(runs, tmp_path / "cmp", n_bootstrap=0)
+    rows = {r.split("|")[1].strip(): r for r in _cost_table((tmp_path / "cmp" / "report.md").read_text())}
+    assert rows["source"].rstrip(" |").endswith("note")
+    assert f"seconds over the last 40 of {N} questions (resumed run)" in rows["verbalized (1stage-percent)"]
+    assert "requests and tokens" not in rows["verbalized (1stage-percent)"]
+    assert f"requests and tokens over the last {N // 2} of {N} questions" in rows["consistency"]
+    assert "not recorded by the run" in rows["logprobs"]
+
+
+def test_the_cost_table_has_no_note_column_when_no_row_needs_one(tmp_path):
+    ids, answers = _questions()
+    runs = [write_run(tmp_path / "verbalized", verbalized_probs(answers), answers, ids, source="verbalized",
+                      extra_cfg={"verbalized_template": "1stage-percent"},
+                      block=block("verbalized", template="1stage-percent")),
+            write_run(tmp_path / "consistency", consistency_probs(answers), answers, ids, source="consistency",
+                      extra_cfg={"samples": 10, "sample_temperature": 1.0}, block=block("consistency"))]
+    compare_confidence(runs, tmp_path / "cmp", n_bootstrap=0)
+    table = _cost_table((tmp_path / "cmp" / "report.md").read_text())
+    assert table[0].rstrip(" |").endswith("s / q") and "note" not in table[0]
+    assert all(r.count("|") == table[0].count("|") for r in table)
+
+
 def test_verdict_warns_when_the_best_source_holds_unparseable_questions(tmp_path):
     """Uniform (unparseable) questions are calibrated at chance accuracy by construction: the verdict says so."""
     ids, answers = _questions()

@@ -181,6 +181,16 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "source"
 
 
+def _cost_note(cost: dict, n: int) -> str:
+    """What a resumed run's cost covers: its counters and seconds describe fewer questions than it holds."""
+    parts = []
+    if cost.get("questions_costed") not in (None, n):
+        parts.append(f"requests and tokens over the last {cost['questions_costed']} of {n} questions")
+    if cost.get("seconds") is not None and cost.get("questions_timed") not in (None, n):
+        parts.append(f"seconds over the last {cost['questions_timed']} of {n} questions (resumed run)")
+    return "; ".join(parts)
+
+
 def write_confidence_report(comp, out: Path) -> dict[str, Path]:
     """``comparison.json``, ``report.md``, ``report.html`` and the figures in ``out``; returns the written paths."""
     from ..io import atomic_write_json, atomic_write_text
@@ -242,11 +252,13 @@ def write_confidence_report(comp, out: Path) -> dict[str, Path]:
         q = c["per_question"]
         cost_rows.append({"label": s["label"], **{k: c[k] for k in ("requests", "prompt_tokens",
                                                                     "completion_tokens", "seconds")},
-                          **{f"{k}_q": q[k] for k in q}, "note": ""})
-    doc.table(cost_rows, [("label", "source"), ("requests", "requests"), ("prompt_tokens", "prompt tokens"),
-                          ("completion_tokens", "completion tokens"), ("seconds", "seconds"),
-                          ("requests_q", "requests / q"), ("prompt_tokens_q", "prompt tok / q"),
-                          ("completion_tokens_q", "completion tok / q"), ("seconds_q", "s / q"), ("note", "")])
+                          **{f"{k}_q": q[k] for k in q}, "note": _cost_note(c, s["n"])})
+    columns = [("label", "source"), ("requests", "requests"), ("prompt_tokens", "prompt tokens"),
+               ("completion_tokens", "completion tokens"), ("seconds", "seconds"),
+               ("requests_q", "requests / q"), ("prompt_tokens_q", "prompt tok / q"),
+               ("completion_tokens_q", "completion tok / q"), ("seconds_q", "s / q")]
+    # the note column only when a row needs one: an empty column reads as a missing value
+    doc.table(cost_rows, columns + ([("note", "note")] if any(r["note"] for r in cost_rows) else []))
     if comp.differences:
         doc.h(2, "Paired differences")
         doc.p("b − a on the same questions and the same bootstrap resamples; an interval that excludes 0 is a "
