@@ -66,7 +66,7 @@ def consistency_probs(answers, seed=3, samples=10):
 
 
 def write_run(path: Path, probs, answers, ids, *, source: str | None, model="served-model", block=None,
-              extra_cfg=None, seed=0, n_bootstrap=200) -> Path:
+              extra_cfg=None, seed=0, n_bootstrap=200, unparseable=()) -> Path:
     """A finished run directory as eval writes it (``source`` None: an old logprobs run without the field)."""
     cfg = {"model": model, "data": "mmlu", "backend": "openai", "seed": seed, "n_bins": 10,
            "n_bootstrap": n_bootstrap, **(extra_cfg or {})}
@@ -75,11 +75,12 @@ def write_run(path: Path, probs, answers, ids, *, source: str | None, model="ser
     rd = RunDir(path)
     rd.start(cfg)
     records = []
-    for qid, a, p in zip(ids, answers, probs):
+    for i, (qid, a, p) in enumerate(zip(ids, answers, probs)):
         p = [float(x) for x in p]
         records.append({"id": qid, "subject": "s", "answer": int(a), "probs": p, "pred": int(np.argmax(p)),
                         "conf": float(max(p)), "logits": [math.log(max(x, 1e-300)) for x in p],
-                        "responses": ["B, 90%"], "parse": "ok"})
+                        "responses": ["B, 90%"],
+                        "parse": {"status": "unparseable" if i in unparseable else "ok", "retries": 0}})
     atomic_write_jsonl(path / "predictions.jsonl", records)
     m = compute_metrics(np.asarray(probs), np.asarray(answers), n_bootstrap=n_bootstrap, seed=seed)
     rd.finish(kind="eval", model=model, results=[RunResult(label="none", method="none", dataset="mmlu", split="all",
@@ -168,7 +169,8 @@ def test_every_number_matches_an_independent_computation(three_runs, tmp_path):
     assert d["conf_ece"]["ci"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
     # parse rate and cost from the confidence blocks; none recorded for the old logprobs run
     vb = comp.source("verbalized (1stage-percent)")
-    assert vb["parse"] == {"n": N, "unparseable": 7, "retries": 11, "parse_rate": (N - 7) / N}
+    assert vb["parse"] == {"n": N, "unparseable": 7, "retries": 11, "parse_rate": (N - 7) / N,
+                           "unparseable_correct": 0}  # the fixture's records are all parsed
     assert vb["cost"]["requests"] == 131 and vb["cost"]["per_question"]["requests"] == pytest.approx(131 / N)
     assert comp.source("consistency")["cost"]["per_question"]["seconds"] == pytest.approx(4.0 * N / (N // 2))
     assert vb["cost"]["per_question"]["seconds"] == pytest.approx(vb["cost"]["seconds"] / 40)  # questions_timed
@@ -275,6 +277,22 @@ def test_the_cost_table_says_what_a_resumed_runs_numbers_cover(three_runs, tmp_p
     assert "not recorded by the run" in rows["logprobs"]
 
 
+def test_a_resume_that_asked_nothing_reports_no_cost_per_question(tmp_path):
+    ids, answers = _questions()
+    runs = [write_run(tmp_path / "a", logprob_probs(answers), answers, ids, source="logprobs",
+                      block={**block("logprobs", requests=0, completion_tokens=0, seconds=0.0),
+                             "prompt_tokens": 0, "questions_costed": 0, "questions_timed": 0}),
+            write_run(tmp_path / "b", verbalized_probs(answers), answers, ids, source="verbalized",
+                      extra_cfg={"verbalized_template": "1stage-percent"},
+                      block=block("verbalized", template="1stage-percent"))]
+    comp = compare_confidence(runs, tmp_path / "cmp", n_bootstrap=0)
+    cost = comp.source("logprobs")["cost"]
+    assert cost["requests"] == 0 and set(cost["per_question"].values()) == {None}  # not "0 requests a question"
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "logprobs: not known (the process that finished the run asked nothing)" in md
+    assert "asked nothing: per question not known" in md
+
+
 def test_the_cost_table_has_no_note_column_when_no_row_needs_one(tmp_path):
     ids, answers = _questions()
     runs = [write_run(tmp_path / "verbalized", verbalized_probs(answers), answers, ids, source="verbalized",
@@ -294,11 +312,16 @@ def test_verdict_warns_when_the_best_source_holds_unparseable_questions(tmp_path
     a = write_run(tmp_path / "a", logprob_probs(answers), answers, ids, source="logprobs")
     uniform = np.full((N, K), 1.0 / K)
     b = write_run(tmp_path / "b", uniform, answers, ids, source="verbalized", extra_cfg={"verbalized_template": "2stage"},
-                  block=block("verbalized", template="2stage", unparseable=N))
+                  block=block("verbalized", template="2stage", unparseable=N), unparseable=range(N))
     comp = compare_confidence([a, b], tmp_path / "cmp", n_bootstrap=30)
     line = comp.verdict["lines"][0]
     assert line.startswith("**Best calibrated: verbalized (2stage)**")
     assert f"{N} of its {N} questions were unparseable" in line
+    # the uniform distribution predicts A: accuracy counts the questions whose answer is A as right
+    lucky = int(np.sum(np.asarray(answers) == 0))
+    assert 0 < lucky < N and comp.source("verbalized (2stage)")["parse"]["unparseable_correct"] == lucky
+    assert f"{lucky} of the {N} unparseable count as right by the tie rule (option A)" in line
+    assert f"{lucky} of the {N} unparseable count as right" in (tmp_path / "cmp" / "report.md").read_text()
 
 
 def test_verdict_says_when_the_best_is_not_ahead(tmp_path):

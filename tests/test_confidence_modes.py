@@ -143,6 +143,25 @@ def test_verbalized_one_stage_puts_the_stated_confidence_on_the_stated_letter():
                                 "completion_tokens": 4}  # the server's usage: "Answer: B\nConfidence: N%"
 
 
+class StatedChat(FakeChat):
+    """Always names C with the given confidence."""
+
+    def __init__(self, stated: str):
+        super().__init__()
+        self.stated = stated
+
+    def text(self, body: dict) -> str:
+        return f"Answer: C\nConfidence: {self.stated}"
+
+
+@pytest.mark.parametrize("stated, pred, flagged", [("26%", 2, False), ("25%", 0, True), ("10%", 0, True)])
+def test_a_confidence_at_or_below_chance_moves_the_prediction_off_the_named_letter_and_is_flagged(stated, pred,
+                                                                                                   flagged):
+    p = ask(StatedChat(stated), template="1stage-percent")
+    assert p.extra["answer_letter"] == "C" and p.pred == pred  # at 1/K all tie: option A, the first
+    assert p.extra["below_chance"] is flagged
+
+
 def test_verbalized_probability_template_reads_a_probability():
     fake = FakeChat()
     p = ask(fake, template="1stage-prob")
@@ -174,6 +193,54 @@ def test_ptrue_reads_true_against_false_from_the_top_logprobs_of_a_proposed_answ
     assert p.extra["p_true"] == pytest.approx(p_true)  # (0.9 p) / (0.9 p + 0.9 (1 - p)): "The" left out
     assert p.probs[LETTERS.index(letter)] == pytest.approx(p_true) and p.extra["p_true_missing"] is None
     assert p.extra["below_chance"] == (p_true < 0.25)
+
+
+class AwkwardJudge(FakeChat):
+    """The P(True) request misbehaves first: ``stop``: the model ends at once with no logprobs unless asked with
+    min_tokens (llama.cpp's habit); ``bad``: the first P(True) response's logprobs are not log-probabilities."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.judged = how, 0
+
+    def reply(self, body: dict) -> dict:
+        if body.get("logprobs") and self.how == "stop" and "min_tokens" not in body:
+            with self.lock:
+                self.bodies.append(body)
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 50, "completion_tokens": 0, "total_tokens": 50}}
+        r = super().reply(body)
+        if body.get("logprobs") and self.how == "bad" and self.judged == 0:
+            self.judged += 1
+            r["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["logprob"] = 0.7  # above 0: no logprob
+        return r
+
+
+def test_ptrue_counts_both_requests_when_the_model_stops_at_once():
+    fake = AwkwardJudge("stop")
+    p = ask(fake, source="ptrue")
+    answer, first, again = fake.bodies
+    assert "min_tokens" not in first and again["min_tokens"] == 1 and p.extra["p_true"] is not None
+    assert p.extra["usage"]["requests"] == 3  # the answer, the judge that stopped at once, the judge again
+    assert p.extra["usage"]["prompt_tokens"] == len(answer["messages"][0]["content"].split()) + 50 + 50
+
+
+def test_ptrue_retries_an_invalid_logprob_response_as_a_server_fault():
+    fake = AwkwardJudge("bad")
+    p = ask(fake, source="ptrue")
+    assert len(fake.bodies) == 3 and p.extra["p_true"] is not None
+    assert p.extra["parse"]["status"] == "ok" and p.extra["usage"]["requests"] == 3
+
+
+def test_ptrue_refuses_a_server_whose_logprobs_stay_invalid_naming_the_question():
+    class AlwaysBad(AwkwardJudge):
+        def reply(self, body):
+            self.judged = 0
+            return super().reply(body)
+
+    with pytest.raises(LlmcalError, match="question q1: invalid response: .*in each of"):
+        ask(AlwaysBad("bad"), source="ptrue")
 
 
 def test_ptrue_refuses_a_server_without_logprobs():

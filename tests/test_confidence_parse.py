@@ -77,6 +77,8 @@ def test_letters_that_are_read(text, want):
     ("E", "letter E is not an option (A-D)"), ("Answer: F", "letter F is not an option (A-D)"),
     ("A. Mercator\nThe answer is D. Robinson", "names several letters (A, D)"),
     ("Answer: A or Answer: B", "names several letters (A, B)"), ("the answer is b", "no option letter"),
+    ("The answer is \u212a", "no option letter"),  # the Kelvin sign, which IGNORECASE alone matches as K
+    ("Answer: \u0130", "no option letter"),  # dotted capital I
 ])
 def test_replies_that_are_not_read_say_why(text, reason):
     assert parse_letter(text, Q) == (None, reason)
@@ -88,6 +90,7 @@ def test_after_reasoning_the_last_answer_line_wins_and_nothing_else_counts():
     assert parse_final_letter("B. Lambert", Q) == (None, "no final \"Answer: X\" line")
     assert parse_final_letter("so the answer is: C", Q) == (2, None)
     assert parse_final_letter("Answer: G", Q) == (None, "letter G is not an option (A-D)")
+    assert parse_final_letter("Answer: \u212a", Q) == (None, "no final \"Answer: X\" line")
 
 
 # ---- the stated confidence --------------------------------------------------------------------------
@@ -104,6 +107,9 @@ def test_after_reasoning_the_last_answer_line_wins_and_nothing_else_counts():
     ("Confidence: 100%", "1stage-percent", False, 1.0), ("Confidence: 0%", "1stage-percent", False, 0.0),
     ("I'm 95% confident that my answer is correct.", "2stage", True, 0.95),
     ("80", "2stage", True, 0.8), ("A. 90%", "2stage", True, 0.9), ("Confidence: .5", "2stage", True, 0.5),
+    ("Answer: B\nConfidence: 9/10", "1stage-percent", False, 0.9),  # a fraction is x/y, not the 9 before it
+    ("Answer: B\nConfidence: 8 out of 10", "1stage-prob", False, 0.8), ("7/10", "2stage", True, 0.7),
+    ("Confidence: 90, as I said", "2stage", True, 0.9),  # a comma followed by a space ends the number
 ])
 def test_confidences_that_are_read(text, template, alone, want):
     c, why = parse_confidence(text, template, alone=alone)
@@ -119,6 +125,15 @@ def test_confidences_that_are_read(text, template, alone, want):
     ("Confidence: 80%. Confidence: 60%", "1stage-percent", False, "several confidences (80%, 60%)"),
     ("A. 90%\nB. 10%", "2stage", True, "several numbers (90%, 10%)"),
     ("-20", "2stage", True, "a negative confidence (-20)"), ("", "2stage", True, "empty reply"),
+    # written in ways that would read as another number: refused with the reason, never misread
+    ("Answer: B\nConfidence: 0,85", "1stage-prob", False,
+     "confidence 0,85 written with a comma (decimal or thousands: not read)"),
+    ("Answer: B\nConfidence: 1e-2", "1stage-prob", False, "confidence 1e-2 written with exponent notation"),
+    ("Answer: B\nConfidence: 11/10", "1stage-prob", False, "confidence 11/10 is not a fraction from 0 to 1"),
+    ("Answer: B\nConfidence: 9/0", "1stage-prob", False, "confidence 9/0 is not a fraction from 0 to 1"),
+    ("Answer: B\nConfidence: 9/10%", "1stage-percent", False,
+     "confidence 9/10% is neither a fraction nor a percentage"),
+    ("Answer: B, since 3/4 of the cases agree", "1stage-percent", False, "no confidence label or percentage"),
 ])
 def test_confidences_that_are_not_read_say_why(text, template, alone, reason):
     assert parse_confidence(text, template, alone=alone) == (None, reason)

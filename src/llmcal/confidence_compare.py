@@ -69,6 +69,7 @@ class SourceRun:
     n_options: np.ndarray = field(repr=False)
     block: dict | None = field(default=None, repr=False)  # metrics.json's ``confidence`` block
     config: dict = field(default_factory=dict, repr=False)  # the run's config.json
+    unparseable: np.ndarray | None = field(default=None, repr=False)  # per question: recorded as unparseable
 
     @property
     def name(self) -> str:
@@ -95,7 +96,9 @@ def _record(rec: dict) -> dict:
         raise TypeError("probs must be a list of numbers and answer an integer")
     if not 0 <= answer < len(probs):
         raise TypeError(f"answer {answer} is out of range for {len(probs)} options")
-    return {"id": str(qid), "subject": rec.get("subject"), "answer": answer, "probs": probs}
+    parse = rec.get("parse")
+    return {"id": str(qid), "subject": rec.get("subject"), "answer": answer, "probs": probs,
+            "unparseable": isinstance(parse, dict) and parse.get("status") == "unparseable"}
 
 
 def load_source(run_dir: str | Path) -> SourceRun:
@@ -129,7 +132,7 @@ def load_source(run_dir: str | Path) -> SourceRun:
                      subjects=tuple(r["subject"] for r in records),
                      answers=np.array([r["answer"] for r in records], dtype=np.int64), probs=probs,
                      n_options=np.array([len(r["probs"]) for r in records], dtype=np.int64), block=rec.confidence,
-                     config=cfg)
+                     config=cfg, unparseable=np.array([r["unparseable"] for r in records], dtype=bool))
 
 
 def check_same_questions(runs: Sequence[SourceRun]) -> None:
@@ -235,6 +238,10 @@ def _cost(run: SourceRun, n: int) -> dict | None:
     timed = timed if isinstance(timed, int) and not isinstance(timed, bool) and timed > 0 else None
     per = {k: (v / costed if v is not None else None) for k, v in total.items()}
     per["seconds"] = total["seconds"] / timed if total["seconds"] is not None and timed else None
+    if b.get("questions_costed") == 0 and not isinstance(b.get("questions_costed"), bool):
+        # a resume that found every question scored asked nothing: its zero counters say nothing per question
+        per = dict.fromkeys(per)
+        costed = 0
     return {**total, "questions_costed": costed, "questions_timed": timed, "per_question": per}
 
 
@@ -247,7 +254,17 @@ def _parse(run: SourceRun, n: int) -> dict | None:
     if not isinstance(bad, int) or isinstance(bad, bool):
         return {"n": n, "unparseable": None, "retries": b.get("retries"), "parse_rate": None}
     n_block = b.get("n") if isinstance(b.get("n"), int) and b.get("n") > 0 else n
-    return {"n": n_block, "unparseable": bad, "retries": b.get("retries"), "parse_rate": (n_block - bad) / n_block}
+    return {"n": n_block, "unparseable": bad, "retries": b.get("retries"), "parse_rate": (n_block - bad) / n_block,
+            "unparseable_correct": _unparseable_correct(run)}
+
+
+def _unparseable_correct(run: SourceRun) -> int | None:
+    """How many unparseable questions count as right anyway: their uniform distribution predicts option A (the
+    first on a tie), which is the answer to about 1 in K of them; accuracy includes those."""
+    if run.unparseable is None:
+        return None
+    pred = np.argmax(run.probs, axis=1)  # zero padding past a question's options never wins the argmax
+    return int(np.sum(run.unparseable & (pred == run.answers)))
 
 
 # ---- post-hoc calibration -----------------------------------------------------------------------------

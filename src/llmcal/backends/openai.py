@@ -206,9 +206,11 @@ def stopped_at_once(response: Any) -> bool:
         return False
 
 
-def post_scored(client: "OpenAIClient", path: str, body: dict) -> Any:
+def post_scored(client: "OpenAIClient", path: str, body: dict,
+                on_response: Callable[[Any], None] | None = None) -> Any:
     """POST one scoring request; when the model ended the sequence at once and so returned no logprobs, ask
-    again with ``min_tokens=1``.
+    again with ``min_tokens=1``.  ``on_response`` sees every response, the first of two included (a caller
+    that counts requests and tokens per question counts both).
 
     llama.cpp's server (and others) report no log-probabilities when the greedy
     first token is end-of-sequence, which is common after a prompt that ends in
@@ -217,14 +219,18 @@ def post_scored(client: "OpenAIClient", path: str, body: dict) -> Any:
     model's unchanged distribution, end-of-sequence included.  A server that
     refuses the parameter gets the usual no-logprobs error.
     """
+    seen = on_response or (lambda r: None)
     response = client.post(path, body)
+    seen(response)
     try:
         without = first_token_logprobs(response) is None
     except BadResponse:  # it has logprobs, invalid ones: the caller refuses or retries them
         without = False
     if without and stopped_at_once(response) and "min_tokens" not in body:
         try:
-            return client.post(path, {**body, "min_tokens": 1})
+            again = client.post(path, {**body, "min_tokens": 1})
+            seen(again)
+            return again
         except ApiStatusError as e:
             log.warning("%s: the model stopped at once and the server refused min_tokens=1 (%s)", path, e)
     return response

@@ -89,7 +89,9 @@ def post_chat(client: Any, body: dict, tally: Tally, *, scored: bool = False) ->
     """POST one chat request, counting it; ``scored``: read logprobs (``post_scored``'s min_tokens rule)."""
     from ..backends.openai import post_scored
 
-    response = post_scored(client, "chat/completions", body) if scored else client.post("chat/completions", body)
+    if scored:  # post_scored may ask twice (min_tokens): both requests count
+        return post_scored(client, "chat/completions", body, on_response=tally.add_usage)
+    response = client.post("chat/completions", body)
     tally.add_usage(response)
     return response
 

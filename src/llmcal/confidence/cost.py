@@ -7,7 +7,7 @@ server's ``usage`` reports them: a server that reports none adds 0); ``seconds``
 scoring pass in the process that finished the run, and ``questions_timed`` the questions that process
 scored (fewer than ``n`` after a resume: the records hold no times, so that a resumed predictions file
 equals an uninterrupted one; seconds per question is ``seconds / questions_timed``).  Also
-``unparseable_samples`` (consistency), ``below_chance`` (verbalized, ptrue: stated confidences below 1/K)
+``unparseable_samples`` (consistency), ``below_chance`` (verbalized, ptrue: stated confidences at or below 1/K)
 and ``parse_rate`` (share of questions parsed).
 
 For ``--confidence logprobs`` through ``--backend openai`` the same block is written from the client's

@@ -28,8 +28,11 @@ the confidence alone (``alone=True``: verbalized's second stage), the only numbe
 ``%`` (or "percent") is a percentage, 0-100.  Without ``%``: a number written with a decimal point and at
 most 1 is a probability (``0.85``); in the probability template (``1stage-prob``) any number from 0 to 1 is
 one (``1`` is certainty) and a number above 1 up to 100 is read as a percentage; otherwise a number from 0
-to 100 is a percentage.  Negative numbers, numbers above 100 (percent) and two different labelled values
-are unparseable; words ("high") are "no number".
+to 100 is a percentage.  A fraction ``x/y`` or ``x out of y`` (``9/10``, ``8 out of 10``; ``0 <= x <= y``)
+is the probability x/y (unlabelled only where the reply is the confidence alone).  Negative numbers,
+numbers above 100 (percent), a decimal comma (``0,85``), exponent notation (``1e-2``), a fraction with
+``%`` and two different labelled values are unparseable, each with its reason (never read as some other
+number); words ("high") are "no number".
 
 **P(True)** (``read_true``): from the first generated token's top log-probabilities, the tokens that spell
 True or Yes (any case, after a leading space piece, without a trailing ``.``) against those that spell False
@@ -49,12 +52,18 @@ from ..data.schema import LETTERS, Question
 _EMPHASIS = re.compile(r"[*_`]+")
 _ALONE = re.compile(r"^\(?\[?([A-Z])\]?\)?[.):]?$")
 _LEADING = re.compile(r"^\(?([A-Z])(?:\)|[.:,])")
+# re.ASCII throughout: under IGNORECASE alone [A-Z] also matches the Kelvin sign and dotted I, which are no
+# option letters, and \d matches every script's digits
 _PHRASE = re.compile(r"\b(?:answer|option|choice)\s*(?:is\s*|:\s*|-\s*|=\s*)?(?:option\s*|choice\s*)?\(?\[?([A-Z])\b"
-                     r"(?!['\w])", re.IGNORECASE)
-_FINAL = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*\(?\[?([A-Z])\b(?!['\w])", re.IGNORECASE)
-_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)\s*(%|percent\b)?"
-_LABELLED = re.compile(r"\bconfidence(?:\s+level|\s+score)?\s*(?:is\s*|:\s*|=\s*|of\s*)*" + _NUMBER, re.IGNORECASE)
-_ANY_NUMBER = re.compile(r"(?<![\w.])-?" + _NUMBER, re.IGNORECASE)
+                     r"(?!['\w])", re.IGNORECASE | re.ASCII)
+_FINAL = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*\(?\[?([A-Z])\b(?!['\w])", re.IGNORECASE | re.ASCII)
+# groups: the number, what directly follows it when that makes it something else (a decimal comma, an
+# exponent), a fraction's denominator, the percent sign
+_NUMBER = (r"(\d+(?:\.\d+)?|\.\d+)((?:,\d+)+(?:\.\d+)?|[eE][-+]?\d+)?(?:\s*(?:/|\bout\s+of\b)\s*(\d+(?:\.\d+)?))?"
+           r"\s*(%|percent\b)?")
+_LABELLED = re.compile(r"\bconfidence(?:\s+level|\s+score)?\s*(?:is\s*|:\s*|=\s*|of\s*)*" + _NUMBER,
+                       re.IGNORECASE | re.ASCII)
+_ANY_NUMBER = re.compile(r"(?<![\w.])-?" + _NUMBER, re.IGNORECASE | re.ASCII)
 _SPACE_PIECES = (" ", "\u0120", "\u2581")
 TRUE_WORDS = ("true", "yes")
 FALSE_WORDS = ("false", "no")
@@ -66,6 +75,8 @@ def _clean(text: str) -> str:
 
 def _letter(ch: str, k: int) -> tuple[int | None, str | None]:
     ch = ch.upper()
+    if ch not in LETTERS:
+        return None, "no option letter"
     i = LETTERS.index(ch)
     if i >= k:
         return None, f"letter {ch} is not an option (A-{LETTERS[k - 1]})"
@@ -105,7 +116,18 @@ def parse_final_letter(text: str, q: Question) -> tuple[int | None, str | None]:
     return _letter(found[-1], q.k)
 
 
-def _value(number: str, percent: bool, template: str) -> tuple[float | None, str | None]:
+def _value(number: str, odd: str | None, den: str | None, percent: bool,
+           template: str) -> tuple[float | None, str | None]:
+    if odd:
+        kind = "a comma (decimal or thousands: not read)" if odd.startswith(",") else "exponent notation"
+        return None, f"confidence {number}{odd} written with {kind}"
+    if den is not None:
+        x, y = float(number), float(den)
+        if percent:
+            return None, f"confidence {number}/{den}% is neither a fraction nor a percentage"
+        if y <= 0.0 or x > y:
+            return None, f"confidence {number}/{den} is not a fraction from 0 to 1"
+        return x / y, None
     v = float(number)
     if percent:
         return (v / 100.0, None) if 0.0 <= v <= 100.0 else (None, f"confidence {number}% outside 0-100%")
@@ -125,22 +147,25 @@ def parse_confidence(text: str, template: str, *, alone: bool = False) -> tuple[
     t = _clean(text)
     if not t:
         return None, "empty reply"
-    labelled = [(m.group(1), bool(m.group(2))) for m in _LABELLED.finditer(t)]
+    labelled = [(m.group(0), (m.group(1), m.group(2), m.group(3), bool(m.group(4))))
+                for m in _LABELLED.finditer(t)]
     if labelled:
-        values = {_value(n, p, template) for n, p in labelled}
+        values = {_value(*parts, template) for _, parts in labelled}
         if len(values) > 1:
-            return None, f"several confidences ({', '.join(n + ('%' if p else '') for n, p in labelled)})"
+            shown = ", ".join(re.sub(r"^\D*", "", s).strip() for s, _ in labelled)
+            return None, f"several confidences ({shown})"
         return values.pop()
-    numbers = [(m.group(0).strip(), m.group(1), bool(m.group(2))) for m in _ANY_NUMBER.finditer(t)]
-    if any(s.startswith("-") for s, _, _ in numbers):
-        return None, f"a negative confidence ({next(s for s, _, _ in numbers if s.startswith('-'))})"
-    candidates = numbers if alone else [x for x in numbers if x[2]]
+    numbers = [(m.group(0).strip(), (m.group(1), m.group(2), m.group(3), bool(m.group(4))))
+               for m in _ANY_NUMBER.finditer(t)]
+    if any(s.startswith("-") for s, _ in numbers):
+        return None, f"a negative confidence ({next(s for s, _ in numbers if s.startswith('-'))})"
+    # unlabelled, only a percentage is a confidence: a fraction or a bare number in an explanation is not
+    candidates = numbers if alone else [x for x in numbers if x[1][3]]
     if not candidates:
         return None, "no confidence number" if not numbers else "no confidence label or percentage"
-    if len({(n, p) for _, n, p in candidates}) > 1:
-        return None, f"several numbers ({', '.join(s for s, _, _ in candidates)})"
-    _, n, p = candidates[0]
-    return _value(n, p, template)
+    if len({parts for _, parts in candidates}) > 1:
+        return None, f"several numbers ({', '.join(s for s, _ in candidates)})"
+    return _value(*candidates[0][1], template)
 
 
 def _word(token: str) -> str:

@@ -12,6 +12,7 @@ that returns no log-probabilities at all cannot give P(True): the run is refused
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..data.schema import LETTERS, Question
@@ -22,20 +23,42 @@ from .parse import parse_final_letter, parse_letter, read_true
 from .prompts import answer_message, parse_retry_message, ptrue_message
 from .record import letter, make_prediction, parse_doc, stated_distribution, uniform
 
+log = logging.getLogger(__name__)
 
-def judge(client: Any, s: Any, q: Question, j: int, tally: Tally, where: str) -> tuple[float | None, str | None, str | None]:
+
+def _first_token(client: Any, body: dict, tally: Tally, where: str, qid: str) -> tuple[Any, Any]:
+    """(response, its first token's logprob pairs or None); an invalid logprob list (``BadResponse``) is a server
+    fault, retried with the client's backoff and retry count as on the logprob path (``fetch_prediction``)."""
+    from ..backends.openai import BadResponse, first_token_logprobs
+
+    attempts = client.settings.max_retries + 1
+    for attempt in range(attempts):
+        response = post_chat(client, body, tally, scored=True)
+        try:
+            return response, first_token_logprobs(response)
+        except BadResponse as e:
+            last = e
+            if attempt + 1 < attempts:
+                delay = client.delay(attempt)
+                log.warning("%s: question %s: invalid response (%s); retrying in %.1f s (%d of %d)", where, qid,
+                            e.problem, delay, attempt + 1, attempts - 1)
+                client.sleep(delay)
+    raise LlmcalError(f"{where}: question {qid}: invalid response: {last.problem} (in each of {attempts} attempts); "
+                      f"nothing was recorded for this question: rerun the same command once the server answers "
+                      f"correctly to resume")
+
+
+def judge(client: Any, s: Any, q: Question, j: int, tally: Tally,
+          where: str) -> tuple[float | None, str | None, str | None]:
     """(P(True), None, missing side) or (None, reason, None) after the parse retries."""
-    from ..backends.openai import first_token_logprobs
-
     messages = [{"role": "user", "content": ptrue_message(q, LETTERS[j])}]
     why = None
     for attempt in range(s.max_parse_retries + 1):
         body = chat_body(client.settings.model, messages, max_tokens=1, temperature=0.0,
                          seed=derive_seed(s.seed, q.id, "ptrue", attempt), top_logprobs=s.top_logprobs)
-        response = post_chat(client, body, tally, scored=True)
+        response, pairs = _first_token(client, body, tally, where, q.id)
         text = reply_text(response, where)
         tally.responses.append(text)
-        pairs = first_token_logprobs(response)
         if pairs is None:
             raise LlmcalError(f"{where}: question {q.id}: the server returned no log-probabilities, which "
                               f"--confidence ptrue reads P(True) from; use --confidence verbalized or consistency "
@@ -66,4 +89,4 @@ def score(client: Any, s: Any, q: Question, where: str) -> Prediction:
         return make_prediction(q, "ptrue", uniform(q.k), tally, parse_doc(tally, why, "ptrue"),
                                answer_letter=letter(j), p_true=None, p_true_missing=None, below_chance=False)
     return make_prediction(q, "ptrue", stated_distribution(q.k, j, p), tally, parse_doc(tally, None),
-                           answer_letter=letter(j), p_true=p, p_true_missing=missing, below_chance=p < 1.0 / q.k)
+                           answer_letter=letter(j), p_true=p, p_true_missing=missing, below_chance=p <= 1.0 / q.k)

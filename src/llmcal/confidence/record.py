@@ -3,7 +3,9 @@
 - **One answer with a confidence** (verbalized, P(True)): the chosen option gets the confidence ``c``, the
   other ``K - 1`` options share ``1 - c`` equally.  So ``conf`` is ``c`` whenever ``c >= 1/K``; a confidence
   below chance (the model doubts its own answer more than a guess) makes every other option more likely,
-  and the prediction becomes the first of them (``below_chance`` in the record and the run's block).
+  and the prediction becomes the first of them; at exactly ``1/K`` every option ties and the prediction is
+  option A.  Both are flagged (``below_chance`` in the record and the run's block: ``c <= 1/K``), since the
+  prediction is then not the letter the model named.
 - **Votes** (consistency): each option's share of the samples that named an option; options nobody chose
   have probability exactly 0 (``Prediction.from_probs``).
 - **Unparseable** (after ``--max-parse-retries``): the uniform distribution ``1/K`` (no information, so

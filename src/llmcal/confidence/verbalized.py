@@ -61,4 +61,4 @@ def score(client: Any, s: Any, q: Question, where: str) -> Prediction:
                                answer_letter=letter(j), stated_confidence=None, below_chance=False)
     probs = stated_distribution(q.k, j, c)
     return make_prediction(q, "verbalized", probs, tally, parse_doc(tally, None), answer_letter=letter(j),
-                           stated_confidence=c, below_chance=c < 1.0 / q.k)
+                           stated_confidence=c, below_chance=c <= 1.0 / q.k)
