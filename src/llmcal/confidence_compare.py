@@ -32,7 +32,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -230,18 +230,18 @@ def _cost(run: SourceRun, n: int) -> dict | None:
         return None
     total = {k: b.get(k) if isinstance(b.get(k), (int, float)) and not isinstance(b.get(k), bool) else None
              for k in COST_KEYS}
-    # the questions the counters cover: questions_costed (fewer than n in a logprobs run that was resumed), else n
-    costed = next((v for v in (b.get("questions_costed"), b.get("n"), n)
-                   if isinstance(v, int) and not isinstance(v, bool) and v > 0), n)
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    # the questions the counters cover: questions_costed (fewer than n in a logprobs run that was resumed; 0
+    # when a resume found every question scored and asked nothing, so nothing is known per question), else n
+    costed = (b["questions_costed"] if count(b.get("questions_costed"))
+              else next((v for v in (b.get("n"), n) if count(v) and v > 0), n))
     # seconds cover the questions the last process scored (questions_timed; older blocks: as the counters)
     timed = b.get("questions_timed", costed)
-    timed = timed if isinstance(timed, int) and not isinstance(timed, bool) and timed > 0 else None
-    per = {k: (v / costed if v is not None else None) for k, v in total.items()}
+    timed = timed if count(timed) and timed > 0 else None
+    per = {k: (v / costed if v is not None and costed else None) for k, v in total.items()}
     per["seconds"] = total["seconds"] / timed if total["seconds"] is not None and timed else None
-    if b.get("questions_costed") == 0 and not isinstance(b.get("questions_costed"), bool):
-        # a resume that found every question scored asked nothing: its zero counters say nothing per question
-        per = dict.fromkeys(per)
-        costed = 0
     return {**total, "questions_costed": costed, "questions_timed": timed, "per_question": per}
 
 

@@ -352,26 +352,31 @@ def prediction_from_response(item: ApiQuestion, response: Any, *, where: str) ->
     return p
 
 
-def fetch_prediction(client: "OpenAIClient", path: str, item: ApiQuestion) -> Prediction:
-    """One question's prediction; an invalid response (``BadResponse``) is retried as a server fault, with the
-    client's backoff and retry count, then refused naming the URL, the question and the value."""
-    s = client.settings
-    where = f"{s.shown_root}/{path}"
-    attempts = s.max_retries + 1
-    for attempt in range(attempts):
-        response = post_scored(client, path, item.body)
+def retry_invalid(client: "OpenAIClient", where: str, qid: str, attempt: Callable[[], Any]) -> Any:
+    """``attempt()`` (one request and its reading) until it returns without ``BadResponse``: an invalid response is
+    a server fault, retried with the client's backoff and retry count, then refused naming the URL, the question
+    and the value."""
+    attempts = client.settings.max_retries + 1
+    for i in range(attempts):
         try:
-            return prediction_from_response(item, response, where=where)
+            return attempt()
         except BadResponse as e:
             last = e
-            if attempt + 1 < attempts:
-                delay = client.delay(attempt)
-                log.warning("%s: question %s: invalid response (%s); retrying in %.1f s (%d of %d)", where,
-                            item.question.id, e.problem, delay, attempt + 1, attempts - 1)
+            if i + 1 < attempts:
+                delay = client.delay(i)
+                log.warning("%s: question %s: invalid response (%s); retrying in %.1f s (%d of %d)", where, qid,
+                            e.problem, delay, i + 1, attempts - 1)
                 client.sleep(delay)
-    raise LlmcalError(f"{where}: question {item.question.id}: invalid response: {last.problem} (in each of "
-                      f"{attempts} attempts); nothing was recorded for this question: rerun the same command once "
-                      f"the server answers correctly to resume")
+    raise LlmcalError(f"{where}: question {qid}: invalid response: {last.problem} (in each of {attempts} "
+                      f"attempts); nothing was recorded for this question: rerun the same command once the server "
+                      f"answers correctly to resume")
+
+
+def fetch_prediction(client: "OpenAIClient", path: str, item: ApiQuestion) -> Prediction:
+    """One question's prediction; an invalid response (``BadResponse``) is retried (``retry_invalid``)."""
+    where = f"{client.settings.shown_root}/{path}"
+    return retry_invalid(client, where, item.question.id,
+                         lambda: prediction_from_response(item, post_scored(client, path, item.body), where=where))
 
 
 # ---- the HTTP client -----------------------------------------------------------------------

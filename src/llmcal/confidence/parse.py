@@ -147,13 +147,13 @@ def parse_confidence(text: str, template: str, *, alone: bool = False) -> tuple[
     t = _clean(text)
     if not t:
         return None, "empty reply"
-    labelled = [(m.group(0), (m.group(1), m.group(2), m.group(3), bool(m.group(4))))
+    # (the value as written, its parts for _value)
+    labelled = [(t[m.start(1):m.end()].strip(), (m.group(1), m.group(2), m.group(3), bool(m.group(4))))
                 for m in _LABELLED.finditer(t)]
     if labelled:
         values = {_value(*parts, template) for _, parts in labelled}
         if len(values) > 1:
-            shown = ", ".join(re.sub(r"^\D*", "", s).strip() for s, _ in labelled)
-            return None, f"several confidences ({shown})"
+            return None, f"several confidences ({', '.join(s for s, _ in labelled)})"
         return values.pop()
     numbers = [(m.group(0).strip(), (m.group(1), m.group(2), m.group(3), bool(m.group(4))))
                for m in _ANY_NUMBER.finditer(t)]

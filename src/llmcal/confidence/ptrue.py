@@ -12,7 +12,6 @@ that returns no log-probabilities at all cannot give P(True): the run is refused
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..data.schema import LETTERS, Question
@@ -23,29 +22,17 @@ from .parse import parse_final_letter, parse_letter, read_true
 from .prompts import answer_message, parse_retry_message, ptrue_message
 from .record import letter, make_prediction, parse_doc, stated_distribution, uniform
 
-log = logging.getLogger(__name__)
-
 
 def _first_token(client: Any, body: dict, tally: Tally, where: str, qid: str) -> tuple[Any, Any]:
-    """(response, its first token's logprob pairs or None); an invalid logprob list (``BadResponse``) is a server
-    fault, retried with the client's backoff and retry count as on the logprob path (``fetch_prediction``)."""
-    from ..backends.openai import BadResponse, first_token_logprobs
+    """(response, its first token's logprob pairs or None); an invalid logprob list is retried as a server fault,
+    as on the logprob path (``backends.openai.retry_invalid``)."""
+    from ..backends.openai import first_token_logprobs, retry_invalid
 
-    attempts = client.settings.max_retries + 1
-    for attempt in range(attempts):
+    def attempt() -> tuple[Any, Any]:
         response = post_chat(client, body, tally, scored=True)
-        try:
-            return response, first_token_logprobs(response)
-        except BadResponse as e:
-            last = e
-            if attempt + 1 < attempts:
-                delay = client.delay(attempt)
-                log.warning("%s: question %s: invalid response (%s); retrying in %.1f s (%d of %d)", where, qid,
-                            e.problem, delay, attempt + 1, attempts - 1)
-                client.sleep(delay)
-    raise LlmcalError(f"{where}: question {qid}: invalid response: {last.problem} (in each of {attempts} attempts); "
-                      f"nothing was recorded for this question: rerun the same command once the server answers "
-                      f"correctly to resume")
+        return response, first_token_logprobs(response)
+
+    return retry_invalid(client, where, qid, attempt)
 
 
 def judge(client: Any, s: Any, q: Question, j: int, tally: Tally,

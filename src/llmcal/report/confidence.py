@@ -29,12 +29,12 @@ DEFINITIONS = (
     "the model states a letter and a confidence. *ptrue*: the probability the model gives to its own answer "
     "being true (Kadavath et al. 2022). *consistency*: the share of the sampled answers that name an option "
     "which agree with the modal one; the vote shares are the distribution, exact zeros included. The "
-    "prediction is the argmax and the confidence the top probability in every source. **Metrics.** *conf-ECE*: questions in M equal-width "
-    "confidence bins, Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|. *AUROC*: the probability that a right answer has "
-    "a higher confidence than a wrong one (ties count half). *AURC*: area under the risk-coverage curve (lower "
-    "ranks better). Intervals are 95% percentile bootstrap intervals, the same resamples for every source, so "
-    "a difference between two sources has a paired interval. *Parse rate*: share of questions whose response "
-    "was parsed (after the run's retries). Numbers to 3 significant digits; formulas in docs/posthoc.md."
+    "prediction is the argmax and the confidence the top probability in every source. **Metrics.** "
+    "*conf-ECE*: questions in M equal-width confidence bins, Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|. *AUROC*: "
+    "the probability that a right answer has a higher confidence than a wrong one (ties count half). *AURC*: "
+    "area under the risk-coverage curve (lower ranks better). Intervals are 95% percentile bootstrap "
+    "intervals, the same resamples for every source, so a difference between two sources has a paired "
+    "interval. *Parse rate*: share of questions whose response was parsed (after the run's retries). Numbers to 3 significant digits; formulas in docs/posthoc.md."
 )
 
 
@@ -161,14 +161,15 @@ def _unparsed(comp, label: str) -> str:
     p = comp.source(label).get("parse") or {}
     if p.get("unparseable"):
         return (f" (but {p['unparseable']} of its {p['n']} questions were unparseable and hold the uniform "
-                f"distribution, which flatters its conf-ECE{', and ' + _lucky(p) if _lucky(p) else ''})")
+                f"distribution, which flatters its conf-ECE{_lucky(p, ', and ')})")
     return ""
 
 
-def _lucky(p: dict) -> str:
-    """The unparseable questions the uniform distribution's tie rule (option A) scores right: accuracy counts them."""
+def _lucky(p: dict, lead: str) -> str:
+    """The unparseable questions the uniform distribution's tie rule (option A) scores right (accuracy counts
+    them), after ``lead``; "" when none."""
     k = p.get("unparseable_correct")
-    return f"{k} of the {p['unparseable']} unparseable count as right by the tie rule (option A)" if k else ""
+    return f"{lead}{k} of the {p['unparseable']} unparseable count as right by the tie rule (option A)" if k else ""
 
 
 def _after(method: str) -> str:
@@ -181,9 +182,7 @@ def _rate(p: dict) -> str:
     r = f"{p['n'] - p['unparseable']}/{p['n']} ({100 * p['parse_rate']:.1f}%)"
     if isinstance(p.get("retries"), int):
         r += f", {p['retries']} retries"
-    if p.get("unparseable"):
-        r += f"; {_lucky(p)}" if _lucky(p) else ""
-    return r
+    return r + _lucky(p, "; ")
 
 
 def _slug(s: str) -> str:
@@ -192,9 +191,9 @@ def _slug(s: str) -> str:
 
 def _cost_note(cost: dict, n: int) -> str:
     """What a resumed run's cost covers: its counters and seconds describe fewer questions than it holds."""
-    parts = []
     if cost.get("questions_costed") == 0:
         return "the process that finished the run asked nothing: per question not known"
+    parts = []
     if cost.get("questions_costed") not in (None, n):
         parts.append(f"requests and tokens over the last {cost['questions_costed']} of {n} questions")
     if cost.get("seconds") is not None and cost.get("questions_timed") not in (None, n):
