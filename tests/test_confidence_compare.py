@@ -306,6 +306,14 @@ def test_the_cost_table_has_no_note_column_when_no_row_needs_one(tmp_path):
     assert all(r.count("|") == table[0].count("|") for r in table)
 
 
+def test_runs_named_relative_to_the_working_directory_are_recorded_relative_to_the_output(three_runs, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    compare_confidence([Path("logprobs"), Path("verbalized")], Path("out") / "cmp", n_bootstrap=0)
+    doc = json.loads((tmp_path / "out" / "cmp" / "comparison.json").read_text())
+    assert [s["run"] for s in doc["sources"]] == ["../../logprobs", "../../verbalized"]
+
+
 def test_verdict_warns_when_the_best_source_holds_unparseable_questions(tmp_path):
     """Uniform (unparseable) questions are calibrated at chance accuracy by construction: the verdict says so."""
     ids, answers = _questions()

@@ -468,7 +468,7 @@ def compare_confidence(runs: Sequence[str | Path], out: str | Path | None = None
         log.info("compare-confidence: measuring %s", label)
         m = _measure(probs, answers, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed)
         sources.append({
-            "label": label, "run": str(run.path), "source": run.source, "template": run.template,
+            "label": label, "run": str(run.path.resolve()), "source": run.source, "template": run.template,
             "settings": run.settings, **_headline(m), "zero_rows": int(_has_real_zero(probs, n_options).sum()),
             "parse": _parse(run, len(order)), "cost": _cost(run, len(order)), "metrics": m,
             "posthoc": _posthoc(probs, order, answers, n_options, calib_idx, test_idx, names, n_bins=n_bins,
